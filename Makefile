@@ -1,0 +1,41 @@
+# Skillbook: `make demo` runs the main job, `make test` runs what CI runs.
+# Both create .venv on first use (torch 2.13.0 CPU first, then the project) and are fast afterwards.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+SKILLS  := $(VENV)/bin/skills
+EXTRAS  ?= train,dev
+# llama.cpp builds portable x86-64 AVX2 code instead of -march=native, so a cached wheel runs on any recent CPU.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+STAMP   := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
+
+.PHONY: setup test check demo lint schema clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+lint: setup
+	$(SKILLS) lint
+
+test: setup
+	$(SKILLS) lint
+	$(PY) -m pytest -q
+
+# Exactly what CI runs.
+check: test
+
+demo: setup
+	$(SKILLS) run tokenization
+
+schema: setup
+	$(SKILLS) schema
+
+clean:
+	rm -rf $(VENV) build .pytest_cache

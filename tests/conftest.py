@@ -1,0 +1,66 @@
+"""Shared fixtures: the real recipes produce the data, tokenizer and model later tests build on.
+
+Session-scoped so the whole suite prepares data, trains a tokenizer and pretrains the tiny
+model once; tests that need them ask for the fixture, and tests that only need the
+catalog never pay for them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from skillbook import catalog, recipe, runner
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("SKILLBOOK_ROOT", str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access in tests: everything is generated here
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def run_skill(name: str, runs_dir: Path, sets: dict | None = None, preset: str | None = None) -> dict:
+    """Run a skill through the library API (as `skills run` does) and return its result dict."""
+    rec = recipe.load(ROOT / "skills" / name)
+    cfg = recipe.resolve(rec, preset=preset, overrides=sets or {})
+    return runner.run(rec, cfg, runs_dir=runs_dir, quiet=True)
+
+
+def output(result: dict, name: str) -> Path:
+    return Path(result["outputs"][name]["path"])
+
+
+@pytest.fixture(scope="session")
+def session_runs(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def prepared(session_runs) -> dict:
+    """data-preparation on the embedded synthetic world (seed 0)."""
+    return run_skill("data-preparation", session_runs)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(prepared, session_runs) -> Path:
+    """A byte-level BPE tokenizer trained on the prepared corpus."""
+    res = run_skill("tokenization", session_runs, {"corpus": str(output(prepared, "corpus"))})
+    return output(res, "tokenizer")
+
+
+@pytest.fixture(scope="session")
+def pretrained(prepared, tokenizer_dir, session_runs) -> dict:
+    """The tiny pretraining run (default config) on the prepared corpus."""
+    return run_skill("pretraining", session_runs,
+                     {"corpus": str(output(prepared, "corpus")), "tokenizer": str(tokenizer_dir)})
+
+
+@pytest.fixture(scope="session")
+def pretrained_model(pretrained) -> Path:
+    return output(pretrained, "model")
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return catalog.repo_root(ROOT)

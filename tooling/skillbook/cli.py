@@ -1,0 +1,186 @@
+"""The `skills` command: a thin click layer over the library. No torch at start-up."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import catalog
+from .errors import SkillbookError
+
+
+def _fail(exc: Exception) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(2)
+
+
+class _Group(click.Group):
+    """Turn SkillbookError anywhere below into one message and exit 2."""
+
+    def invoke(self, ctx):  # noqa: D401
+        try:
+            return super().invoke(ctx)
+        except SkillbookError as exc:
+            _fail(exc)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="skillbook")
+def main() -> None:
+    """Skillbook: LLM research skills you can read and run."""
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable catalog.")
+def list_cmd(as_json: bool) -> None:
+    """List skills and pipelines."""
+    idx = catalog.index()
+    if as_json:
+        click.echo(json.dumps(idx, indent=2))
+        return
+    for s in idx["skills"]:
+        first = s["description"].split(". ")[0].rstrip(".")
+        click.echo(f"{s['name']:<22} {s['stage']:<14} {first[:90]}")
+    if idx["pipelines"]:
+        click.echo("\npipelines: " + ", ".join(idx["pipelines"]))
+
+
+@main.command()
+@click.argument("name")
+@click.option("--references", is_flag=True, help="Append every reference file.")
+@click.option("--json", "as_json", is_flag=True)
+def show(name: str, references: bool, as_json: bool) -> None:
+    """Print a skill's SKILL.md (and references)."""
+    skill = catalog.find(name)
+    refs = {p.name: p.read_text() for p in skill.references} if references else {}
+    if as_json:
+        click.echo(json.dumps({**skill.summary(), "body": skill.body, "references_text": refs}, indent=2))
+        return
+    click.echo(skill.text)
+    for fname, text in refs.items():
+        click.echo(f"\n---- references/{fname} ----\n{text}")
+
+
+@main.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
+def lint(paths: tuple[Path, ...], fmt: str) -> None:
+    """Check skills, recipes, pipelines and schemas; exit 1 on errors."""
+    from . import lint as lint_mod
+
+    findings = lint_mod.lint_paths(list(paths)) if paths else lint_mod.lint_repo()
+    if fmt == "json":
+        click.echo(json.dumps([f.as_dict() for f in findings], indent=2))
+    else:
+        for f in findings:
+            click.echo(str(f))
+        errors = sum(f.severity == "error" for f in findings)
+        click.echo(f"{errors} error(s), {len(findings) - errors} warning(s)", err=True)
+    sys.exit(1 if any(f.severity == "error" for f in findings) else 0)
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@click.argument("name")
+@click.option("--preset", help="A preset from the skill's configs/ folder.")
+@click.option("--config", "config_file", type=click.Path(path_type=Path), help="A YAML config file.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one field (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
+@click.option("--dry-run", is_flag=True, help="Print the resolved config and planned outputs; run nothing.")
+@click.option("--launcher", type=click.Choice(["local", "torchrun"]), default="local")
+@click.option("--nproc-per-node", type=int, default=1)
+@click.option("--nnodes", default=None)
+@click.option("--rdzv-endpoint", default=None)
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=None, help="Where run directories go (default ./runs).")
+@click.option("--force", "force", multiple=True, metavar="STEP", help="Pipelines: rerun STEP and what depends on it.")
+def run(name, preset, config_file, sets, as_json, dry_run, launcher, nproc_per_node, nnodes, rdzv_endpoint, runs_dir, force):
+    """Run a skill's recipe, or a pipeline from recipes/."""
+    from . import recipe as recipe_mod
+    from . import runner
+
+    root = catalog.repo_root()
+    pipeline_path = root / "recipes" / f"{name}.yaml"
+    if pipeline_path.is_file() and not (root / "skills" / name).is_dir():
+        from . import pipeline
+
+        result = pipeline.run_file(pipeline_path, runs_dir=runs_dir, force=list(force), dry_run=dry_run, sets=list(sets))
+        click.echo(json.dumps(result, indent=2) if as_json else pipeline.describe(result))
+        return
+    skill = catalog.find(name, root)
+    rec = recipe_mod.load(skill.path)
+    cfg = recipe_mod.resolve(rec, preset=preset, config_file=config_file, sets=list(sets))
+    if dry_run:
+        plan = {"skill": name, "config": cfg.model_dump(mode="json"), "outputs": rec.OUTPUTS}
+        click.echo(json.dumps(plan, indent=2) if as_json else recipe_mod.dump(cfg) + "outputs:\n" +
+                   "".join(f"  {k}: {v}\n" for k, v in rec.OUTPUTS.items()), nl=False)
+        return
+    launch = runner.Launcher(launcher, nproc_per_node, nnodes, rdzv_endpoint)
+    result = runner.run(rec, cfg, launch, runs_dir=runs_dir)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"run directory: {result['run_dir']}")
+        for out, art in result["outputs"].items():
+            click.echo(f"  {out} ({art['kind']}): {art['path']}")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--description", default=None, help="What the skill does and when to use it.")
+@click.option("--stage", type=click.Choice(catalog.STAGES), default="other")
+def new(name: str, description: str | None, stage: str) -> None:
+    """Scaffold a lint-clean skill with a runnable recipe."""
+    from . import scaffold
+
+    path = scaffold.new_skill(name, description=description, stage=stage)
+    click.echo(f"created {path}; next: edit SKILL.md, then `skills lint {path}` and `skills run {name}`")
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["xml", "json"]), default="xml")
+@click.option("--max-tokens", type=int, default=None, help="Budget; entries are shortened, then dropped, to fit.")
+def prompt(fmt: str, max_tokens: int | None) -> None:
+    """The <available_skills> catalog an agent loads as context."""
+    from . import agent
+
+    click.echo(agent.prompt(fmt=fmt, max_tokens=max_tokens))
+
+
+@main.command()
+@click.option("--check", is_flag=True, help="Fail if checked-in schemas differ from the models.")
+def schema(check: bool) -> None:
+    """Write schemas/ from the pydantic models (or check for drift)."""
+    from . import schemas
+
+    if check:
+        drift = schemas.check()
+        for line in drift:
+            click.echo(line, err=True)
+        sys.exit(1 if drift else 0)
+    for path in schemas.write():
+        click.echo(f"wrote {path}")
+
+
+@main.command("index")
+@click.option("--out", type=click.Path(path_type=Path), required=True)
+def index_cmd(out: Path) -> None:
+    """Write the catalog index as JSON."""
+    click.echo(f"wrote {catalog.write_index(out)}")
+
+
+def _register_extras() -> None:
+    """Command groups that live in their own modules (each imports only click at start-up)."""
+    from .agent_cli import COMMANDS
+    from .site_cli import site
+
+    main.add_command(site)
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_register_extras()
+
+if __name__ == "__main__":
+    main()

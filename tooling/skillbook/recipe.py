@@ -1,0 +1,230 @@
+"""The recipe contract: `Config(RecipeConfig)`, `OUTPUTS`, `run(cfg, ctx)`, and config resolution.
+
+Resolution order (later wins): field defaults < recipe.yaml < --preset NAME < --config FILE
+< --set key.sub=value. Every error is collected and reported at once, naming the field and,
+for unknown keys, the closest known one. Nothing touches disk before validation succeeds.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigError, SkillbookError
+
+ARTIFACT_KINDS = (
+    "corpus", "tokenizer", "hf-model", "adapter", "sft-data", "preference-data",
+    "gguf", "onnx", "eval-report", "report", "dir", "file",
+)
+
+
+class RecipeConfig(BaseModel):
+    """Base of every recipe's Config: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+@dataclass
+class Recipe:
+    """A loaded recipe module and the facts the runner and pipeline need."""
+
+    name: str
+    path: Path
+    Config: type[RecipeConfig]
+    OUTPUTS: dict[str, str]
+    INPUTS: dict[str, str]
+    run: Callable[..., dict]
+
+    @property
+    def skill_dir(self) -> Path:
+        return self.path.parent
+
+    def presets(self) -> list[str]:
+        cfg = self.skill_dir / "configs"
+        return sorted(p.stem for p in cfg.glob("*.yaml")) if cfg.is_dir() else []
+
+    def source_text(self) -> str:
+        return self.path.read_text()
+
+
+def import_module(path: Path, name: str) -> ModuleType:
+    """Import a recipe file under a private module name (recipe.py files share a name)."""
+    mod_name = f"skillbook_recipes.{name.replace('-', '_')}"
+    if mod_name in sys.modules and getattr(sys.modules[mod_name], "__file__", None) == str(path):
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise SkillbookError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        sys.modules.pop(mod_name, None)
+        raise
+    return module
+
+
+def load(skill_dir: Path) -> Recipe:
+    """Load `skill_dir/recipe.py` and check it honours the contract."""
+    path = skill_dir / "recipe.py"
+    if not path.is_file():
+        raise SkillbookError(f"skill '{skill_dir.name}' has no recipe.py; it is knowledge only and cannot be run")
+    module = import_module(path, skill_dir.name)
+    missing = [n for n in ("Config", "OUTPUTS", "run") if not hasattr(module, n)]
+    if missing:
+        raise SkillbookError(f"{path}: the recipe contract needs {', '.join(missing)}")
+    if not (isinstance(module.Config, type) and issubclass(module.Config, RecipeConfig)):
+        raise SkillbookError(f"{path}: Config must subclass skillbook.recipe.RecipeConfig")
+    return Recipe(skill_dir.name, path, module.Config, dict(module.OUTPUTS), dict(getattr(module, "INPUTS", {})), module.run)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config resolution
+# ---------------------------------------------------------------------------------------------
+
+
+def read_yaml(path: Path, what: str) -> dict:
+    """Read a YAML mapping, turning every problem into a ConfigError naming the file."""
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path} must be a mapping of field: value")
+    return data
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+_SCI_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """`a.b=value` -> (['a', 'b'], typed value); the value is read as YAML (1 -> int, true -> bool)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. --set lr=3e-4")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {item!r}: the key before '=' is empty")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 3e-4 as a string; numbers in scientific notation are common for learning rates.
+    if isinstance(value, str) and _SCI_NUMBER.match(value.strip()):
+        value = float(value)
+    return key.split("."), value
+
+
+def apply_sets(data: dict, sets: list[str]) -> dict:
+    data = dict(data)
+    for item in sets:
+        path, value = parse_set(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+        node[path[-1]] = value
+    return data
+
+
+def _fields_at(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Field names of the (nested) model that `loc` points into, for did-you-mean."""
+    current: Any = model
+    for part in loc[:-1]:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def format_validation(exc: ValidationError, model: type[BaseModel], where: str) -> str:
+    """One message listing every bad field with its fix."""
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        dotted = ".".join(str(p) for p in loc) or "(root)"
+        if err["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(str(loc[-1]), _fields_at(model, loc), n=1, cutoff=0.6)
+            hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), near[0]])}'?" if near else ""
+            lines.append(f"  {dotted}: unknown field{hint}")
+        else:
+            got = err.get("input")
+            shown = f" (got {got!r})" if got is not None and not isinstance(got, dict) and len(repr(got)) < 80 else ""
+            lines.append(f"  {dotted}: {err['msg']}{shown}")
+    return f"invalid config for {where}:\n" + "\n".join(lines)
+
+
+def validate(config_cls: type[RecipeConfig], data: dict, where: str) -> RecipeConfig:
+    try:
+        return config_cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation(exc, config_cls, where)) from None
+
+
+def layered_data(recipe: Recipe, preset: str | None = None, config_file: Path | None = None,
+                 sets: list[str] | None = None, overrides: dict | None = None) -> dict:
+    """Merge recipe.yaml, preset, config file, `overrides` and --set values (defaults come from Config)."""
+    data: dict = {}
+    default = recipe.skill_dir / "recipe.yaml"
+    if default.is_file():
+        data = read_yaml(default, "default config")
+    if preset:
+        path = recipe.skill_dir / "configs" / f"{preset}.yaml"
+        if not path.is_file():
+            names = recipe.presets()
+            near = difflib.get_close_matches(preset, names, n=1)
+            hint = f"did you mean '{near[0]}'?" if near else f"available: {', '.join(names) or 'none'}"
+            raise ConfigError(f"--preset {preset!r}: skill '{recipe.name}' has no such preset; {hint}")
+        data = deep_merge(data, read_yaml(path, f"preset {preset!r}"))
+    if config_file:
+        data = deep_merge(data, read_yaml(Path(config_file), "--config file"))
+    if overrides:
+        data = deep_merge(data, overrides)
+    return apply_sets(data, sets or [])
+
+
+def resolve(recipe: Recipe, preset: str | None = None, config_file: Path | None = None,
+            sets: list[str] | None = None, overrides: dict | None = None) -> RecipeConfig:
+    """The validated Config for a run; raises ConfigError listing every problem."""
+    data = layered_data(recipe, preset, config_file, sets, overrides)
+    return validate(recipe.Config, data, f"skill '{recipe.name}'")
+
+
+def dump(cfg: RecipeConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def artifact_path(ref: str | Path, what: str) -> Path:
+    """A local artifact path that must exist; raises ConfigError naming the field otherwise."""
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{what}: {path} does not exist; pass a path produced by an earlier run "
+                          f"(see its outputs.json) or omit it to use the embedded default")
+    return path
