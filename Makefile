@@ -9,7 +9,7 @@ EXTRAS  ?= train,dev
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 STAMP   := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
-.PHONY: setup test check demo lint schema clean
+.PHONY: setup browser test check demo lint schema clean
 
 setup: $(STAMP)
 
@@ -24,7 +24,11 @@ $(STAMP): pyproject.toml
 lint: setup
 	$(SKILLS) lint
 
-test: setup
+# Headless Chromium for the docs-site browser test (Debian package; skipped with a reason if it cannot install).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium unavailable: the browser test will say so"; }
+
+test: setup browser
 	$(SKILLS) lint
 	$(PY) -m pytest -q
 
