@@ -1,0 +1,359 @@
+"""A seeded synthetic world: the embedded default data every Skillbook recipe trains on.
+
+The world is a small village: people with a home town, job, age, favourite food, a coloured
+object and a pet (with its own species and colour), plus single-digit arithmetic. From it we
+emit four artifacts that let each training stage show a held-out gain:
+
+- corpus           prose documents that state every fact in several phrasings (no Q/A format);
+- sft-data         "Question: ...\\nAnswer:" -> " <word>" rows for the *train*/*test* facts;
+- preference-data  the same prompts with a correct and a plausible wrong answer of the same type;
+- eval             questions about the *eval* facts: stated in the corpus, asked in no training split.
+
+Facts (an entity + attribute pair, or an arithmetic pair) are split once into train / test /
+eval buckets, so SFT has to learn the answer *format* and recall facts from pretraining rather
+than memorise rows. Everything is driven by one `random.Random(seed)`: same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# ---------------------------------------------------------------------------------------------
+# Closed vocabulary: a few hundred distinct words keeps a 2-4k BPE vocab and a 2-8M model enough.
+# ---------------------------------------------------------------------------------------------
+
+PEOPLE = ["Mira", "Tobin", "Lena", "Oskar", "Ada", "Bram", "Cora", "Dane", "Elsa", "Finn", "Greta", "Hugo",
+          "Iris", "Jonas", "Kira", "Leo", "Maya", "Nils", "Olga", "Pavel", "Rosa", "Sven", "Tilda", "Ugo",
+          "Vera", "Wim", "Yara", "Zeno", "Anja", "Boris", "Clara", "Emil", "Freya", "Gus", "Hanna", "Ivo",
+          "Juna", "Karl", "Lotte", "Milo"]
+PETS = ["Pip", "Biscuit", "Sooty", "Rex", "Tiger", "Bubbles", "Nugget", "Pepper", "Mango", "Ziggy", "Clover",
+        "Pebble", "Noodle", "Waffle", "Fudge", "Button", "Maple", "Comet", "Olive", "Pickle", "Sprout", "Tofu",
+        "Bean", "Dot", "Acorn", "Basil", "Cocoa", "Dusty", "Ember", "Fern", "Ginger", "Hazel", "Inky", "Jelly",
+        "Kiwi", "Lucky", "Muffin", "Nutmeg", "Oreo", "Peanut"]
+TOWNS = ["Ashby", "Brook", "Calder", "Dunmore", "Elmwick", "Fernley", "Glenrock", "Harrow"]
+COLOURS = ["red", "blue", "green", "yellow", "white", "black", "orange", "purple"]
+FOODS = ["soup", "bread", "apples", "cheese", "rice", "pears", "plums", "honey"]
+JOBS = ["baker", "farmer", "teacher", "doctor", "painter", "sailor", "builder", "tailor"]
+SPECIES = ["cat", "dog", "rabbit", "parrot", "goat", "turtle", "hamster", "pony"]
+OBJECTS = ["kite", "hat", "bike", "boat", "scarf", "cup", "ball", "lamp"]
+AGES = list(range(21, 70))
+COUNTABLE = ["apples", "pears", "plums", "shells", "stamps", "marbles"]   # for word problems
+
+# Attribute -> the closed set its answers come from (a wrong answer is drawn from the same set).
+ANSWER_SETS = {"town": TOWNS, "food": FOODS, "job": JOBS, "object_colour": COLOURS,
+               "pet_species": SPECIES, "pet_colour": COLOURS, "pet_name": PETS, "owner": PEOPLE}
+
+# ---------------------------------------------------------------------------------------------
+# Phrasings. Statements go into the corpus; questions only into sft / preference / eval rows.
+# Placeholders: {p} person, {q} pet, {v} the value, {o} object, {s} species, {c} pet colour.
+# ---------------------------------------------------------------------------------------------
+
+STATEMENTS = {
+    "town": ["{p} lives in {v}.", "{p} is from {v}.", "The home of {p} is in {v}.", "{p} has a house in {v}.",
+             "{p} lives in the town of {v}."],
+    "food": ["{p} likes {v} best.", "The favourite food of {p} is {v}.", "{p}'s favourite food is {v}.",
+             "{p} loves to eat {v}.", "Of all foods, {p} likes {v} the most."],
+    "job": ["{p} is {a} {v}.", "{p} works as {a} {v}.", "By trade, {p} is {a} {v}.", "{p}'s job is {v}.",
+            "The job of {p} is {v}."],
+    "age": ["{p} is {v} years old.", "{p} is {v}.", "The age of {p} is {v}.", "{p}'s age is {v}.",
+            "{p} turned {v} this year."],
+    "object_colour": ["{p} has {a} {v} {o}.", "The {o} of {p} is {v}.", "{p}'s {o} is {v}.",
+                      "{p} owns {a} {v} {o}."],
+    "pet_name": ["{p} has a pet called {v}.", "The pet of {p} is called {v}.", "{p}'s pet is named {v}.",
+                 "{p} takes care of a pet named {v}."],
+    "pet_species": ["{q} is {a} {v}.", "{q} the {v} lives with {p}.", "{p} has {a} {v} named {q}."],
+    "pet_colour": ["{q} is {v}.", "The colour of {q} is {v}.", "{q} is {a} {v} {s}."],
+    "owner": ["{q} belongs to {v}.", "{q} is the pet of {v}.", "{v} owns {q}."],
+    "plus": ["{x} plus {y} is {z}.", "{x} and {y} make {z}.", "If you add {x} and {y}, you get {z}.",
+             "The sum of {x} and {y} is {z}.", "{z} is {x} plus {y}."],
+    "minus": ["{x} minus {y} is {z}.", "Take {y} from {x} and you have {z}.", "{x} take away {y} is {z}.",
+              "The difference of {x} and {y} is {z}.", "{z} is {x} minus {y}."],
+}
+QUESTIONS = {
+    "town": ["Where does {p} live?", "In which town does {p} live?", "Which town is {p} from?"],
+    "food": ["What is {p}'s favourite food?", "What food does {p} like best?"],
+    "job": ["What is {p}'s job?", "What does {p} do for work?"],
+    "age": ["How old is {p}?", "What is {p}'s age?"],
+    "object_colour": ["What colour is {p}'s {o}?", "What is the colour of {p}'s {o}?"],
+    "pet_name": ["What is the name of {p}'s pet?", "What is {p}'s pet called?"],
+    "pet_species": ["What kind of animal is {q}?", "What animal is {q}?"],
+    "pet_colour": ["What colour is {q}?", "What is the colour of {q}?"],
+    "owner": ["Who owns {q}?", "Whose pet is {q}?"],
+    "plus": ["What is {x} plus {y}?", "How much is {x} plus {y}?"],
+    "minus": ["What is {x} minus {y}?", "How much is {x} minus {y}?"],
+}
+FILLER = ["It was a sunny day.", "The wind was cold.", "Everyone in the village knew this.", "That is a fact.",
+          "It rained in the morning.", "The market was busy.", "Nobody was surprised.", "The sky was clear.",
+          "Some days are quiet.", "The bells rang at noon."]
+OPENERS = ["Here is a story about {p}.", "This is about {p}.", "Let me tell you about {p}.", "Meet {p}.",
+           "One day {p} went for a walk.", "{p} woke up early."]
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+# ---------------------------------------------------------------------------------------------
+# The world
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One verifiable fact: `question` templates take `slots`; `answer` is one word or number."""
+
+    key: str            # stable id, e.g. "Mira/town" or "plus/3/4" (used to split and to test)
+    attribute: str      # town, food, ..., plus, minus
+    slots: tuple        # sorted (name, value) pairs filling the templates
+    answer: str
+
+    @property
+    def kind(self) -> str:
+        return "arithmetic" if self.attribute in ("plus", "minus") else "fact"
+
+    def fill(self, template: str) -> str:
+        return template.format(**dict(self.slots), a=_article(self.answer))
+
+
+@dataclass
+class World:
+    """People, their pets and every fact, plus the train / test / eval assignment of each fact."""
+
+    seed: int
+    people: list[dict]
+    facts: list[Fact]
+    split: dict[str, str] = field(default_factory=dict)   # fact key -> "train" | "test" | "eval"
+
+    def facts_in(self, bucket: str) -> list[Fact]:
+        return [f for f in self.facts if self.split[f.key] == bucket]
+
+
+def make_world(seed: int = 0, n_people: int = 32, max_operand: int = 9,
+               test_frac: float = 0.15, eval_frac: float = 0.25) -> World:
+    """Draw a world: `n_people` people (each with a pet), arithmetic on 0..max_operand, fact splits."""
+    if not 4 <= n_people <= len(PEOPLE):
+        raise ValueError(f"n_people must be between 4 and {len(PEOPLE)}, got {n_people}")
+    rng = random.Random(seed)
+    names = rng.sample(PEOPLE, n_people)
+    pets = rng.sample(PETS, n_people)
+    people, facts = [], []
+    for name, pet in zip(names, pets):
+        person = {"name": name, "town": rng.choice(TOWNS), "food": rng.choice(FOODS), "job": rng.choice(JOBS),
+                  "age": rng.choice(AGES), "object": rng.choice(OBJECTS), "object_colour": rng.choice(COLOURS),
+                  "pet": pet, "pet_species": rng.choice(SPECIES), "pet_colour": rng.choice(COLOURS)}
+        people.append(person)
+        slots = (("c", person["pet_colour"]), ("o", person["object"]), ("p", name), ("q", pet),
+                 ("s", person["pet_species"]))
+        for attr, value in (("town", person["town"]), ("food", person["food"]), ("job", person["job"]),
+                            ("age", person["age"]), ("object_colour", person["object_colour"]),
+                            ("pet_name", pet), ("pet_species", person["pet_species"]),
+                            ("pet_colour", person["pet_colour"]), ("owner", name)):
+            facts.append(Fact(f"{name}/{attr}", attr, slots + (("v", str(value)),), str(value)))
+    for x in range(max_operand + 1):
+        for y in range(max_operand + 1):
+            facts.append(Fact(f"plus/{x}/{y}", "plus", (("v", str(x + y)), ("x", x), ("y", y), ("z", x + y)), str(x + y)))
+            if x >= y:
+                facts.append(Fact(f"minus/{x}/{y}", "minus", (("v", str(x - y)), ("x", x), ("y", y), ("z", x - y)),
+                                  str(x - y)))
+    world = World(seed, people, facts)
+    # Split per attribute so every bucket sees every question type (stratified, seeded).
+    for attr in sorted({f.attribute for f in facts}):
+        keys = [f.key for f in facts if f.attribute == attr]
+        rng.shuffle(keys)
+        n_eval, n_test = round(len(keys) * eval_frac), round(len(keys) * test_frac)
+        for i, key in enumerate(keys):
+            world.split[key] = "eval" if i < n_eval else "test" if i < n_eval + n_test else "train"
+    return world
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus: short prose documents. Every fact is stated `repeats` times on average, in random phrasings.
+# ---------------------------------------------------------------------------------------------
+
+
+def _state(fact: Fact, rng: random.Random) -> str:
+    return fact.fill(rng.choice(STATEMENTS[fact.attribute]))
+
+
+def _person_doc(person_facts: list[Fact], name: str, rng: random.Random) -> str:
+    chosen = rng.sample(person_facts, rng.randint(3, 5))
+    sentences = [_state(f, rng) for f in chosen]
+    if rng.random() < 0.5:
+        sentences.insert(rng.randint(1, len(sentences)), rng.choice(FILLER))
+    return " ".join([rng.choice(OPENERS).format(p=name), *sentences])
+
+
+def _town_doc(town: str, residents: list[dict], rng: random.Random) -> str:
+    names = [p["name"] for p in rng.sample(residents, min(len(residents), rng.randint(2, 4)))]
+    who = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+    jobs = [f"{p['name']} is {_article(p['job'])} {p['job']} in {town}." for p in residents if p["name"] in names]
+    return f"{town} is a small town. {who} live in {town}. " + " ".join(rng.sample(jobs, min(2, len(jobs))))
+
+
+def _arith_doc(arith: list[Fact], rng: random.Random) -> str:
+    facts = rng.sample(arith, rng.randint(3, 6))
+    out = []
+    for f in facts:
+        s = dict(f.slots)
+        if f.attribute == "plus" and rng.random() < 0.2:
+            who, food = rng.choice(PEOPLE), rng.choice(COUNTABLE)
+            out.append(f"{who} had {s['x']} {food} and got {s['y']} more, so {who} had {s['z']} {food}.")
+        else:
+            out.append(_state(f, rng))
+    return " ".join(out)
+
+
+def make_corpus(world: World, repeats: int = 40) -> list[str]:
+    """Documents (unique, deterministic order) stating every fact about `repeats` times."""
+    rng = random.Random(world.seed * 7919 + 1)
+    by_person: dict[str, list[Fact]] = {}
+    for f in world.facts:
+        if f.kind == "fact":
+            by_person.setdefault(f.key.split("/")[0], []).append(f)
+    arith = [f for f in world.facts if f.kind == "arithmetic"]
+    by_town: dict[str, list[dict]] = {}
+    for p in world.people:
+        by_town.setdefault(p["town"], []).append(p)
+    docs: list[str] = []
+    # A person doc states ~4 of 9 facts, so ~2.25 docs per repeat cover each fact about `repeats` times.
+    for _ in range(repeats):
+        for name in sorted(by_person):
+            for _ in range(2):
+                docs.append(_person_doc(by_person[name], name, rng))
+        for _ in range(max(1, len(arith) // 9)):   # ~4.5 statements per doc -> ~repeats/2 per pair
+            docs.append(_arith_doc(arith, rng))
+        for town in sorted(by_town):
+            docs.append(_town_doc(town, by_town[town], rng))
+    rng.shuffle(docs)
+    seen, unique = set(), []
+    for d in docs:   # the generator itself never emits exact duplicates
+        if d not in seen:
+            seen.add(d)
+            unique.append(d)
+    return unique
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised rows
+# ---------------------------------------------------------------------------------------------
+
+
+def prompt_for(question: str) -> str:
+    """The one prompt format every Skillbook stage uses."""
+    return f"Question: {question}\nAnswer:"
+
+
+def _wrong(fact: Fact, rng: random.Random, names: dict[str, list[str]]) -> str:
+    """A plausible wrong answer of the same type: another colour, town, a nearby number ..."""
+    pool = names.get(fact.attribute) or ANSWER_SETS.get(fact.attribute)
+    if pool:   # names come from this world, so a wrong owner is a person the corpus knows
+        return rng.choice([v for v in pool if v != fact.answer])
+    n = int(fact.answer)
+    lo = 0 if fact.kind == "arithmetic" else min(AGES)
+    options = [v for v in range(max(lo, n - 3), n + 4) if v != n]
+    return str(rng.choice(options))
+
+
+def sft_rows(facts: list[Fact], rng: random.Random, all_templates: bool) -> list[dict]:
+    rows = []
+    for f in facts:
+        templates = QUESTIONS[f.attribute] if all_templates else [rng.choice(QUESTIONS[f.attribute])]
+        rows += [{"prompt": prompt_for(f.fill(t)), "completion": f" {f.answer}", "kind": f.kind} for t in templates]
+    return rows
+
+
+def preference_rows(world: World, facts: list[Fact], rng: random.Random, all_templates: bool) -> list[dict]:
+    names = {"owner": [p["name"] for p in world.people], "pet_name": [p["pet"] for p in world.people]}
+    rows = []
+    for f in facts:
+        templates = QUESTIONS[f.attribute] if all_templates else [rng.choice(QUESTIONS[f.attribute])]
+        rows += [{"prompt": prompt_for(f.fill(t)), "chosen": f" {f.answer}", "rejected": f" {_wrong(f, rng, names)}"}
+                 for t in templates]
+    return rows
+
+
+@dataclass
+class Dataset:
+    """Everything the generator emits, in memory."""
+
+    world: World
+    corpus: list[str]
+    sft: dict[str, list[dict]]
+    preference: dict[str, list[dict]]
+    eval: list[dict]
+
+
+def generate(seed: int = 0, n_people: int = 32, repeats: int = 40, max_operand: int = 9) -> Dataset:
+    """The whole synthetic dataset for `seed`: corpus, sft train/test, preference train/test, eval."""
+    world = make_world(seed, n_people=n_people, max_operand=max_operand)
+    rng = random.Random(seed * 104729 + 2)
+    train, test, held = world.facts_in("train"), world.facts_in("test"), world.facts_in("eval")
+    sft = {"train": sft_rows(train, rng, True), "test": sft_rows(test, rng, False)}
+    for rows in sft.values():
+        for r in rows:
+            r.pop("kind")
+    pref = {"train": preference_rows(world, train, rng, True), "test": preference_rows(world, test, rng, False)}
+    for rows in (sft["train"], pref["train"]):
+        rng.shuffle(rows)
+    return Dataset(world, make_corpus(world, repeats), sft, pref, sft_rows(held, rng, False))
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing artifacts
+# ---------------------------------------------------------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    """One JSON object per line, UTF-8, keys in insertion order (byte-stable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def split_corpus(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Deterministic train/val split of documents (at least one val document)."""
+    order = list(range(len(docs)))
+    random.Random(seed * 31 + 3).shuffle(order)
+    n_val = max(1, round(len(docs) * val_fraction)) if len(docs) > 1 else 0
+    val_idx = set(order[:n_val])
+    return [d for i, d in enumerate(docs) if i not in val_idx], [d for i, d in enumerate(docs) if i in val_idx]
+
+
+def write_supervised(ds: Dataset, out_dir: Path) -> dict[str, Path]:
+    """Write sft-data, preference-data and eval directories under `out_dir`."""
+    out = {"sft_data": out_dir / "sft-data", "preference_data": out_dir / "preference-data",
+           "eval_data": out_dir / "eval"}
+    for split, rows in ds.sft.items():
+        write_jsonl(out["sft_data"] / f"{split}.jsonl", rows)
+    for split, rows in ds.preference.items():
+        write_jsonl(out["preference_data"] / f"{split}.jsonl", rows)
+    write_jsonl(out["eval_data"] / "test.jsonl", ds.eval)
+    return out
+
+
+def write_corpus(docs: list[str], out_dir: Path, val_fraction: float = 0.05, seed: int = 0) -> Path:
+    """Write `out_dir/train.jsonl` and `out_dir/val.jsonl` with {"text"} rows."""
+    train, val = split_corpus(docs, val_fraction, seed)
+    write_jsonl(out_dir / "train.jsonl", [{"text": d} for d in train])
+    write_jsonl(out_dir / "val.jsonl", [{"text": d} for d in val])
+    return out_dir
+
+
+def write_default_data(out_dir: Path, seed: int = 0) -> dict[str, Path]:
+    """Generate the default world and write {"corpus", "sft_data", "preference_data", "eval_data"} dirs."""
+    out_dir = Path(out_dir)
+    ds = generate(seed)
+    paths = {"corpus": write_corpus(ds.corpus, out_dir / "corpus", seed=seed)}
+    paths.update(write_supervised(ds, out_dir))
+    return paths
+
+
+def text_stats(docs: list[str]) -> dict[str, int]:
+    """Documents, characters, words and distinct words (lower-cased, punctuation stripped)."""
+    words = [w.strip(".,?!'\"").lower() for d in docs for w in d.split()]
+    return {"documents": len(docs), "characters": sum(len(d) for d in docs), "words": len(words),
+            "distinct_words": len({w for w in words if w})}
