@@ -1,0 +1,168 @@
+"""The CLI and runner contract on a scaffolded skill in a throwaway repository."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from skillbook import recipe, runner, scaffold
+from skillbook.cli import main
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch) -> Path:
+    (tmp_path / "skills").mkdir()
+    (tmp_path / "pyproject.toml").write_text("[project]\nname='x'\n")
+    scaffold.new_skill("counter", description="Counts to N. Use when testing the runner.", stage="other", root=tmp_path)
+    (tmp_path / "skills" / "counter" / "configs").mkdir()
+    (tmp_path / "skills" / "counter" / "configs" / "big.yaml").write_text("steps: 50\n")
+    monkeypatch.setenv("SKILLBOOK_ROOT", str(tmp_path))
+    return tmp_path
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_run_writes_the_run_directory_contract(repo, tmp_path):
+    res = invoke("run", "counter", "--json", "--runs-dir", str(tmp_path / "runs"), "--set", "steps=4")
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    run_dir = Path(out["run_dir"])
+    assert {"config.yaml", "metrics.jsonl", "log.txt" if (run_dir / "log.txt").exists() else "metrics.jsonl",
+            "outputs.json", "env.json", "report.md"} <= {p.name for p in run_dir.iterdir()}
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 4
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["total"] == 10
+    assert out["summary"] == {"total": 10}
+    art = out["outputs"]["result"]
+    assert art["kind"] == "file" and json.loads(Path(art["path"]).read_text()) == {"total": 10}
+    assert json.loads((run_dir / "env.json").read_text())["python"]
+
+
+def test_resolution_order_defaults_yaml_preset_config_set(repo, tmp_path):
+    rec = recipe.load(repo / "skills" / "counter")
+    assert recipe.resolve(rec).steps == 10  # recipe.yaml
+    assert recipe.resolve(rec, preset="big").steps == 50
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("steps: 7\n")
+    assert recipe.resolve(rec, preset="big", config_file=cfg_file).steps == 7
+    assert recipe.resolve(rec, preset="big", config_file=cfg_file, sets=["steps=3"]).steps == 3
+
+
+def test_unknown_key_fails_with_did_you_mean_and_no_run_dir(repo, tmp_path):
+    runs = tmp_path / "runs"
+    res = CliRunner().invoke(main, ["run", "counter", "--set", "stepz=3", "--runs-dir", str(runs)])
+    assert res.exit_code != 0
+    assert "stepz" in res.output and "did you mean 'steps'" in res.output
+    assert res.output.count("error:") == 1
+    assert not runs.exists()
+
+
+def test_bad_value_and_bad_preset_fail_before_running(repo, tmp_path):
+    runs = tmp_path / "runs"
+    res = CliRunner().invoke(main, ["run", "counter", "--set", "steps=-1", "--runs-dir", str(runs)])
+    assert res.exit_code != 0 and "steps" in res.output and "greater than or equal to 1" in res.output
+    res = CliRunner().invoke(main, ["run", "counter", "--preset", "bigg", "--runs-dir", str(runs)])
+    assert res.exit_code != 0 and "did you mean 'big'" in res.output
+    assert not runs.exists()
+
+
+def test_dry_run_prints_config_and_outputs(repo, tmp_path):
+    res = invoke("run", "counter", "--dry-run", "--json", "--set", "steps=2", "--runs-dir", str(tmp_path / "runs"))
+    plan = json.loads(res.stdout)
+    assert plan["config"]["steps"] == 2 and plan["outputs"] == {"result": "file"}
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unknown_skill_suggests_the_closest(repo):
+    res = CliRunner().invoke(main, ["show", "countr"])
+    assert res.exit_code != 0 and "did you mean 'counter'" in res.output
+
+
+def test_list_show_index_prompt(repo, tmp_path):
+    listing = json.loads(invoke("list", "--json").stdout)
+    assert [s["name"] for s in listing["skills"]] == ["counter"]
+    assert "# Counter" in invoke("show", "counter").stdout
+    invoke("index", "--out", str(tmp_path / "index.json"))
+    assert json.loads((tmp_path / "index.json").read_text())["skills"][0]["presets"] == ["big"]
+    xml = invoke("prompt").stdout
+    assert "<available_skills>" in xml and "<name>counter</name>" in xml and "SKILL.md</location>" in xml
+
+
+def test_prompt_budget_shortens_then_drops(repo):
+    for i in range(5):
+        scaffold.new_skill(f"extra-{i}", description="First sentence here. " + "More detail. " * 40, root=repo)
+    full = invoke("prompt").stdout
+    short = invoke("prompt", "--max-tokens", "400").stdout
+    tiny = invoke("prompt", "--max-tokens", "120").stdout
+    assert len(short) < len(full) and "shortened" in short
+    assert "dropped" in tiny and tiny.count("<skill>") < short.count("<skill>")
+
+
+def test_schema_check_detects_drift(repo):
+    assert CliRunner().invoke(main, ["schema", "--check"]).exit_code == 1  # nothing written yet
+    assert invoke("schema").exit_code == 0
+    assert CliRunner().invoke(main, ["schema", "--check"]).exit_code == 0
+    schema_file = repo / "schemas" / "counter.schema.json"
+    schema_file.write_text(schema_file.read_text().replace("How many steps", "How many stepz"))
+    res = CliRunner().invoke(main, ["schema", "--check"])
+    assert res.exit_code == 1 and "counter.schema.json differs" in res.output
+
+
+def test_new_skill_is_lint_clean_and_runs(repo, tmp_path):
+    assert invoke("new", "fresh-skill").exit_code == 0
+    invoke("schema")
+    res = CliRunner().invoke(main, ["lint", str(repo / "skills" / "fresh-skill")])
+    assert res.exit_code == 0, res.output
+    res = invoke("run", "fresh-skill", "--json", "--runs-dir", str(tmp_path / "runs"))
+    assert json.loads(res.stdout)["summary"]["total"] == 55
+    bad = CliRunner().invoke(main, ["new", "Bad_Name"])
+    assert bad.exit_code != 0 and "lowercase" in bad.output
+
+
+def test_resume_auto_reuses_the_unfinished_run_dir(repo, tmp_path):
+    class Cfg(recipe.RecipeConfig):
+        resume: str = "never"
+        steps: int = 3
+
+    runs = tmp_path / "runs"
+    first = runner.new_run_dir("x", Cfg(resume="auto"), runs)
+    first.mkdir(parents=True)
+    assert runner.new_run_dir("x", Cfg(resume="auto"), runs) == first  # unfinished: reused
+    (first / "outputs.json").write_text("{}")
+    assert runner.new_run_dir("x", Cfg(resume="auto"), runs) != first  # finished: a new one
+    assert runner.new_run_dir("x", Cfg(resume="auto", steps=4), runs).name.split("-")[-1] != first.name.split("-")[-1]
+
+
+def test_set_values_are_typed():
+    assert recipe.parse_set("a.b=3") == (["a", "b"], 3)
+    assert recipe.parse_set("lr=3e-4") == (["lr"], 3e-4)
+    assert recipe.parse_set("flag=true") == (["flag"], True)
+    assert recipe.parse_set("name=data/x.txt") == (["name"], "data/x.txt")
+    assert recipe.parse_set("xs=[1, 2]") == (["xs"], [1, 2])
+
+
+def test_torchrun_launcher_argv():
+    argv = runner.Launcher("torchrun", 2).torchrun_argv(Path("/r"), Path("/s"))
+    assert argv[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=2"]
+    assert "--standalone" in argv and argv[-3:] == ["skillbook.worker", "/r", "/s"]
+    multi = runner.Launcher("torchrun", 8, nnodes="2", rdzv_endpoint="host:29500").torchrun_argv(Path("/r"), Path("/s"))
+    assert "--nnodes=2" in multi and "--rdzv-endpoint=host:29500" in multi and "--standalone" not in multi
+
+
+def test_cli_startup_imports_no_torch():
+    code = "import sys; from skillbook.cli import main; import skillbook.catalog as c; c.index(); " \
+           "print(any(m in sys.modules for m in ('torch', 'transformers')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "skillbook.cli", "list"], capture_output=True, text=True)
+    assert res.returncode == 0
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines() if "|" in line}
+    assert not imported & {"torch", "transformers", "trl", "peft", "numpy"}
