@@ -1,7 +1,126 @@
-"""`skills install` and `skills doctor`: agent integration and tested-with checks."""
+"""`skills install`, `skills doctor`, `skills examples`, `skills marketplace`: agent integration and knowledge checks."""
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+
 import click
 
-COMMANDS: list[click.Command] = []
+from .agent import AGENT_DIRS  # light: json + the catalog, no ML libraries
+
+
+@click.command()
+@click.argument("names", nargs=-1)
+@click.option("--all", "all_skills", is_flag=True, help="Install every skill in the catalog.")
+@click.option("--to", "to", type=click.Path(path_type=Path), default=None,
+              help="The agent's skills directory (default .agents/skills, or the one --agent names).")
+@click.option("--agent", type=click.Choice(sorted(AGENT_DIRS)), default=None,
+              help="Shortcut for --to: " + ", ".join(f"{k}={v}" for k, v in sorted(AGENT_DIRS.items())) + ".")
+@click.option("--link", is_flag=True, help="Symlink the skill folders instead of copying (edits flow back to the checkout).")
+@click.option("--force", is_flag=True, help="Overwrite files you changed since the last install.")
+@click.option("--json", "as_json", is_flag=True)
+def install(names, all_skills, to, agent, link, force, as_json) -> None:
+    """Copy (or link) skills into an agent's skills directory."""
+    from . import agent as agent_mod
+
+    target = to or Path(AGENT_DIRS[agent or "agents"])
+    results = agent_mod.install(list(names), target, all_skills=all_skills, link=link, force=force)
+    if as_json:
+        click.echo(json.dumps(results, indent=2))
+        return
+    for r in results:
+        click.echo(f"{r['action']:<10} {r['skill']:<24} {r['path']}")
+    click.echo(f"{len(results)} skill(s) in {target}", err=True)
+
+
+@click.command()
+@click.argument("names", nargs=-1)
+@click.option("--update", is_flag=True, help="Run the recipe and examples of NAMES, then record the installed versions.")
+@click.option("--no-run", is_flag=True, help="With --update: record without running (only when CI just passed).")
+@click.option("--package", "packages", multiple=True, metavar="DIST", help="With --update: also record DIST.")
+@click.option("--strict", is_flag=True, help="Exit 1 when any skill is stale, untested or invalid.")
+@click.option("--json", "as_json", is_flag=True)
+def doctor(names, update, no_run, packages, strict, as_json) -> None:
+    """Tested-with versions vs installed ones, and executed/marked blocks per skill."""
+    from . import catalog, examples, versions
+
+    skills = [catalog.find(n) for n in names] if names else catalog.load_all()
+    if update:
+        if not names:
+            raise click.UsageError("--update needs the skill names to record (it runs their examples first)")
+        for skill in skills:
+            if not no_run:
+                _verify(skill)
+            spec = versions.update(catalog.load_skill(skill.path), list(packages))
+            click.echo(f"{skill.name}: tested-with \"{spec}\"", err=True)
+        skills = [catalog.load_skill(s.path) for s in skills]
+    rows = [{**versions.check(s).as_dict(), "blocks": examples.counts(s)} for s in skills]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(f"{'skill':<24} {'state':<9} {'run/marked':<11} tested-with")
+        for s, row in zip(skills, rows):
+            status = versions.check(s)
+            blocks = f"{row['blocks']['executed']}/{row['blocks']['marked']}"
+            click.echo(f"{s.name:<24} {status.state:<9} {blocks:<11} {status.describe()}")
+        stale = [r["skill"] for r in rows if r["state"] == "stale"]
+        if stale:
+            click.echo(f"stale: {', '.join(stale)}; re-run their examples and `skills doctor --update NAME`", err=True)
+    bad = [r for r in rows if r["state"] != "ok"]
+    sys.exit(1 if strict and bad else 0)
+
+
+def _verify(skill) -> None:
+    """The recipe's default config and every executed block must pass before versions are recorded."""
+    import tempfile
+
+    from . import examples, recipe, runner
+    from .errors import SkillbookError
+
+    if skill.has_recipe:
+        click.echo(f"{skill.name}: running the recipe's default config", err=True)
+        rec = recipe.load(skill.path)
+        with tempfile.TemporaryDirectory() as tmp:
+            runner.run(rec, recipe.resolve(rec), runs_dir=Path(tmp), quiet=True)
+    results = examples.run_skills([skill.name], log=lambda m: click.echo(m, err=True))
+    failed = [r for r in results if not r.ok]
+    if failed:
+        raise SkillbookError("examples failed; tested-with not updated:\n" + "\n".join(r.message() for r in failed))
+
+
+@click.command("examples")
+@click.argument("names", nargs=-1)
+@click.option("--timeout", type=float, default=None, help="Seconds per block (default 120).")
+@click.option("--json", "as_json", is_flag=True)
+def examples_cmd(names, timeout, as_json) -> None:
+    """Run the executed code blocks of skills (what CI runs), with the fixture artifacts they need."""
+    from . import examples
+
+    results = examples.run_skills(list(names), timeout=timeout, log=lambda m: click.echo(m, err=True))
+    if as_json:
+        click.echo(json.dumps([r.as_dict() for r in results], indent=2))
+    else:
+        for r in results:
+            click.echo(f"ok    {r.example.where()} ({r.seconds:.1f} s)" if r.ok else f"FAIL  {r.message()}")
+        failed = sum(not r.ok for r in results)
+        click.echo(f"{len(results) - failed} passed, {failed} failed", err=True)
+    sys.exit(1 if any(not r.ok for r in results) else 0)
+
+
+@click.command("marketplace")
+@click.option("--check", is_flag=True, help="Fail if .claude-plugin/marketplace.json differs from the catalog.")
+def marketplace_cmd(check: bool) -> None:
+    """Write .claude-plugin/marketplace.json (a Claude Code plugin marketplace) from the catalog."""
+    from . import agent
+
+    if check:
+        drift = agent.marketplace_drift()
+        for line in drift:
+            click.echo(line, err=True)
+        sys.exit(1 if drift else 0)
+    click.echo(f"wrote {agent.write_marketplace()}")
+
+
+COMMANDS: list[click.Command] = [install, doctor, examples_cmd, marketplace_cmd]

@@ -1,0 +1,322 @@
+"""Executed examples: run every runnable code block of a skill's SKILL.md and references.
+
+Each executed block (```python or ```bash without a fragment/gpu/hub/slow/no-run marker)
+runs in a fresh subprocess, in a fresh temporary directory, with a timeout, and with the
+fixture variables (SKILLBOOK_MODEL, SKILLBOOK_CORPUS, …) pointing at artifacts the real
+recipes made with their tiny defaults. A failure names the skill, the file and the line.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import catalog, lint, markdown
+from .catalog import Skill
+
+DEFAULT_TIMEOUT = 120.0
+TAIL_LINES = 25
+PYTHON_LANGS = {"python", "py"}
+
+# The fixture layer: variable -> (conftest fixture that makes it, output name of that recipe run).
+FIXTURE_VARS: dict[str, tuple[str, str]] = {
+    "SKILLBOOK_CORPUS": ("prepared", "corpus"),
+    "SKILLBOOK_SFT_DATA": ("prepared", "sft_data"),
+    "SKILLBOOK_PREFERENCE_DATA": ("prepared", "preference_data"),
+    "SKILLBOOK_EVAL_DATA": ("prepared", "eval_data"),
+    "SKILLBOOK_TOKENIZER": ("tokenizer_dir", "tokenizer"),
+    "SKILLBOOK_MODEL": ("pretrained_model", "model"),
+}
+_VAR_RE = re.compile(r"SKILLBOOK_[A-Z_]+")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One code block of a skill, with where it lives."""
+
+    skill: str
+    path: Path
+    block: markdown.CodeBlock
+
+    @property
+    def executed(self) -> bool:
+        return lint.is_executed(self.block)
+
+    @property
+    def line(self) -> int:
+        return self.block.line
+
+    @property
+    def kind(self) -> str:
+        return "python" if self.block.lang in PYTHON_LANGS else "bash"
+
+    def where(self, root: Path | None = None) -> str:
+        return f"{_rel(self.path, root)}:{self.line}"
+
+    def needs(self) -> set[str]:
+        """The fixture variables this block mentions."""
+        return set(_VAR_RE.findall(self.block.code)) & set(FIXTURE_VARS)
+
+
+@dataclass
+class Result:
+    """What running one example did."""
+
+    example: Example
+    returncode: int | None  # None = timed out
+    seconds: float
+    stdout: str = ""
+    stderr: str = ""
+    timeout: float = DEFAULT_TIMEOUT
+    error_line: int | None = None  # the file line the failure points at, when we can tell
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def message(self, root: Path | None = None) -> str:
+        """One failure report: skill, file:line, what happened, and the tail of stderr."""
+        ex = self.example
+        what = (f"timed out after {self.timeout:.0f} s" if self.returncode is None
+                else f"exited with status {self.returncode}")
+        head = f"{ex.where(root)}: {ex.kind} block of skill '{ex.skill}' {what}"
+        if self.error_line is not None and self.error_line != ex.line:
+            head += f" (failing line {_rel(ex.path, root)}:{self.error_line})"
+        tail = "\n".join((self.stderr or self.stdout).rstrip().splitlines()[-TAIL_LINES:])
+        return head + ("\n" + "\n".join("    " + ln for ln in tail.splitlines()) if tail else "")
+
+    def as_dict(self, root: Path | None = None) -> dict:
+        return {"skill": self.example.skill, "where": self.example.where(root), "ok": self.ok,
+                "returncode": self.returncode, "seconds": round(self.seconds, 2),
+                "error_line": self.error_line, "stderr_tail": self.stderr[-2000:]}
+
+
+def _rel(path: Path, root: Path | None = None) -> str:
+    """A path as people type it: relative to the working directory, else to the repository."""
+    for base in (Path.cwd(), root or catalog.repo_root()):
+        try:
+            return str(path.resolve().relative_to(base.resolve()))
+        except ValueError:
+            continue
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collect
+# ---------------------------------------------------------------------------------------------
+
+
+def documents(skill: Skill) -> list[tuple[Path, str, int]]:
+    """SKILL.md body and each references/*.md as (path, text, first line)."""
+    docs = [(skill.skill_md, skill.body, skill.body_line)] if skill.text else []
+    for ref in skill.references:
+        text, problem = catalog.read_text(ref)
+        if problem is None:
+            docs.append((ref, text, 1))
+    return docs
+
+
+def collect(skill: Skill) -> list[Example]:
+    """Every Python/shell block of a skill, executed or marked, in file order."""
+    out = []
+    for path, text, first in documents(skill):
+        blocks, _, _ = markdown.scan(text, first)
+        out += [Example(skill.name, path, b) for b in blocks if b.lang in lint.EXECUTED_LANGS]
+    return out
+
+
+def counts(skill: Skill) -> dict:
+    """Executed vs marked blocks, and the markers used (for `skills doctor`)."""
+    examples = collect(skill)
+    markers: dict[str, int] = {}
+    for ex in examples:
+        for flag in set(ex.block.flags) & lint.MARKERS:
+            markers[flag] = markers.get(flag, 0) + 1
+    executed = sum(ex.executed for ex in examples)
+    return {"executed": executed, "marked": len(examples) - executed, "markers": markers}
+
+
+def needs(examples: list[Example]) -> set[str]:
+    """Fixture variables any executed example mentions."""
+    return set().union(*(ex.needs() for ex in examples if ex.executed)) if examples else set()
+
+
+def syntax_errors(examples: list[Example], root: Path | None = None) -> list[str]:
+    """Marked blocks still have to parse: Python with ast, shell with `bash -n`."""
+    problems = []
+    for ex in examples:
+        if ex.kind == "python":
+            try:
+                ast.parse(ex.block.code)
+            except SyntaxError as exc:
+                problems.append(f"{_rel(ex.path, root)}:{ex.line + (exc.lineno or 0)}: Python block does not parse: {exc.msg}")
+        else:
+            res = subprocess.run(["bash", "-n"], input=ex.block.code, capture_output=True, text=True)
+            if res.returncode != 0:
+                problems.append(f"{ex.where(root)}: shell block does not parse: {res.stderr.strip()}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Run
+# ---------------------------------------------------------------------------------------------
+
+
+def base_env(fixtures: dict[str, str] | None = None, root: Path | None = None) -> dict[str, str]:
+    """The environment every block sees: offline hubs, the repo, the venv's `skills`, fixture vars."""
+    env = dict(os.environ)
+    env.update({
+        "SKILLBOOK_ROOT": str((root or catalog.repo_root()).resolve()),
+        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+    })
+    env.update(fixtures or {})
+    return env
+
+
+def _script(example: Example, scripts: Path) -> tuple[list[str], Path]:
+    """Write the block to a file and return the command that runs it."""
+    if example.kind == "python":
+        path = scripts / "block.py"
+        path.write_text(example.block.code)
+        return [sys.executable, str(path)], path
+    path = scripts / "block.sh"
+    # The ERR trap reports the failing line (minus this one) since `set -e` exits silently.
+    trap = "trap 'echo \"skillbook-example: block line $((LINENO-1)) exited with $?\" >&2' ERR\n"
+    path.write_text(trap + example.block.code)
+    return ["bash", "-euo", "pipefail", str(path)], path
+
+
+def _error_line(example: Example, stderr: str, script: Path) -> int | None:
+    """Map the failing line inside the block back to a line of the Markdown file."""
+    if example.kind == "python":
+        hits = re.findall(rf'File "{re.escape(str(script))}", line (\d+)', stderr)
+        hits = hits or re.findall(r'File "<string>", line (\d+)', stderr)
+    else:
+        hits = re.findall(r"skillbook-example: block line (\d+)", stderr)
+        hits = hits or [str(int(n) - 1) for n in re.findall(rf"{re.escape(str(script))}: line (\d+)", stderr)]
+    return example.line + int(hits[-1]) if hits else None
+
+
+def run_example(example: Example, env: dict[str, str] | None = None, timeout: float | None = None) -> Result:
+    """Run one block in a fresh subprocess and a fresh temp dir; kill its process group on timeout."""
+    timeout = timeout or float(os.environ.get("SKILLBOOK_EXAMPLE_TIMEOUT", DEFAULT_TIMEOUT))
+    env = dict(env if env is not None else base_env())
+    with tempfile.TemporaryDirectory(prefix=f"skillbook-{example.skill}-") as tmp:
+        work, scripts = Path(tmp) / "work", Path(tmp) / "script"
+        work.mkdir()
+        scripts.mkdir()
+        env["SKILLBOOK_RUNS"] = str(work / "runs")
+        argv, script = _script(example, scripts)
+        started = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+            code: int | None = proc.returncode
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            code = None
+        seconds = time.perf_counter() - started
+    res = Result(example, code, seconds, out, _translate(example, err, script), timeout)
+    if not res.ok:
+        res.error_line = _error_line(example, err, script)
+    return res
+
+
+def _translate(example: Example, stderr: str, script: Path) -> str:
+    """Point tracebacks at the Markdown file and line instead of the temporary script."""
+    doc = _rel(example.path)
+    stderr = re.sub(rf'File "{re.escape(str(script))}", line (\d+)',
+                    lambda m: f'File "{doc}", line {example.line + int(m.group(1))}', stderr)
+    stderr = re.sub(r"skillbook-example: block line (\d+) exited with (\d+)",
+                    lambda m: f"{doc}:{example.line + int(m.group(1))}: command exited with status {m.group(2)}", stderr)
+    return re.sub(rf"{re.escape(str(script))}: line (\d+)",
+                  lambda m: f"{doc}: line {example.line + int(m.group(1)) - 1}", stderr)
+
+
+def run_skill(skill: Skill, fixtures: dict[str, str] | None = None, timeout: float | None = None,
+              root: Path | None = None) -> list[Result]:
+    """Run every executed block of one skill, in file order."""
+    env = base_env(fixtures, root)
+    return [run_example(ex, env, timeout) for ex in collect(skill) if ex.executed]
+
+
+# ---------------------------------------------------------------------------------------------
+# The fixture layer outside pytest (`skills examples`, `skills doctor --update`)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fixtures:
+    """Artifacts the recipes' tiny defaults make once and cache under .skillbook-cache/examples."""
+
+    cache: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    def _load(self) -> None:
+        index = self.cache / "fixtures.json"
+        if index.is_file():
+            data = json.loads(index.read_text())
+            self.env = {k: v for k, v in data.items() if Path(v).exists()}
+
+    def _save(self) -> None:
+        self.cache.mkdir(parents=True, exist_ok=True)
+        (self.cache / "fixtures.json").write_text(json.dumps(self.env, indent=2) + "\n")
+
+    def ensure(self, wanted: set[str], log=print) -> dict[str, str]:
+        """Make the artifacts behind `wanted` (and what they depend on) unless cached."""
+        from . import recipe, runner
+
+        self._load()
+        runs = self.cache / "runs"
+        order = ["prepared", "tokenizer_dir", "pretrained_model"]
+        depth = max((order.index(FIXTURE_VARS[v][0]) for v in wanted if v in FIXTURE_VARS), default=-1)
+
+        def step(skill: str, sets: dict) -> dict:
+            log(f"fixture layer: running {skill} (tiny default) into {runs}")
+            rec = recipe.load(catalog.repo_root() / "skills" / skill)
+            return runner.run(rec, recipe.resolve(rec, overrides=sets), runs_dir=runs, quiet=True)["outputs"]
+
+        if depth >= 0 and "SKILLBOOK_CORPUS" not in self.env:
+            outs = step("data-preparation", {})
+            for var, (fix, name) in FIXTURE_VARS.items():
+                if fix == "prepared":
+                    self.env[var] = outs[name]["path"]
+            self._save()
+        if depth >= 1 and "SKILLBOOK_TOKENIZER" not in self.env:
+            outs = step("tokenization", {"corpus": self.env["SKILLBOOK_CORPUS"]})
+            self.env["SKILLBOOK_TOKENIZER"] = outs["tokenizer"]["path"]
+            self._save()
+        if depth >= 2 and "SKILLBOOK_MODEL" not in self.env:
+            outs = step("pretraining", {"corpus": self.env["SKILLBOOK_CORPUS"], "tokenizer": self.env["SKILLBOOK_TOKENIZER"]})
+            self.env["SKILLBOOK_MODEL"] = outs["model"]["path"]
+            self._save()
+        return {k: v for k, v in self.env.items() if k in FIXTURE_VARS}
+
+
+def default_cache(root: Path | None = None) -> Path:
+    return (root or catalog.repo_root()) / ".skillbook-cache" / "examples"
+
+
+def run_skills(names: list[str], timeout: float | None = None, root: Path | None = None, log=print) -> list[Result]:
+    """`skills examples NAME…`: build the fixtures the blocks need, then run them."""
+    root = root or catalog.repo_root()
+    skills = [catalog.find(n, root) for n in names] if names else catalog.load_all(root)
+    wanted = set().union(*(needs(collect(s)) for s in skills)) if skills else set()
+    fixtures = Fixtures(default_cache(root)).ensure(wanted, log=log) if wanted else {}
+    results = []
+    for skill in skills:
+        results += run_skill(skill, fixtures, timeout, root)
+    return results
