@@ -170,6 +170,38 @@ def index_cmd(out: Path) -> None:
     click.echo(f"wrote {catalog.write_index(out)}")
 
 
+@main.group("runs", invoke_without_command=True)
+@click.option("--runs-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def runs_cmd(ctx: click.Context, runs_dir: Path | None, as_json: bool) -> None:
+    """List past pipeline and skill runs (`skills runs gc` prunes the step cache)."""
+    ctx.obj = runs_dir
+    if ctx.invoked_subcommand:
+        return
+    from . import pipeline
+
+    items = pipeline.list_runs(runs_dir)
+    if as_json:
+        click.echo(json.dumps(items, indent=2))
+        return
+    for item in items:
+        click.echo(f"{item['kind']:<9} {item['name']:<20} {item['status']:<10} {item['path']}")
+
+
+@runs_cmd.command("gc")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.pass_obj
+def runs_gc(runs_dir: Path | None, dry_run: bool) -> None:
+    """Remove step-cache entries the latest run of each pipeline does not use."""
+    from . import pipeline
+
+    removed = pipeline.gc(runs_dir, dry_run=dry_run)
+    for path in removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    click.echo(f"{len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} {'to remove' if dry_run else 'removed'}")
+
+
 def _register_extras() -> None:
     """Command groups that live in their own modules (each imports only click at start-up)."""
     from .agent_cli import COMMANDS

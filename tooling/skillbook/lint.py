@@ -176,9 +176,12 @@ def rule_recipe(skill: Skill) -> Iterator[Finding]:
         first = default.read_text().split("\n", 1)[0]
         if f"schemas/{rec.name}.schema.json" not in first:
             yield err("SB302", default, 1, f"first line must point at its schema: '# yaml-language-server: $schema=../../schemas/{rec.name}.schema.json'")
+    # Artifact inputs with no default (e.g. `model`) come from the command line or a pipeline step.
+    required_inputs = {k: "/placeholder" for k, f in rec.Config.model_fields.items() if k in rec.INPUTS and f.is_required()}
     for preset in [None, *rec.presets()]:
         try:
-            recipe_mod.resolve(rec, preset=preset)
+            data = recipe_mod.layered_data(rec, preset=preset)
+            recipe_mod.validate(rec.Config, {**required_inputs, **data}, f"skill '{rec.name}'")
         except Exception as exc:  # noqa: BLE001
             where = skill.path / "configs" / f"{preset}.yaml" if preset else default
             yield err("SB303", where, 0, str(exc).replace("\n", " "))

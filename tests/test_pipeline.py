@@ -1,0 +1,192 @@
+"""Pipelines: whole-DAG validation, the step cache, --force, resume after a kill, runs gc."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from skillbook import pipeline
+from skillbook.cli import main
+from skillbook.errors import ConfigError
+
+MAKER = '''
+import json, os, time
+from pathlib import Path
+from pydantic import Field
+from skillbook.recipe import RecipeConfig
+OUTPUTS = {"corpus": "corpus"}
+class Config(RecipeConfig):
+    n: int = Field(3, ge=1, description="How many lines.")
+def run(cfg, ctx):
+    out = ctx.out_dir / "corpus"; out.mkdir()
+    (out / "train.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\\n" for i in range(cfg.n)))
+    for i in range(cfg.n):
+        ctx.log(step=i, loss=1.0 / (i + 1))
+    ctx.summary["lines"] = cfg.n
+    return {"corpus": out}
+'''
+
+COUNTER = '''
+import os, time
+from pathlib import Path
+from pydantic import Field
+from skillbook.recipe import RecipeConfig
+OUTPUTS = {"report": "eval-report"}
+INPUTS = {"corpus": "corpus"}
+class Config(RecipeConfig):
+    corpus: str = Field(..., description="Corpus dir.")
+    scale: int = Field(1, description="Multiplier.")
+def run(cfg, ctx):
+    if os.environ.get("SLOW_STEP") == ctx.skill:
+        time.sleep(60)  # the test kills the pipeline here
+    lines = (Path(cfg.corpus) / "train.jsonl").read_text().count("\\n")
+    out = ctx.out_dir / "eval.json"
+    out.write_text(f'{{"exact_match": {lines * cfg.scale / 100}}}')
+    ctx.summary["exact_match"] = lines * cfg.scale / 100
+    return {"report": out}
+'''
+
+PIPE = """name: chain
+description: Makes a corpus, then counts it twice.
+steps:
+  - id: make
+    skill: maker
+    config:
+      n: 3
+  - id: count
+    skill: counter
+    label: first
+    config:
+      corpus: ${steps.make.corpus}
+  - id: count2
+    skill: counter
+    label: second
+    config:
+      corpus: ${steps.make.corpus}
+      scale: 2
+"""
+
+
+def add_skill(root: Path, name: str, source: str) -> None:
+    path = root / "skills" / name
+    path.mkdir(parents=True)
+    (path / "SKILL.md").write_text(f"---\nname: {name}\ndescription: Test skill. Use in tests.\n---\n\n```bash\necho ok\n```\n")
+    (path / "recipe.py").write_text(source)
+    (path / "recipe.yaml").write_text(f"# yaml-language-server: $schema=../../schemas/{name}.schema.json\n")
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "repo"
+    (root / "skills").mkdir(parents=True)
+    (root / "recipes").mkdir()
+    (root / "pyproject.toml").write_text("[project]\nname='x'\n")
+    add_skill(root, "maker", MAKER)
+    add_skill(root, "counter", COUNTER)
+    (root / "recipes" / "chain.yaml").write_text(PIPE)
+    monkeypatch.setenv("SKILLBOOK_ROOT", str(root))
+    return root
+
+
+def run(repo: Path, runs: Path, *extra: str) -> dict:
+    return pipeline.run_file(repo / "recipes" / "chain.yaml", runs_dir=runs, quiet=True, **_kw(extra))
+
+
+def _kw(extra):
+    force = [e.split("=", 1)[1] for e in extra if e.startswith("force=")]
+    sets = [e.split("=", 1)[1] for e in extra if e.startswith("set=")]
+    return {"force": force, "sets": sets}
+
+
+def statuses(record: dict) -> dict[str, str]:
+    return {s["id"]: s["status"] for s in record["steps"]}
+
+
+def test_rerun_is_cached_and_config_change_reruns_only_dependents(repo, tmp_path):
+    runs = tmp_path / "runs"
+    first = run(repo, runs)
+    assert statuses(first) == {"make": "ran", "count": "ran", "count2": "ran"}
+    assert statuses(run(repo, runs)) == {"make": "cached", "count": "cached", "count2": "cached"}
+    # A change to count2 reruns count2 only; a change to make reruns everything downstream of it.
+    assert statuses(run(repo, runs, "set=count2.scale=5")) == {"make": "cached", "count": "cached", "count2": "ran"}
+    changed = run(repo, runs, "set=make.n=4")
+    assert statuses(changed) == {"make": "ran", "count": "ran", "count2": "ran"}
+    assert changed["steps"][1]["summary"]["exact_match"] == pytest.approx(0.04)
+
+
+def test_force_reruns_a_step_and_its_dependents(repo, tmp_path):
+    runs = tmp_path / "runs"
+    run(repo, runs)
+    assert statuses(run(repo, runs, "force=make")) == {"make": "ran", "count": "ran", "count2": "ran"}
+    assert statuses(run(repo, runs, "force=count")) == {"make": "cached", "count": "ran", "count2": "cached"}
+    with pytest.raises(ConfigError, match="no such step"):
+        run(repo, runs, "force=nope")
+
+
+def test_report_puts_stages_side_by_side(repo, tmp_path):
+    record = run(repo, tmp_path / "runs")
+    report = Path(record["report"]).read_text()
+    assert "| metric | first | second |" in report and "| exact_match | 0.03 | 0.06 |" in report
+    assert (Path(record["run_dir"]) / "loss_curves.png").stat().st_size > 1000
+
+
+def test_validation_lists_every_problem_and_runs_nothing(repo, tmp_path):
+    bad = PIPE.replace("${steps.make.corpus}\n      scale: 2", "${steps.make.nope}\n      scale: two") \
+              .replace("skill: maker", "skill: makr").replace("label: first\n    config:\n      corpus: ${steps.make.corpus}",
+                                                             "config:\n      corpus: ${steps.count2.report}")
+    (repo / "recipes" / "bad.yaml").write_text(bad.replace("name: chain", "name: bad"))
+    runs = tmp_path / "runs"
+    res = CliRunner().invoke(main, ["run", "bad", "--runs-dir", str(runs)])
+    assert res.exit_code != 0
+    text = res.output
+    assert "unknown skill 'makr'; did you mean 'maker'?" in text
+    assert "refers to a later step" in text
+    assert "scale" in text and "valid integer" in text
+    assert "4 problem(s)" in text or "3 problem(s)" in text
+    assert not runs.exists()
+
+
+def test_kind_mismatch_is_reported(repo):
+    spec = pipeline.PipelineSpec.model_validate({
+        "name": "k", "description": "d", "steps": [
+            {"id": "a", "skill": "maker"},
+            {"id": "b", "skill": "counter", "config": {"corpus": "${steps.a.corpus}"}},
+            {"id": "c", "skill": "counter", "config": {"corpus": "${steps.b.report}"}}]})
+    problems = pipeline.validate(spec, repo)
+    assert len(problems) == 1 and "wants a corpus but ${steps.b.report} is a eval-report" in problems[0]
+
+
+def test_killed_pipeline_resumes_at_the_unfinished_step(repo, tmp_path):
+    runs = tmp_path / "runs"
+    env = {**os.environ, "SLOW_STEP": "counter", "SKILLBOOK_ROOT": str(repo)}
+    proc = subprocess.Popen([sys.executable, "-m", "skillbook.cli", "run", "chain", "--runs-dir", str(runs)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not list((runs / "cache" / "counter").glob("*/config.yaml")) and time.time() < deadline:
+            time.sleep(0.2)
+        assert list((runs / "cache" / "counter").glob("*/config.yaml")), "the slow step never started"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    record = run(repo, runs)
+    assert statuses(record) == {"make": "cached", "count": "ran", "count2": "ran"}
+
+
+def test_runs_lists_and_gc_prunes_unreferenced_entries(repo, tmp_path):
+    runs = tmp_path / "runs"
+    run(repo, runs)
+    run(repo, runs, "set=count2.scale=7")  # the old count2 entry is now unreferenced
+    listed = json.loads(CliRunner().invoke(main, ["runs", "--runs-dir", str(runs), "--json"]).stdout)
+    assert sum(1 for r in listed if r["kind"] == "pipeline") == 2
+    removed = pipeline.gc(runs)
+    assert len(removed) == 1 and removed[0].parent.name == "counter"
+    assert statuses(run(repo, runs, "set=count2.scale=7")) == {"make": "cached", "count": "cached", "count2": "cached"}
