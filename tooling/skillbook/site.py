@@ -1,0 +1,399 @@
+"""`skills site build`: the static docs site, rendered from skills/, recipes/ and CONTRIBUTING.md.
+
+Markdown goes through markdown-it-py (tables, heading anchors, pygments highlighting), pages through
+jinja2 templates in site/templates, and every relative link is mapped to its page on the site. A link
+that cannot resolve, or an anchor that does not exist once the site is written, fails the build with
+the file and line it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from html import escape
+from pathlib import Path
+
+from . import catalog, site_data, site_links
+from .errors import SkillbookError
+
+STAGE_TITLES = {
+    "data": "Data", "pretraining": "Pretraining", "post-training": "Post-training", "architecture": "Architecture",
+    "efficiency": "Efficiency", "deployment": "Deployment", "evaluation": "Evaluation", "other": "Other",
+}
+MARKER = ".skillbook-site"  # marks a folder as a built site, so a rebuild may wipe it
+FENCE_NOTES = {"fragment": "fragment, not run", "gpu": "needs a GPU, not run in CI", "hub": "needs the Hub, not run in CI",
+               "slow": "slow, not run in CI", "no-run": "not run"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown: one cached parser, pygments highlighting, GitHub-style heading ids
+# ---------------------------------------------------------------------------------------------
+
+
+def slugify(text: str) -> str:
+    """GitHub's heading anchors: lower case, punctuation dropped, each space a hyphen."""
+    return re.sub(r"[^\w\- ]", "", text.strip().lower()).replace(" ", "-") or "section"
+
+
+@lru_cache(maxsize=64)
+def _lexer(lang: str):
+    from pygments.lexers import get_lexer_by_name
+    from pygments.util import ClassNotFound
+
+    try:
+        return get_lexer_by_name({"console": "bash", "shell": "bash", "jsonl": "json"}.get(lang, lang))
+    except ClassNotFound:
+        return None
+
+
+def highlight(code: str, lang: str) -> str:
+    """Pygments token spans (classes styled by style.css in both themes), or escaped text."""
+    import pygments
+    from pygments.formatters import HtmlFormatter
+
+    lexer = _lexer(lang.lower()) if lang else None
+    return pygments.highlight(code, lexer, _formatter()) if lexer else escape(code)
+
+
+@lru_cache(maxsize=1)
+def _formatter():
+    from pygments.formatters import HtmlFormatter
+
+    return HtmlFormatter(nowrap=True)
+
+
+def _fence(self, tokens, idx, options, env) -> str:
+    tok = tokens[idx]
+    words = tok.info.split()
+    lang, flags = (words[0], words[1:]) if words else ("", [])
+    notes = [FENCE_NOTES.get(f, f) for f in flags]
+    cap = escape(" · ".join([lang, *notes])) if lang else ""
+    head = f'<div class="code-head"><span>{cap}</span></div>' if cap else ""
+    return f'<div class="code">{head}<pre class="highlight"><code>{highlight(tok.content, lang)}</code></pre></div>\n'
+
+
+def _heading_close(self, tokens, idx, options, env) -> str:
+    hid = tokens[idx].meta.get("id")
+    link = f'<a class="anchor" href="#{escape(hid)}" aria-label="link to this section">#</a>' if hid else ""
+    return f"{link}</{tokens[idx].tag}>\n"
+
+
+@lru_cache(maxsize=1)
+def parser():
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": True}).enable(["table", "strikethrough"])
+    md.add_render_rule("fence", _fence)
+    md.add_render_rule("heading_close", _heading_close)
+    md.add_render_rule("table_open", lambda self, t, i, o, e: '<div class="table-wrap"><table>\n')
+    md.add_render_rule("table_close", lambda self, t, i, o, e: "</table></div>\n")
+    return md
+
+
+def _inline_text(tok) -> str:
+    return "".join(c.content for c in tok.children or [] if c.type in ("text", "code_inline"))
+
+
+@dataclass
+class Doc:
+    """A parsed Markdown file: tokens with heading ids set, its table of contents and title."""
+
+    path: Path
+    first_line: int
+    tokens: list
+    toc: list[tuple[int, str, str]] = field(default_factory=list)  # (level, text, id)
+    title: str = ""
+
+
+def parse_doc(path: Path, text: str, first_line: int = 1, taken: set[str] | None = None) -> Doc:
+    """Parse once; give every heading a unique slug id (the same function the checker trusts)."""
+    tokens = parser().parse(text)
+    doc, seen = Doc(path, first_line, tokens), dict.fromkeys(taken or (), 0)
+    for i, tok in enumerate(tokens):
+        if tok.type != "heading_open":
+            continue
+        text_ = _inline_text(tokens[i + 1])
+        base = slugify(text_)
+        hid = base if base not in seen else f"{base}-{seen[base] + 1}"
+        seen[base] = seen.get(base, -1) + 1
+        seen.setdefault(hid, 0)
+        tok.attrSet("id", hid)
+        tokens[i + 2].meta = {**(tokens[i + 2].meta or {}), "id": hid}
+        level = int(tok.tag[1])
+        if level == 1 and not doc.title:
+            doc.title = text_
+        elif level in (2, 3):
+            doc.toc.append((level, text_, hid))
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------
+# The builder
+# ---------------------------------------------------------------------------------------------
+
+
+def site_dir(root: Path) -> Path:
+    """Templates and static assets: the repository's site/, else the one next to this package."""
+    own = root / "site"
+    return own if (own / "templates").is_dir() else Path(__file__).resolve().parents[2] / "site"
+
+
+class Builder:
+    """Renders every page into `out`, collecting link problems with the file and line they come from."""
+
+    def __init__(self, root: Path, out: Path):
+        self.root, self.out = root.resolve(), out
+        self.skills = {s.folder: s for s in catalog.load_all(self.root)}
+        self.pipelines = site_data.load_pipelines(self.root)
+        self.errors: list[str] = []
+        self.origins: dict[tuple[str, str], str] = {}
+        self.extra: dict[str, tuple[str, Path]] = {}  # site path -> (kind, source) still to write
+        self.written: list[str] = []
+        self.assets = site_dir(self.root)
+        import jinja2
+
+        self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(self.assets / "templates"),
+                                      autoescape=jinja2.select_autoescape(["j2", "html"]),
+                                      trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+
+    # -- links ---------------------------------------------------------------------------------
+
+    def link(self, href: str, src: Path, line: int, page: str, doc: Doc | None) -> str:
+        """The site URL for a link written in `src`; a link that cannot resolve is recorded as an error."""
+        where = f"{self._rel(src)}:{line}: link '{href}'"
+        if site_links.is_external(href):
+            return href
+        path, _, frag = href.partition("#")
+        if not path:  # in-page anchor: the checker looks it up in the written page
+            self.origins[(page, href)] = where
+            return href
+        target = Path(os.path.normpath(src.parent / path))
+        try:
+            rel_path = target.relative_to(self.root).as_posix()
+        except ValueError:
+            self.errors.append(f"{where}: points outside the repository")
+            return href
+        if not site_links.exists_case_sensitive(self.root, rel_path):
+            self.errors.append(f"{where}: {rel_path} does not exist (paths are case-sensitive)")
+            return href
+        size = target.stat().st_size if target.is_file() else 0
+        dest = site_links.site_target(rel_path, set(self.skills), set(self.pipelines), target.is_dir(), size)
+        if isinstance(dest, str):
+            self.errors.append(f"{where}: {dest}")
+            return href
+        if dest.kind != "page":
+            self.extra.setdefault(dest.page, (dest.kind, target))
+        url = site_links.rel(page, dest.page + (f"#{frag}" if frag else ""))
+        self.origins[(page, url)] = where
+        return url
+
+    def _rel(self, path: Path) -> str:
+        try:
+            return path.resolve().relative_to(self.root).as_posix()
+        except ValueError:
+            return str(path)
+
+    def render_md(self, doc: Doc, page: str) -> str:
+        """Rewrite the doc's links for `page` (line numbers from the source file), then render HTML."""
+        for tok in doc.tokens:
+            if tok.type != "inline" or not tok.children:
+                continue
+            line = (tok.map[0] if tok.map else 0) + doc.first_line
+            for child in tok.children:
+                if child.type in ("softbreak", "hardbreak"):
+                    line += 1
+                attr = "href" if child.type == "link_open" else "src" if child.type == "image" else None
+                if attr and child.attrGet(attr) is not None:
+                    child.attrSet(attr, self.link(str(child.attrGet(attr)), doc.path, line, page, doc))
+        return parser().renderer.render(doc.tokens, parser().options, {})
+
+    # -- pages ---------------------------------------------------------------------------------
+
+    def write(self, page: str, template: str, **ctx) -> None:
+        """Render one template to `page` with the shared context (nav, relative URL helper)."""
+        from markupsafe import Markup
+
+        def url(target: str) -> str:
+            return site_links.rel(page, target)
+
+        ctx = {"page": page, "url": url, "nav": self.nav, "pipelines": self.pipelines, "title": "",
+               "toc": [], "Markup": Markup, **ctx}
+        html = self.env.get_template(template).render(**ctx)
+        dest = self.out / page
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(html, encoding="utf-8")
+        self.written.append(page)
+
+    @property
+    def nav(self) -> list[tuple[str, str, list]]:
+        """Skills grouped by lifecycle stage, in the catalog's stage order (unknown stages last)."""
+        groups: dict[str, list] = {}
+        for s in self.skills.values():
+            groups.setdefault(s.stage, []).append(s)
+        order = [*catalog.STAGES, *sorted(set(groups) - set(catalog.STAGES))]
+        return [(st, STAGE_TITLES.get(st, st.replace("-", " ").capitalize()), groups[st]) for st in order if st in groups]
+
+    def skill_pages(self) -> list[dict]:
+        """SKILL.md and its references for every skill; returns the search-index entries."""
+        from markupsafe import Markup
+
+        entries = []
+        for name, skill in self.skills.items():
+            page = f"skills/{name}/index.html"
+            doc = parse_doc(skill.skill_md, skill.body, skill.body_line, taken=set(site_data.SKILL_SECTION_IDS))
+            refs = []
+            for ref in skill.references:
+                text, problem = catalog.read_text(ref)
+                if problem:
+                    self.errors.append(f"{self._rel(ref)}:0: {problem}")
+                    continue
+                rdoc = parse_doc(ref, text)
+                rpage = f"skills/{name}/references/{ref.stem}.html"
+                body = Markup(self.render_md(rdoc, rpage))
+                title = rdoc.title or ref.stem
+                self.write(rpage, "doc.html.j2", title=f"{title} · {name}", heading=None, body=body, toc=rdoc.toc,
+                           crumbs=[(f"skills/{name}/index.html", name)], source=self._rel(ref), active=name)
+                refs.append({"name": ref.name, "title": title, "page": rpage, "summary": site_data.first_paragraph(text)})
+                entries.append(site_data.entry("reference", f"{name}: {title}", rdoc.title, skill.description, rpage,
+                                               rdoc.toc, skill.stage))
+            body = Markup(self.render_md(doc, page))
+            facts = site_data.skill_facts(skill, self.root, self.pipelines)
+            for kind_path in facts["sources"]:
+                self.extra.setdefault(f"files/{kind_path}.html", ("source", self.root / kind_path))
+            if skill.skill_md.is_file():
+                self.extra.setdefault(facts["raw"], ("copy", skill.skill_md))
+            for src, dest in facts["copies"]:
+                self.extra.setdefault(dest, ("copy", src))
+            self.write(page, "skill.html.j2", title=skill.name, skill=skill, body=body, refs=refs,
+                       toc=[*doc.toc, *site_data.skill_toc(facts)], facts=facts, active=name,
+                       stage_title=STAGE_TITLES.get(skill.stage, skill.stage))
+            entries.append(site_data.entry("skill", skill.name, doc.title, skill.description, page, doc.toc, skill.stage))
+        return entries
+
+    def pipeline_pages(self) -> list[dict]:
+        from markupsafe import Markup
+
+        from . import site_graph
+
+        entries = []
+        for name, spec in self.pipelines.items():
+            page = f"pipelines/{name}.html"
+            rel = f"recipes/{name}.yaml"
+            for step in spec["steps"]:
+                if step["skill"] not in self.skills:
+                    self.errors.append(f"{rel}:{step.get('line', 0)}: step '{step['id']}' uses unknown skill '{step['skill']}'")
+
+            def href(step: dict) -> str | None:
+                return f"../skills/{step['skill']}/index.html" if step["skill"] in self.skills else None
+
+            graph = Markup(site_graph.svg(spec["steps"], href, title=f"step graph of {name}"))
+            source = Markup(highlight((self.root / rel).read_text(encoding="utf-8"), "yaml"))
+            self.write(page, "pipeline.html.j2", title=name, spec=spec, graph=graph, source=source, active=f"p:{name}",
+                       toc=[(2, "Step graph", "graph"), (2, "Steps", "steps"), (2, "Run it", "run"), (2, "Pipeline file", "file")],
+                       skills=self.skills)
+            entries.append(site_data.entry("pipeline", name, name, spec["description"], page, [], "pipeline"))
+        return entries
+
+    def extra_pages(self) -> None:
+        """Source files, other Markdown and images that Markdown linked to (they may link on)."""
+        from markupsafe import Markup
+
+        done: set[str] = set()
+        while set(self.extra) - done:
+            page = sorted(set(self.extra) - done)[0]
+            done.add(page)
+            kind, src = self.extra[page]
+            dest = self.out / page
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            rel = self._rel(src)
+            if kind == "copy":
+                shutil.copyfile(src, dest)
+                continue
+            text, problem = catalog.read_text(src)
+            if problem:
+                self.errors.append(f"{rel}:0: {problem}")
+                continue
+            if kind == "markdown":
+                doc = parse_doc(src, text)
+                body = Markup(self.render_md(doc, page))
+                self.write(page, "doc.html.j2", title=doc.title or rel, heading=None, body=body, toc=doc.toc,
+                           crumbs=[], source=rel, active="")
+            else:
+                self.write(page, "source.html.j2", title=rel, rel=rel, active="", source=rel,
+                           lines=Markup(site_data.source_lines(text, src.suffix.lstrip("."), highlight)))
+
+    def build(self) -> dict:
+        from markupsafe import Markup
+
+        t0 = time.perf_counter()
+        entries = self.skill_pages() + self.pipeline_pages()
+        contributing = self.root / "CONTRIBUTING.md"
+        if contributing.is_file():
+            doc = parse_doc(contributing, contributing.read_text(encoding="utf-8"))
+            self.write("contributing.html", "doc.html.j2", title="Contributing", heading=None, toc=doc.toc, crumbs=[],
+                       body=Markup(self.render_md(doc, "contributing.html")), source="CONTRIBUTING.md", active="contributing")
+        else:
+            self.write("contributing.html", "contributing.html.j2", title="Contributing", active="contributing",
+                       toc=[(2, "Add a skill", "add-a-skill"), (2, "Checks", "checks")])
+        entries.append(site_data.entry("page", "Contributing", "Contributing", "How to add or improve a skill",
+                                       "contributing.html", [], "page"))
+        self.write("index.html", "home.html.j2", title="", active="home")
+        self.write("search.html", "search.html.j2", title="Search", active="search")
+        catalog_files = site_data.agent_catalog(self.root)
+        for fname, text in catalog_files.items():
+            (self.out / "catalog").mkdir(parents=True, exist_ok=True)
+            (self.out / "catalog" / fname).write_text(text, encoding="utf-8")
+        self.write("catalog.html", "catalog.html.j2", title="Agent catalog", active="catalog", files=catalog_files,
+                   toc=[(2, "XML", "xml"), (2, "JSON", "json")])
+        self.extra_pages()
+        index = json.dumps({"entries": entries}, ensure_ascii=False, separators=(",", ":"))
+        (self.out / "search-index.json").write_text(index, encoding="utf-8")
+        (self.out / "static").mkdir(exist_ok=True)
+        (self.out / "static" / "search-index.js").write_text(f"window.SKILLBOOK_INDEX={index};\n", encoding="utf-8")
+        for asset in sorted((self.assets / "static").iterdir()):
+            if asset.is_file():
+                shutil.copyfile(asset, self.out / "static" / asset.name)
+        for broken in site_links.check(self.out, self.origins):
+            self.errors.append(str(broken))
+        if self.errors:
+            shown = "\n  ".join(self.errors[:40])
+            more = f"\n  … and {len(self.errors) - 40} more" if len(self.errors) > 40 else ""
+            raise SkillbookError(f"site build failed: {len(self.errors)} link problem(s):\n  {shown}{more}")
+        return {"out": str(self.out), "pages": len(self.written), "skills": len(self.skills),
+                "pipelines": len(self.pipelines), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _prepare(out: Path) -> None:
+    """Empty `out` if it is a previous build (or empty); refuse to wipe anything else."""
+    if out.exists():
+        if not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).exists()):
+            raise SkillbookError(f"{out} exists and is not a Skillbook site build; pick another --out or remove it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("built by `skills site build`; the next build replaces this folder\n")
+
+
+def build(out: Path | None = None, root: Path | None = None) -> dict:
+    """Build the site into `out` (default <root>/build/site); returns page counts and the time taken."""
+    t0 = time.perf_counter()
+    root = (root or catalog.repo_root()).resolve()
+    out = Path(out or root / "build" / "site").resolve()
+    _prepare(out)
+    result = Builder(root, out).build()
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    return result
+
+
+def serve(out: Path, port: int = 8000, host: str = "127.0.0.1") -> None:
+    """Serve a built site on http://host:port until interrupted."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(out))
+    with ThreadingHTTPServer((host, port), handler) as httpd:
+        httpd.serve_forever()
