@@ -181,7 +181,7 @@ MARKETPLACE = Path(".claude-plugin") / "marketplace.json"
 def marketplace(root: Path | None = None) -> dict:
     """One Claude Code plugin, 'skillbook', holding every skill (they link to and build on each other)."""
     root = root or catalog.repo_root()
-    skills = catalog.load_all(root)
+    skills = [s for s in catalog.load_all(root) if s.skill_md.is_file()]
     stages = [st for st in catalog.STAGES if any(s.stage == st for s in skills)]
     description = (f"{len(skills)} LLM research skills with runnable CPU-tiny recipes"
                    + (f" ({', '.join(stages)})" if stages else "")
