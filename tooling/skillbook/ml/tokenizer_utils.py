@@ -1,0 +1,103 @@
+"""Tokenizer helpers every recipe can reuse: Skillbook's special tokens, chat template, loading, bytes/token.
+
+The tokenization skill writes tokenizers with these tokens and this template; pretraining, SFT and
+DPO read them back with `load_tokenizer`. Keep train and serve on the same template: a model trained
+on one role format and prompted with another quietly loses most of what SFT taught it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from ..errors import SkillbookError
+
+# Special tokens: ids 0-3 in every tokenizer the tokenization skill trains, role markers right after.
+UNK, BOS, EOS, PAD = "<|unk|>", "<|bos|>", "<|eos|>", "<|pad|>"
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+SPECIAL_TOKENS = {"unk_token": UNK, "bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+
+# One turn is `<|role|>\n{content}`; user and system turns end with "\n", assistant turns with EOS so the
+# model learns to stop. BOS comes from the template, once, at the very start. `{% generation %}` marks the
+# assistant text (and its EOS) for `return_assistant_tokens_mask=True` / TRL's assistant_only_loss.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
+    "{{ raise_exception('chat roles are system, user and assistant; got ' + message['role']) }}"
+    "{%- endif -%}"
+    "{%- if loop.first -%}{{ bos_token }}{%- endif -%}"
+    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{%- else -%}"
+    "{{ message['content'] + '\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\n' }}{%- endif -%}"
+)
+
+
+def read_texts(path: Path, limit: int | None = None) -> Iterator[str]:
+    """The "text" field of each line of a jsonl file (at most `limit` documents)."""
+    with open(path) as fh:
+        for n, line in enumerate(fh):
+            if limit is not None and n >= limit:
+                return
+            if line.strip():
+                yield json.loads(line)["text"]
+
+
+def batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
+    """Group texts for `train_from_iterator`: batches keep the Rust side busy without holding the corpus in RAM."""
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def wrap(tokenizer_object, specials: dict[str, str] | None = None, extra: Iterable[str] = (),
+         add_bos: bool = True, model_max_length: int = 2048):
+    """A `tokenizers.Tokenizer` -> transformers fast tokenizer with special tokens and our chat template.
+
+    `specials` maps unk_token/bos_token/eos_token/pad_token to strings already in the vocab. With
+    `add_bos`, `tok(text)` prepends BOS (as Llama does); `apply_chat_template(..., tokenize=True)`
+    tokenizes without specials, so the template's own BOS is the only one.
+    """
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = dict(specials or SPECIAL_TOKENS)
+    bos = specials["bos_token"]
+    if add_bos:
+        bos_id = tokenizer_object.token_to_id(bos)
+        tokenizer_object.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer_object, model_max_length=model_max_length,
+                                  additional_special_tokens=[*ROLE_TOKENS, *extra], **specials)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def load_tokenizer(path: str | Path, what: str = "tokenizer"):
+    """AutoTokenizer.from_pretrained on a local dir, failing with one clear message if it is not one."""
+    from transformers import AutoTokenizer
+
+    path = Path(path).expanduser()
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise SkillbookError(f"{what}: {path} is not a tokenizer directory (no tokenizer.json); pass the "
+                             f"'tokenizer' output of `skills run tokenization` or an hf-model directory")
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def bytes_per_token(tokenizer, texts: Iterable[str]) -> tuple[float, int, int]:
+    """(UTF-8 bytes / token, total bytes, total tokens) over `texts`, special tokens not counted."""
+    n_bytes = n_tokens = 0
+    for text in texts:
+        n_bytes += len(text.encode("utf-8"))
+        n_tokens += len(tokenizer.encode(text, add_special_tokens=False))
+    return (n_bytes / n_tokens if n_tokens else 0.0), n_bytes, n_tokens
