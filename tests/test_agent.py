@@ -153,3 +153,17 @@ def test_marketplace_drift_names_the_missing_skill(tmp_path: Path) -> None:
     assert res.exit_code == 1
     res = CliRunner().invoke(main, ["marketplace"], env={"SKILLBOOK_ROOT": str(root)})
     assert res.exit_code == 0 and agent.marketplace_drift(root) == []
+
+
+def test_lint_rules_for_installable_skills(tmp_path: Path) -> None:
+    from skillbook import lint_extra
+
+    shutil.copytree(FIXTURES / "skills" / "example-demo", tmp_path / "skills" / "example-demo")
+    md = tmp_path / "skills" / "example-demo" / "SKILL.md"
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "speedrun.yaml").write_text("steps: []\n")
+    md.write_text(md.read_text() + "\nSee [the pipeline](../../recipes/speedrun.yaml).\n")
+    [finding] = lint_extra.rule_links_stay_in_skills(catalog.load_skill(md.parent))
+    assert finding.code == "SB208" and "speedrun.yaml" in finding.message and finding.severity == "warning"
+    [drift] = lint_extra.rule_marketplace(tmp_path)
+    assert drift.code == "SB601" and "skills marketplace" in drift.message

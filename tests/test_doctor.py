@@ -123,3 +123,14 @@ def test_used_packages_come_from_recipe_and_blocks(tmp_path: Path) -> None:
     md = root / "skills" / "example-demo" / "SKILL.md"
     md.write_text(md.read_text() + "\n```python fragment\nfrom trl import SFTTrainer\nimport peft\n```\n")
     assert versions.used_packages(catalog.load_skill(md.parent)) == ["peft", "torch", "trl"]
+
+
+def test_lint_rule_flags_a_malformed_record(tmp_path: Path) -> None:
+    from skillbook import lint_extra
+
+    root = copy_skills(tmp_path, "stale-example")
+    md = root / "skills" / "stale-example" / "SKILL.md"
+    assert list(lint_extra.rule_tested_with(catalog.load_skill(md.parent))) == []  # stale is not a lint error
+    md.write_text(versions.set_tested_with(md.read_text(), "torch>=2"))
+    [finding] = lint_extra.rule_tested_with(catalog.load_skill(md.parent))
+    assert finding.code == "SB207" and "NAME==VERSION" in finding.message
