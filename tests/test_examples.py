@@ -50,6 +50,7 @@ def fixture_env(request: pytest.FixtureRequest, wanted: set[str]) -> dict[str, s
 @pytest.mark.parametrize("name", REAL_SKILLS)
 def test_skill_examples_run(name: str, request: pytest.FixtureRequest) -> None:
     skill = catalog.load_skill(ROOT / "skills" / name)
+    assert skill.text, f"skills/{name}/SKILL.md is missing or unreadable"
     blocks = examples.collect(skill)
     executed = [ex for ex in blocks if ex.executed]
     assert executed, f"skill '{name}' has no executed ```python/```bash block (lint SB206)"

@@ -36,6 +36,7 @@ FIXTURE_VARS: dict[str, tuple[str, str]] = {
     "SKILLBOOK_TOKENIZER": ("tokenizer_dir", "tokenizer"),
     "SKILLBOOK_MODEL": ("pretrained_model", "model"),
 }
+FIXTURE_SKILLS = ("data-preparation", "tokenization", "pretraining")  # the recipes that make them, in order
 _VAR_RE = re.compile(r"SKILLBOOK_[A-Z_]+")
 
 
@@ -265,15 +266,31 @@ class Fixtures:
     cache: Path
     env: dict[str, str] = field(default_factory=dict)
 
+    @staticmethod
+    def key() -> str:
+        """Hash of the fixture recipes and their defaults: a changed recipe rebuilds the cache."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for skill in FIXTURE_SKILLS:
+            for name in ("recipe.py", "recipe.yaml"):
+                path = catalog.repo_root() / "skills" / skill / name
+                h.update(path.read_bytes() if path.is_file() else b"-")
+        return h.hexdigest()[:16]
+
     def _load(self) -> None:
         index = self.cache / "fixtures.json"
-        if index.is_file():
+        try:
             data = json.loads(index.read_text())
-            self.env = {k: v for k, v in data.items() if Path(v).exists()}
+        except (OSError, ValueError):
+            return
+        if isinstance(data, dict) and data.get("key") == self.key():
+            self.env = {k: v for k, v in data.get("env", {}).items() if Path(v).exists()}
 
     def _save(self) -> None:
         self.cache.mkdir(parents=True, exist_ok=True)
-        (self.cache / "fixtures.json").write_text(json.dumps(self.env, indent=2) + "\n")
+        data = {"key": self.key(), "env": self.env}
+        (self.cache / "fixtures.json").write_text(json.dumps(data, indent=2) + "\n")
 
     def ensure(self, wanted: set[str], log=print) -> dict[str, str]:
         """Make the artifacts behind `wanted` (and what they depend on) unless cached."""
