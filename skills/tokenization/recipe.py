@@ -97,6 +97,7 @@ def train_sentencepiece(cfg: Config, texts: Iterator[str], specials: list[str], 
     from transformers.tokenization_utils_sentencepiece import SentencePieceExtractor
 
     model = io.BytesIO()
+    spm.set_random_generator_seed(cfg.seed)  # sampling and shuffling inside the trainer
     spm.SentencePieceTrainer.train(
         sentence_iterator=texts, model_writer=model, model_type=cfg.algorithm.split("-")[1],
         vocab_size=cfg.vocab_size, hard_vocab_limit=False,  # small corpora cannot fill a large vocab
@@ -105,7 +106,7 @@ def train_sentencepiece(cfg: Config, texts: Iterator[str], specials: list[str], 
         split_digits=cfg.split_digits, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
         unk_piece=specials[0], bos_piece=specials[1], eos_piece=specials[2], pad_piece=specials[3],
         user_defined_symbols=specials[4:], allow_whitespace_only_pieces=True, max_sentence_length=1 << 20,
-        random_seed=cfg.seed, num_threads=2, minloglevel=2)
+        num_threads=2, minloglevel=2)
     path = out / "sentencepiece.model"  # kept next to tokenizer.json for tools that want the original
     path.write_bytes(model.getvalue())
     proto = import_protobuf().ModelProto()
