@@ -8,6 +8,7 @@ mention them, so a skill with plain blocks never trains anything.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,9 @@ from skillbook.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-REAL_SKILLS = [p.name for p in catalog.skill_dirs(ROOT)]
+# CI runs skills/; the self-test below points this at tests/fixtures to prove a broken block fails the run.
+SKILLS_ROOT = Path(os.environ.get("SKILLBOOK_EXAMPLES_ROOT", ROOT)).resolve()
+REAL_SKILLS = [p.name for p in catalog.skill_dirs(SKILLS_ROOT)]
 
 
 def fixture_skill(name: str) -> catalog.Skill:
@@ -49,13 +52,13 @@ def fixture_env(request: pytest.FixtureRequest, wanted: set[str]) -> dict[str, s
 
 @pytest.mark.parametrize("name", REAL_SKILLS)
 def test_skill_examples_run(name: str, request: pytest.FixtureRequest) -> None:
-    skill = catalog.load_skill(ROOT / "skills" / name)
+    skill = catalog.load_skill(SKILLS_ROOT / "skills" / name)
     assert skill.text, f"skills/{name}/SKILL.md is missing or unreadable"
     blocks = examples.collect(skill)
     executed = [ex for ex in blocks if ex.executed]
     assert executed, f"skill '{name}' has no executed ```python/```bash block (lint SB206)"
     assert examples.syntax_errors(blocks, ROOT) == []
-    env = examples.base_env(fixture_env(request, examples.needs(blocks)), ROOT)
+    env = examples.base_env(fixture_env(request, examples.needs(blocks)), SKILLS_ROOT)
     failures = [r for r in (examples.run_example(ex, env) for ex in executed) if not r.ok]
     if failures:
         pytest.fail("\n\n".join(r.message(ROOT) for r in failures), pytrace=False)
@@ -136,3 +139,17 @@ def test_examples_module_does_not_import_torch() -> None:
     code = "import sys, skillbook.examples, skillbook.versions, skillbook.agent_cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_ci_run_fails_on_the_broken_fixture_skill() -> None:
+    """The CI test itself, pointed at tests/fixtures: the broken skill fails it with file and line."""
+    env = {**os.environ, "SKILLBOOK_EXAMPLES_ROOT": str(FIXTURES)}
+    res = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
+                          "-k", "test_skill_examples_run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert "1 failed, 2 passed" in out
+    assert "test_skill_examples_run[broken-example]" in out
+    broken = FIXTURES / "skills" / "broken-example"
+    assert f"tests/fixtures/skills/broken-example/SKILL.md:{line_of(broken / 'SKILL.md', 'BROKEN-PYTHON-LINE')}" in out
+    assert f"broken-example/references/more.md:{line_of(broken / 'references' / 'more.md', 'BROKEN-BASH-LINE')}" in out
