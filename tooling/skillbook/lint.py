@@ -193,9 +193,11 @@ SKILL_RULES: list[Callable[[Skill], Iterable[Finding]]] = [
 
 
 def lint_skill(path: Path) -> list[Finding]:
+    from . import lint_extra  # knowledge-quality rules; imported here because they import this module
+
     skill = catalog.load_skill(path)
     findings: list[Finding] = []
-    for rule in SKILL_RULES:
+    for rule in [*SKILL_RULES, *lint_extra.SKILL_RULES]:
         try:
             findings.extend(rule(skill))
         except Exception as exc:  # noqa: BLE001 - a rule bug must not hide other findings
@@ -235,7 +237,9 @@ def rule_schemas(root: Path) -> Iterator[Finding]:
 def lint_repo(root: Path | None = None) -> list[Finding]:
     root = root or catalog.repo_root()
     findings = [f for p in catalog.skill_dirs(root) for f in lint_skill(p)]
-    for rule in (rule_pipelines, rule_schemas):
+    from . import lint_extra
+
+    for rule in (rule_pipelines, rule_schemas, *lint_extra.REPO_RULES):
         try:
             findings.extend(rule(root))
         except Exception as exc:  # noqa: BLE001

@@ -1,9 +1,6 @@
 """Knowledge-quality lint rules (issue 7), kept apart from lint.py's core rules.
 
-Register them in lint.py with two lines:
-
-    SKILL_RULES += lint_extra.SKILL_RULES        # after SKILL_RULES is defined
-    for rule in (rule_pipelines, rule_schemas, *lint_extra.REPO_RULES): ...   # in lint_repo
+lint.lint_skill and lint.lint_repo run them after the core rules.
 """
 
 from __future__ import annotations
