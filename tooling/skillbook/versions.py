@@ -15,7 +15,6 @@ import ast
 import re
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
-from pathlib import Path
 
 from . import frontmatter
 from .catalog import Skill
