@@ -167,3 +167,13 @@ def test_lint_rules_for_installable_skills(tmp_path: Path) -> None:
     assert finding.code == "SB208" and "speedrun.yaml" in finding.message and finding.severity == "warning"
     [drift] = lint_extra.rule_marketplace(tmp_path)
     assert drift.code == "SB601" and "skills marketplace" in drift.message
+
+
+def test_link_over_a_copy_protects_added_files_and_source_is_never_a_target(tmp_path: Path) -> None:
+    dest = tmp_path / "agent-skills"
+    agent.install(["example-demo"], dest, root=FIXTURES)
+    (dest / "example-demo" / "my-notes.md").write_text("mine\n")
+    with pytest.raises(SkillbookError, match="my-notes.md"):
+        agent.install(["example-demo"], dest, link=True, root=FIXTURES)
+    with pytest.raises(SkillbookError, match="own folder"):
+        agent.install(["example-demo"], FIXTURES / "skills", root=FIXTURES)

@@ -86,15 +86,19 @@ def _manifest(target: Path) -> dict[str, str]:
         return {}
 
 
-def _conflicts(target: Path, files: dict[str, str]) -> list[str]:
-    """Files under an installed skill that the user changed (or that Skillbook did not put there)."""
+def _conflicts(target: Path, files: dict[str, str], replace_dir: bool = False) -> list[str]:
+    """Files under an installed skill that the user changed (or that Skillbook did not put there).
+
+    `replace_dir` (linking over a copy) deletes the whole folder, so files the user added count too.
+    """
     if target.is_symlink() or not target.exists():
         return []
     if not target.is_dir():
         return [f"{target} (a file, not a skill folder)"]
     before = _manifest(target)
+    extra = set(skill_files(target)) - set(files) - set(before) if replace_dir else set()
     out = []
-    for rel in sorted(set(files) | set(before)):
+    for rel in sorted(set(files) | set(before) | extra):
         dst = target / rel
         if not dst.is_file():
             continue
@@ -158,7 +162,10 @@ def install(names: list[str], to: Path, all_skills: bool = False, link: bool = F
         raise SkillbookError(f"no skills found under {root / 'skills'}")
     to = Path(to)
     plan = [(s.path, to / s.folder, skill_files(s.path)) for s in skills]
-    conflicts = [c for src, target, files in plan for c in _conflicts(target, files)]
+    for src, target, _ in plan:
+        if not target.is_symlink() and target.resolve() == src.resolve():
+            raise SkillbookError(f"{target} is the skill's own folder; install into an agent's skills directory instead")
+    conflicts = [c for src, target, files in plan for c in _conflicts(target, files, replace_dir=link)]
     if conflicts and not force:
         shown = "\n  ".join(conflicts[:20]) + (f"\n  … and {len(conflicts) - 20} more" if len(conflicts) > 20 else "")
         raise SkillbookError(f"refusing to overwrite {len(conflicts)} file(s) changed since they were installed:\n  {shown}\n"
