@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from skillbook import catalog, frontmatter, versions
 from skillbook.cli import main
@@ -134,3 +136,21 @@ def test_lint_rule_flags_a_malformed_record(tmp_path: Path) -> None:
     md.write_text(versions.set_tested_with(md.read_text(), "torch>=2"))
     [finding] = lint_extra.rule_tested_with(catalog.load_skill(md.parent))
     assert finding.code == "SB207" and "NAME==VERSION" in finding.message
+
+
+_word = st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True)
+
+
+@settings(max_examples=60, deadline=None)
+@given(meta=st.dictionaries(_word, _word, max_size=4), indent=st.sampled_from(["  ", "    "]),
+       body=st.text(alphabet="ab #:-\n`", max_size=60))
+def test_set_tested_with_keeps_every_other_byte(meta: dict, indent: str, body: str) -> None:
+    meta = {k: v for k, v in meta.items() if k != versions.KEY}
+    block = "".join(f"{indent}{k}: {v}\n" for k, v in meta.items())
+    text = "---\nname: x\ndescription: d\n" + (f"metadata:\n{block}" if meta else "") + f"---\n{body}"
+    new = versions.set_tested_with(text, "torch==2.13.0 trl==1.16.0")
+    fm = frontmatter.parse(new)
+    assert fm.problems == [] and fm.body == body
+    assert fm.data["metadata"] == {**meta, versions.KEY: "torch==2.13.0 trl==1.16.0"}
+    again = versions.set_tested_with(new, "torch==2.14.0")
+    assert again.replace("torch==2.14.0", "torch==2.13.0 trl==1.16.0") == new  # one line changes, nothing else
