@@ -129,9 +129,18 @@ def _write_copy(src: Path, target: Path, files: dict[str, str]) -> str:
     for rel in set(before) - set(files):  # removed upstream; unchanged locally (checked by _conflicts)
         (target / rel).unlink(missing_ok=True)
         changed = True
-    manifest = {"skill": target.name, "source": str(src), "mode": "copy", "files": files}
+    manifest = {"skill": target.name, "source": f"skills/{src.name}", "skillbook": _version(), "mode": "copy", "files": files}
     (target / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return "installed" if fresh else "updated" if changed else "unchanged"
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("skillbook")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _write_link(src: Path, target: Path) -> str:
@@ -157,7 +166,8 @@ def install(names: list[str], to: Path, all_skills: bool = False, link: bool = F
     root = root or catalog.repo_root()
     if not names and not all_skills:
         raise SkillbookError("name the skills to install, or pass --all")
-    skills = catalog.load_all(root) if all_skills else [catalog.find(n, root) for n in dict.fromkeys(names)]
+    found = [s for s in catalog.load_all(root) if s.skill_md.is_file()] if all_skills else []  # no half-made folders
+    skills = found + [catalog.find(n, root) for n in dict.fromkeys(names) if n not in {s.folder for s in found}]
     if not skills:
         raise SkillbookError(f"no skills found under {root / 'skills'}")
     to = Path(to)
