@@ -82,10 +82,12 @@ def config_rows(schema: dict, prefix: str = "", defs: dict | None = None) -> lis
     for name, raw in schema.get("properties", {}).items():
         prop = _deref(raw, defs)
         dotted = f"{prefix}{name}"
-        default = json.dumps(raw["default"]) if "default" in raw else ("required" if name in required else "")
+        nested = prop.get("type") == "object" and "properties" in prop
+        default = (json.dumps(raw["default"]) if "default" in raw else "required" if name in required
+                   else "see below" if nested else "")
         rows.append({"field": dotted, "type": type_text(raw, defs), "constraints": constraints(raw, defs),
                      "default": default, "description": raw.get("description") or prop.get("description", "")})
-        if prop.get("type") == "object" and "properties" in prop:
+        if nested:
             rows.extend(config_rows(prop, f"{dotted}.", defs))
     return rows
 
@@ -116,7 +118,7 @@ def _numbers(data, prefix: str = "", depth: int = 0) -> list[tuple[str, str]]:
             if isinstance(v, bool):
                 continue
             if isinstance(v, (int, float)):
-                out.append((f"{prefix}{k}", f"{v:.4g}" if isinstance(v, float) else str(v)))
+                out.append((f"{prefix}{k}", f"{v:.6g}" if isinstance(v, float) else str(v)))
             elif isinstance(v, dict) and depth < 1:
                 out += _numbers(v, f"{prefix}{k}.", depth + 1)
     return out
@@ -164,9 +166,11 @@ def skill_facts(skill, root: Path, pipelines: dict) -> dict:
         presets.append({"name": name, "page": f"files/{rel}/configs/{name}.yaml.html", "note": first})
         sources.append(f"{rel}/configs/{name}.yaml")
     tables, plots = results(skill.folder, root)
+    rows = config_rows(schema) if schema else []
+    example = next((r for r in rows if r["type"] in ("integer", "number") and r["default"] not in ("", "required")), None)
     used_by = [p for p, spec in pipelines.items() if any(s["skill"] == skill.folder for s in spec["steps"])]
     return {
-        "rows": config_rows(schema) if schema else [], "has_schema": schema is not None, "presets": presets,
+        "rows": rows, "example": example, "has_schema": schema is not None, "presets": presets,
         "sources": sources, "recipe_page": f"files/{rel}/recipe.py.html" if skill.has_recipe else None,
         "yaml_page": f"files/{rel}/recipe.yaml.html" if (skill.path / "recipe.yaml").is_file() else None,
         "tested_with": tested_with(skill.metadata), "results": tables, "plots": [d for _, d in plots],
