@@ -16,3 +16,20 @@
     }
   });
 })();
+
+// A "copy" button on every code block (copies the text, not the highlighting).
+(function () {
+  if (!navigator.clipboard) return;
+  document.querySelectorAll(".code").forEach(function (box) {
+    var head = box.querySelector(".code-head"), pre = box.querySelector("pre");
+    if (!head || !pre || box.classList.contains("source")) return;
+    var btn = document.createElement("button");
+    btn.type = "button"; btn.className = "copy"; btn.textContent = "copy";
+    btn.addEventListener("click", function () {
+      navigator.clipboard.writeText(pre.innerText).then(function () {
+        btn.textContent = "copied"; setTimeout(function () { btn.textContent = "copy"; }, 1500);
+      });
+    });
+    head.appendChild(btn);
+  });
+})();
