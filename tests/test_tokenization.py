@@ -51,11 +51,16 @@ def test_reloads_with_special_ids_and_chat_template(tok, tokenizer_dir):
     prompt = tok.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
     assert prompt.endswith("<|assistant|>\n") and tu.EOS not in prompt
 
-    ids = tok.apply_chat_template(chat, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    input_ids, mask = ids["input_ids"], ids["assistant_masks"]
-    assert input_ids.count(tok.bos_token_id) == 1  # no double BOS: the template's BOS is the only one
-    assert input_ids[-1] == tok.eos_token_id and mask[-1] == 1  # the model is trained to emit EOS
-    assert tok.decode([i for i, m in zip(input_ids, mask) if m]) == "red" + tu.EOS
+    full = tok.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"]
+    head = tok.apply_chat_template(chat[:1], tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"]
+    assert full.count(tok.bos_token_id) == 1  # no double BOS: the template's BOS is the only one
+    assert full[-1] == tok.eos_token_id  # the model is trained to emit EOS after every answer
+    assert full[:len(head)] == head and tok.decode(full[len(head):]) == "red" + tu.EOS  # prompt is a prefix
+
+    import jinja2  # the template is plain Jinja: tools without transformers' extensions can render it
+
+    plain = jinja2.Environment().from_string(tu.CHAT_TEMPLATE)
+    assert plain.render(messages=chat, bos_token=tu.BOS, eos_token=tu.EOS, add_generation_prompt=False) == text
     with pytest.raises(Exception, match="roles"):
         tok.apply_chat_template([{"role": "tool", "content": "x"}], tokenize=False)
 

@@ -19,8 +19,10 @@ ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 SPECIAL_TOKENS = {"unk_token": UNK, "bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
 
 # One turn is `<|role|>\n{content}`; user and system turns end with "\n", assistant turns with EOS so the
-# model learns to stop. BOS comes from the template, once, at the very start. `{% generation %}` marks the
-# assistant text (and its EOS) for `return_assistant_tokens_mask=True` / TRL's assistant_only_loss.
+# model learns to stop. BOS comes from the template, once, at the very start. Plain Jinja only: no
+# `{% generation %}` tag, which transformers understands but llama-cpp-python's jinja2 rejects. The prompt
+# rendered with add_generation_prompt=True is a prefix of the full chat, so "loss on the completion only"
+# is a matter of masking the prompt's length.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
@@ -29,7 +31,7 @@ CHAT_TEMPLATE = (
     "{%- if loop.first -%}{{ bos_token }}{%- endif -%}"
     "{{ '<|' + message['role'] + '|>\n' }}"
     "{%- if message['role'] == 'assistant' -%}"
-    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{{ message['content'] + eos_token }}"
     "{%- else -%}"
     "{{ message['content'] + '\n' }}"
     "{%- endif -%}"
