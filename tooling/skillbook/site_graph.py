@@ -61,16 +61,28 @@ def svg(steps: list[dict], href=lambda step: None, title: str = "pipeline") -> s
     for s in steps:
         rows.setdefault(layer[s["id"]], []).append(s["id"])
     skips = [e for e in graph if layer[e.dst] - layer[e.src] > 1]
+    # Each skip edge runs along the gap below its source row and the gap above its target row; every such
+    # horizontal run gets its own height in the gap, and a crowded gap grows, so runs and labels never overlap.
+    runs: dict[int, list[tuple[Edge, str]]] = {}  # gap below row r -> [(edge, "out" | "in")]
+    for e in skips:
+        runs.setdefault(layer[e.src], []).append((e, "out"))
+        runs.setdefault(layer[e.dst] - 1, []).append((e, "in"))
+    gap = {r: max(GAP_Y, 15 * (len(runs.get(r, [])) + 1)) for r in rows}
+    top = {0: PAD}
+    for r in range(1, len(rows)):
+        top[r] = top[r - 1] + NODE_H + gap[r - 1]
+    run_y = {(id(e), kind): top[r] + NODE_H + gap[r] * (i + 1) / (len(items) + 1)
+             for r, items in runs.items() for i, (e, kind) in enumerate(items)}
     left = PAD + LANE * len(skips) + (PAD if skips else 0)
     widest = max(len(r) for r in rows.values())
     width = left + widest * NODE_W + (widest - 1) * GAP_X + PAD
-    height = PAD * 2 + len(rows) * NODE_H + (len(rows) - 1) * GAP_Y
+    height = top[len(rows) - 1] + NODE_H + PAD
     pos: dict[str, tuple[float, float]] = {}
     for row, ids in rows.items():
         span = len(ids) * NODE_W + (len(ids) - 1) * GAP_X
         x0 = left + ((width - left - PAD) - span) / 2
         for i, sid in enumerate(ids):
-            pos[sid] = (x0 + i * (NODE_W + GAP_X), PAD + row * (NODE_H + GAP_Y))
+            pos[sid] = (x0 + i * (NODE_W + GAP_X), top[row])
 
     # Spread the ends of several edges on one node so their arrows do not overlap.
     def spread(ids: list[str], key: str) -> dict[tuple[str, str], float]:
@@ -92,19 +104,18 @@ def svg(steps: list[dict], href=lambda step: None, title: str = "pipeline") -> s
         x1, y1 = x_out[(e.src, e.dst)], sy + NODE_H
         x2, y2 = x_in[(e.src, e.dst)], dy
         label = ", ".join(e.outputs)
-        if e in skips:  # down the left lanes, so the edge never crosses a node
-            k = skips.index(e)
-            lane = PAD + LANE * k
-            below, above = y1 + GAP_Y / 2 - 4 + (k % 3) * 4, y2 - GAP_Y / 2 + 4 + (k % 3) * 4
+        if e in skips:  # down a lane on the left, so the edge never crosses a node
+            lane = PAD + LANE * skips.index(e)
+            below, above = run_y[(id(e), "out")], run_y[(id(e), "in")]
             d = f"M{x1:.0f},{y1:.0f} V{below:.0f} H{lane:.0f} V{above:.0f} H{x2:.0f} V{y2 - 1:.0f}"
-            lx, ly = x2 + 4, y2 - 8
+            lx, ly, anchor = x2 - 4, above - 3, "end"
         else:
             mid = (y1 + y2) / 2
             d = f"M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} {x2:.0f},{y2 - 1:.0f}"
-            lx, ly = (x1 + x2) / 2 + 4, mid + 4
+            lx, ly, anchor = (x1 + x2) / 2 + 6, mid + 4, "start"
         parts.append(f'<g class="dag-edge"><title>{escape(e.src)} → {escape(e.dst)}: {escape(label)}</title>'
                      f'<path d="{d}" marker-end="url(#arrow)"/>'
-                     f'<text x="{lx:.0f}" y="{ly:.0f}">{escape(label)}</text></g>')
+                     f'<text x="{lx:.0f}" y="{ly:.0f}" text-anchor="{anchor}">{escape(label)}</text></g>')
     for s in steps:
         x, y = pos[s["id"]]
         sub = s["skill"] + (f" · {s['preset']}" if s.get("preset") else "")
