@@ -147,3 +147,12 @@ def test_sampling_max_train_docs_is_seeded_and_bounded(tmp_path):
     assert len(a) == 50 == len(set(a)) and a == list(mod.training_texts(corpus, 50, seed=1))
     assert a != list(mod.training_texts(corpus, 50, seed=2))
     assert max(int(t.split()[1]) for t in a) > 250  # a sample of the whole file, not its head
+
+
+def test_special_tokens_must_be_distinct_and_sentencepiece_too_small_vocab_is_explained(prepared, tmp_path):
+    rec = recipe.load(ROOT / "skills" / "tokenization")
+    with pytest.raises(ConfigError, match="distinct"):
+        recipe.resolve(rec, sets=[f"special_tokens.pad={tu.EOS}"])
+    with pytest.raises(ConfigError, match="vocab_size=300: sentencepiece refused it"):
+        run_skill("tokenization", tmp_path, {"corpus": str(output(prepared, "corpus")),
+                                            "algorithm": "sentencepiece-bpe", "vocab_size": 300})

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from skillbook.errors import ConfigError
 from skillbook.ml import tokenizer_utils as tu
@@ -34,6 +34,16 @@ class SpecialTokens(BaseModel):
     eos: str = Field(tu.EOS, description="End of sequence (id 2): ends every document in pretraining and every assistant turn.")
     pad: str = Field(tu.PAD, description="Padding (id 3): a token of its own, so padding is never confused with EOS.")
     extra: list[str] = Field(default_factory=list, description="More reserved special tokens (e.g. tool-call markers), added after the role markers.")
+
+    @model_validator(mode="after")
+    def _distinct(self) -> "SpecialTokens":
+        """Every special token is a non-empty string used once (role markers included)."""
+        tokens = [self.unk, self.bos, self.eos, self.pad, *tu.ROLE_TOKENS, *self.extra]
+        if any(not t.strip() for t in tokens):
+            raise ValueError("special tokens must be non-empty")
+        if len(set(tokens)) != len(tokens):
+            raise ValueError(f"special tokens must be distinct (pad == eos hides every EOS from the loss); got {tokens}")
+        return self
 
 
 class Config(RecipeConfig):
@@ -98,6 +108,21 @@ def train_sentencepiece(cfg: Config, texts: Iterator[str], specials: list[str], 
 
     model = io.BytesIO()
     spm.set_random_generator_seed(cfg.seed)  # sampling and shuffling inside the trainer
+    try:
+        _spm_train(spm, cfg, texts, specials, model)
+    except RuntimeError as exc:  # e.g. vocab_size below 256 byte pieces + specials + every character seen
+        raise ConfigError(f"vocab_size={cfg.vocab_size}: sentencepiece refused it: {str(exc).split('] ')[-1]}") from None
+    path = out / "sentencepiece.model"  # kept next to tokenizer.json for tools that want the original
+    path.write_bytes(model.getvalue())
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(model.getvalue())
+    vocab_ids, vocab_scores, merges = SentencePieceExtractor(str(path)).extract()
+    vocab = vocab_ids if cfg.algorithm == "sentencepiece-bpe" else vocab_scores
+    return SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, merges), path
+
+
+def _spm_train(spm, cfg: Config, texts: Iterator[str], specials: list[str], model: io.BytesIO) -> None:
+    """One sentencepiece training call with the settings that keep it lossless."""
     spm.SentencePieceTrainer.train(
         sentence_iterator=texts, model_writer=model, model_type=cfg.algorithm.split("-")[1],
         vocab_size=cfg.vocab_size, hard_vocab_limit=False,  # small corpora cannot fill a large vocab
@@ -107,13 +132,6 @@ def train_sentencepiece(cfg: Config, texts: Iterator[str], specials: list[str], 
         unk_piece=specials[0], bos_piece=specials[1], eos_piece=specials[2], pad_piece=specials[3],
         user_defined_symbols=specials[4:], allow_whitespace_only_pieces=True, max_sentence_length=1 << 20,
         num_threads=2, minloglevel=2)
-    path = out / "sentencepiece.model"  # kept next to tokenizer.json for tools that want the original
-    path.write_bytes(model.getvalue())
-    proto = import_protobuf().ModelProto()
-    proto.ParseFromString(model.getvalue())
-    vocab_ids, vocab_scores, merges = SentencePieceExtractor(str(path)).extract()
-    vocab = vocab_ids if cfg.algorithm == "sentencepiece-bpe" else vocab_scores
-    return SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, merges), path
 
 
 # ---------------------------------------------------------------------------------------------
