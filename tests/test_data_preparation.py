@@ -96,9 +96,8 @@ def test_splits_are_disjoint_by_fact(prepared, world_ds):
     assert train and test and held
     assert not train & test and not train & held and not test & held
     # every question type is asked in every split, so SFT must learn the format, not the row
-    kinds = {to_fact[r["prompt"]].split("/")[0] if "/" in to_fact[r["prompt"]] else "" for r in rows(
-        output(prepared, "eval_data") / "test.jsonl")}
-    assert {"plus", "minus"} <= kinds
+    attribute = {f.key: f.attribute for f in world_ds.world.facts}
+    assert {attribute[k] for k in train} == {attribute[k] for k in test} == {attribute[k] for k in held}
     assert {r["kind"] for r in rows(output(prepared, "eval_data") / "test.jsonl")} == {"fact", "arithmetic"}
 
 

@@ -291,14 +291,16 @@ def generate(seed: int = 0, n_people: int = 32, repeats: int = 40, max_operand: 
     world = make_world(seed, n_people=n_people, max_operand=max_operand)
     rng = random.Random(seed * 104729 + 2)
     train, test, held = world.facts_in("train"), world.facts_in("test"), world.facts_in("eval")
-    sft = {"train": sft_rows(train, rng, True), "test": sft_rows(test, rng, False)}
+    sft = {"train": sft_rows(train, rng, True), "test": sft_rows(test, rng, True)}
     for rows in sft.values():
         for r in rows:
             r.pop("kind")
-    pref = {"train": preference_rows(world, train, rng, True), "test": preference_rows(world, test, rng, False)}
-    for rows in (sft["train"], pref["train"]):
+    pref = {"train": preference_rows(world, train, rng, True), "test": preference_rows(world, test, rng, True)}
+    held_out = sft_rows(held, rng, False)
+    # Shuffle every split so any prefix (e.g. "the first 50 eval rows") mixes all question types.
+    for rows in (sft["train"], sft["test"], pref["train"], pref["test"], held_out):
         rng.shuffle(rows)
-    return Dataset(world, make_corpus(world, repeats), sft, pref, sft_rows(held, rng, False))
+    return Dataset(world, make_corpus(world, repeats), sft, pref, held_out)
 
 
 # ---------------------------------------------------------------------------------------------
