@@ -182,3 +182,18 @@ def test_bad_source_fails_before_any_run_dir(tmp_path, monkeypatch, sets, needle
     assert result.exit_code != 0
     assert "source" in result.output and needle in result.output
     assert not runs.exists() or not any(runs.rglob("config.yaml"))
+
+
+def test_folder_of_parquet_and_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "shards"
+    src.mkdir()
+    texts = [f"Shard document number {i} describes a different hill, river and road in the north." for i in range(6)]
+    pq.write_table(pa.table({"content": texts[:3]}), src / "a.parquet")
+    (src / "b.jsonl").write_text("".join(json.dumps({"content": t}) + "\n" for t in texts[3:] + texts[:1]))
+    res = run_skill("data-preparation", tmp_path / "runs", {"source": str(src), "text_field": "content"})
+    stats = json.loads((Path(res["run_dir"]) / "stats.json").read_text())
+    assert stats["documents"] == 6 and stats["exact_duplicates_removed"] == 1   # texts[0] is in both shards
+    assert stats["source"] == str(src)
