@@ -15,7 +15,7 @@ import numpy as np
 
 # File types written directly by the gguf package, and those that need llama.cpp's quantizer.
 DIRECT_TYPES = ("F32", "F16", "Q8_0", "Q4_0")
-LLAMA_CPP_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0")
+LLAMA_CPP_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K")
 ALL_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K")
 
 # HF parameter suffix -> GGUF tensor name suffix, per transformer block.
@@ -85,6 +85,10 @@ def _vocab(model_dir: Path, n_vocab: int) -> tuple[list[str], list[int], list[st
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if "Digits" in json.dumps(tj.get("pre_tokenizer")):
+        # llama.cpp has no pre type for "GPT-2 regex + one digit per pre-token"; ids differ on numbers
+        import logging
+        logging.getLogger(__name__).warning("tokenizer splits digits; llama.cpp's gpt-2 pre-tokenizer will not")
     return tokens, [int(t) for t in types], merges, tj
 
 
@@ -149,7 +153,9 @@ def write_gguf(model_dir: Path, out_path: Path, ftype: str = "F16", name: str | 
         tid = getattr(tok, f"{kind}_token_id", None)
         if tid is not None:
             getattr(w, f"add_{kind}_token_id")(int(tid))
-    w.add_add_bos_token(bool(getattr(tok, "add_bos_token", False)))
+    # llama.cpp prepends BOS when asked; mirror what tok(text) does instead of trusting a config flag
+    probe = tok("a")["input_ids"]
+    w.add_add_bos_token(bool(probe) and tok.bos_token_id is not None and probe[0] == tok.bos_token_id)
     w.add_add_eos_token(False)
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
@@ -221,3 +227,83 @@ def gguf_bits_per_weight(path: Path) -> float:
 
     tensors = gguf.GGUFReader(str(path)).tensors
     return 8.0 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring: perplexity and decode speed through llama-cpp-python, and the same for a torch model
+# ---------------------------------------------------------------------------------------------
+
+
+def load_gguf(path: Path, n_ctx: int = 0, threads: int = 2, logits_all: bool = False):
+    """A llama_cpp.Llama on `path` with explicit threads (the default is half the cores)."""
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                 logits_all=logits_all, verbose=False, seed=0)
+
+
+def _nll(logits: np.ndarray, ids: list[int]) -> float:
+    """Summed next-token negative log-likelihood of ids[1:] given logits[:-1] (float64 log-softmax)."""
+    x = logits[: len(ids) - 1].astype(np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    logp = x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    return float(-logp[np.arange(len(ids) - 1), ids[1:]].sum())
+
+
+def gguf_logits(llm, ids: list[int]) -> np.ndarray:
+    """All-position logits of `ids` from a Llama created with logits_all=True."""
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def gguf_perplexity(llm, docs: list[list[int]]) -> float:
+    """Token-level perplexity over documents (each already tokenized with BOS, shorter than n_ctx)."""
+    nll = sum(_nll(gguf_logits(llm, ids), ids) for ids in docs)
+    return float(np.exp(nll / sum(len(ids) - 1 for ids in docs)))
+
+
+def torch_perplexity(model, docs: list[list[int]]) -> float:
+    """The same perplexity for a transformers model (same token ids, same formula)."""
+    import torch
+
+    nll = 0.0
+    with torch.inference_mode():
+        for ids in docs:
+            logits = model(torch.tensor([ids])).logits[0].float().numpy()
+            nll += _nll(logits, ids)
+    return float(np.exp(nll / sum(len(ids) - 1 for ids in docs)))
+
+
+def gguf_decode_speed(llm, prompt_ids: list[int], new_tokens: int = 128) -> float:
+    """Greedy decode tokens/s after the prompt (prefill excluded: the clock starts at the first new token)."""
+    import time
+
+    llm.reset()
+    t_first, n = 0.0, 0
+    for _ in llm.generate(prompt_ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        n += 1
+        if n == 1:
+            t_first = time.perf_counter()
+        if n >= new_tokens:
+            break
+    return (n - 1) / max(time.perf_counter() - t_first, 1e-9)
+
+
+def torch_decode_speed(model, prompt_ids: list[int], new_tokens: int = 128) -> float:
+    """Greedy decode tokens/s of transformers generate(): (N-1) tokens over time(N) - time(1)."""
+    import time
+
+    import torch
+
+    ids = torch.tensor([prompt_ids])
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+
+    def timed(n: int) -> float:
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n, **kw)
+        return time.perf_counter() - t
+
+    timed(2)  # warm-up
+    return (new_tokens - 1) / max(timed(new_tokens) - timed(1), 1e-9)
