@@ -6,6 +6,7 @@ import html
 import posixpath
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"}
@@ -20,6 +21,7 @@ def is_external(href: str) -> bool:
     return bool(_EXTERNAL.match(href))
 
 
+@lru_cache(maxsize=65536)  # every page links every skill in its nav: thousands of identical calls
 def rel(page: str, target: str) -> str:
     """The relative URL from site page `page` to site path `target` (which may carry #anchor)."""
     path, _, frag = target.partition("#")
