@@ -197,3 +197,16 @@ def test_folder_of_parquet_and_jsonl(tmp_path):
     stats = json.loads((Path(res["run_dir"]) / "stats.json").read_text())
     assert stats["documents"] == 6 and stats["exact_duplicates_removed"] == 1   # texts[0] is in both shards
     assert stats["source"] == str(src)
+
+
+def test_json_list_and_malformed_jsonl(tmp_path):
+    from skillbook.errors import SkillbookError
+
+    good = tmp_path / "docs.json"
+    good.write_text(json.dumps([{"text": f"A json list document number {i} about winter roads."} for i in range(3)]))
+    res = run_skill("data-preparation", tmp_path / "runs", {"source": str(good)})
+    assert json.loads((Path(res["run_dir"]) / "stats.json").read_text())["documents"] == 3
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine line of text for the corpus"}\n{"text": broken\n')
+    with pytest.raises(SkillbookError, match=r"not valid JSON lines"):
+        run_skill("data-preparation", tmp_path / "runs", {"source": str(bad)})

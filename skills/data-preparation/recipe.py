@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -88,8 +89,8 @@ def read_local(path: Path, cfg: Config) -> list[str]:
     docs: list[str] = []
     for f in files:
         if f.suffix == ".txt":
-            text = f.read_text(encoding="utf-8", errors="replace")
-            parts = {"file": [text], "line": text.splitlines(), "paragraph": text.split("\n\n")}[cfg.txt_split]
+            text = f.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n")
+            parts = {"file": [text], "line": text.splitlines(), "paragraph": re.split(r"\n\s*\n", text)}[cfg.txt_split]
             docs += [p for p in parts if p.strip()]
         elif f.suffix == ".parquet":
             import pyarrow.parquet as pq
@@ -100,17 +101,30 @@ def read_local(path: Path, cfg: Config) -> list[str]:
                                      f"{', '.join(table.column_names)}); set text_field")
             docs += [str(t) for t in table.column(cfg.text_field).to_pylist() if t]
         else:
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if cfg.text_field not in row:
-                    raise SkillbookError(f"source: {f}:{n} has no field '{cfg.text_field}' "
-                                         f"(fields: {', '.join(row)}); set text_field")
+            for where, row in _json_rows(f):
+                if not isinstance(row, dict) or cfg.text_field not in row:
+                    fields = ", ".join(row) if isinstance(row, dict) else type(row).__name__
+                    raise SkillbookError(f"source: {where} has no field '{cfg.text_field}' (got {fields}); set text_field")
                 docs.append(str(row[cfg.text_field]))
         if cfg.max_documents and len(docs) >= cfg.max_documents:
             break
     return docs[: cfg.max_documents]
+
+
+def _json_rows(f: Path):
+    """(location, row) pairs of a .jsonl file, or of a .json file holding one list of rows."""
+    text = f.read_text(encoding="utf-8")
+    try:
+        if f.suffix == ".json":
+            data = json.loads(text)
+            yield from ((f"{f}[{i}]", row) for i, row in enumerate(data if isinstance(data, list) else [data]))
+            return
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                yield f"{f}:{n}", json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise SkillbookError(f"source: {f} is not valid JSON{' lines' if f.suffix == '.jsonl' else ''} "
+                             f"({exc.msg} at line {exc.lineno})") from None
 
 
 def read_hub(name: str, cfg: Config) -> list[str]:
