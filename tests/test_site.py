@@ -123,7 +123,24 @@ def make_repo(root: Path) -> Path:
     (root / "CONTRIBUTING.md").write_text("# Contributing\n\nStart from [toy data](skills/toy-data/SKILL.md).\n\n## Checks\n\nRun lint.\n")
     (root / "benchmarks" / "results").mkdir(parents=True)
     (root / "benchmarks" / "results" / "toy-data.json").write_text(json.dumps({"docs_per_s": 1234.5, "meta": {"n": 3}, "name": "x"}))
+    for stamp, summary in (("20260101-000000-aaaa", {"old_metric": 1}), ("20260102-000000-bbbb", {"final_loss": 2.25})):
+        run = root / "runs" / "toy-data" / stamp
+        run.mkdir(parents=True)
+        (run / "outputs.json").write_text(json.dumps({"outputs": {}, "summary": summary}))
+    (run / "loss.png").write_bytes(tiny_png())
     return root
+
+
+def tiny_png() -> bytes:
+    """A valid 1x1 PNG, so the browser shows a real image."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00\x40\x80\xc0")) + chunk(b"IEND", b""))
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +267,9 @@ def test_skill_page_shows_run_command_presets_tested_with_and_results(built):
     assert "<code>torch</code></td><td><code>2.13.0</code>" in data
     assert "<code>docs_per_s</code></td><td>1234.5</td>" in data
     assert "<code>meta.n</code>" in data
+    # the newest run's summary and plots; older runs are not shown
+    assert "<code>final_loss</code></td><td>2.25</td>" in data and "old_metric" not in data
+    assert 'src="../../files/runs/toy-data/20260102-000000-bbbb/loss.png"' in data
     train = (out / "skills/toy-train/index.html").read_text()
     assert "skills run toy-train --preset big" in train and "GPU-scale: 1000 steps" in train
     assert "Not recorded yet." in train
