@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from functools import cached_property
 from pathlib import Path
 
 from . import catalog, site_data, site_links
@@ -126,7 +127,7 @@ class Builder:
         dest.write_text(html, encoding="utf-8")
         self.written.append(page)
 
-    @property
+    @cached_property
     def nav(self) -> list[tuple[str, str, list]]:
         """Skills grouped by lifecycle stage, in the catalog's stage order (unknown stages last)."""
         groups: dict[str, list] = {}
