@@ -1,0 +1,78 @@
+"""Decode speed: llama.cpp (GGUF F16, Q8_0, Q4_K_M, Q4_0) vs transformers generate() on the same model and prompts.
+
+Prints JSON: greedy decode tokens/s per format (prefill excluded, mean over prompts) and the ratio
+to transformers fp32. Usage:
+
+    python benchmarks/decode_speed.py --model runs/pretraining/<run>/model [--tokens 128 --threads 2]
+
+The model defaults to $SKILLBOOK_MODEL. Goal on 2 cores: llama.cpp Q8_0 >= 5x transformers fp32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+PROMPTS = ["Question: What colour is Mira's kite?\nAnswer:", "Mira lives in", "The baker of Ashby", "3 + 4 ="]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=os.environ.get("SKILLBOOK_MODEL"), help="hf-model directory (Llama, tokenizer inside)")
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens per prompt")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads for both engines")
+    ap.add_argument("--types", default="F16,Q8_0,Q4_K_M,Q4_0", help="GGUF types to measure")
+    args = ap.parse_args()
+    if not args.model:
+        ap.error("--model is required (or set SKILLBOOK_MODEL)")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from skillbook.ml import gguf_export as gx
+
+    torch.set_num_threads(args.threads)
+    model_dir = Path(args.model)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    n_ctx = int(model.config.max_position_embeddings)
+    prompts = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    new = min(args.tokens, n_ctx - max(map(len, prompts)) - 1)
+
+    results = {"transformers fp32": statistics.mean(gx.torch_decode_speed(model, p, new) for p in prompts)}
+    with tempfile.TemporaryDirectory() as tmp:
+        f16 = Path(tmp) / "F16.gguf"
+        gx.write_gguf(model_dir, f16, "F16")
+        sizes = {}
+        for qtype in args.types.split(","):
+            path = Path(tmp) / f"{qtype}.gguf"
+            if qtype in gx.LLAMA_CPP_TYPES:
+                gx.quantize_gguf(f16, path, qtype, threads=args.threads)
+            elif qtype != "F16":
+                gx.write_gguf(model_dir, path, qtype)
+            llm = gx.load_gguf(path, n_ctx=n_ctx, threads=args.threads)
+            gx.gguf_decode_speed(llm, prompts[0], 8)  # warm-up
+            results[f"llama.cpp {qtype}"] = statistics.mean(gx.gguf_decode_speed(llm, p, new) for p in prompts)
+            sizes[qtype] = path.stat().st_size
+            del llm
+    base = results["transformers fp32"]
+    print(json.dumps({
+        "benchmark": "decode_speed", "model": str(model_dir),
+        "params": sum(p.numel() for p in model.parameters()), "new_tokens": new, "prompts": len(prompts),
+        "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+        "tokens_per_s": {k: round(v, 1) for k, v in results.items()},
+        "ratio_vs_transformers_fp32": {k: round(v / base, 2) for k, v in results.items()},
+        "gguf_bytes": sizes,
+        "goal_q8_0_at_least_5x": results.get("llama.cpp Q8_0", 0) >= 5 * base,
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
