@@ -80,6 +80,12 @@ def make_repo(root: Path) -> Path:
 
         ## Notes
 
+        Also see [Größe](#größe-α) and [the guide](references/guide.md "Guide").
+
+        ## Größe α
+
+        ## Notes
+
         A second heading with the same text gets its own anchor.
         """, '  tested-with: "torch==2.13.0 transformers==5.23.0"\n'))
     (data / "references" / "guide.md").write_text(

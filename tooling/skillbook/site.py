@@ -14,6 +14,7 @@ import shutil
 import time
 from functools import cached_property
 from pathlib import Path
+from urllib.parse import unquote
 
 from . import catalog, site_data, site_links
 from .errors import SkillbookError
@@ -64,7 +65,7 @@ class Builder:
         if site_links.is_external(href):
             return href
         self.reported.add((page, href))  # until it resolves below
-        path, _, frag = href.partition("#")
+        path, _, frag = (unquote(part) for part in href.partition("#"))  # markdown-it percent-encodes
         if not path:  # in-page anchor: the checker looks it up in the written page
             self.reported.discard((page, href))
             self.origins[(page, href)] = where

@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import unquote
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"}
 MAX_SOURCE_BYTES = 256_000  # bigger files are copied as they are instead of rendered as a source page
@@ -110,7 +111,7 @@ def check(out: Path, origins: dict[tuple[str, str], str] | None = None) -> list[
         for href in hrefs:
             if not href or is_external(href):
                 continue
-            path, _, frag = href.partition("#")
+            path, _, frag = (unquote(part) for part in href.partition("#"))
             path = path.split("?", 1)[0]
             if path:
                 target = posixpath.normpath(posixpath.join(posixpath.dirname(page), path))
