@@ -247,7 +247,8 @@ class Builder:
         for fname, text in catalog_files.items():
             (self.out / "catalog").mkdir(parents=True, exist_ok=True)
             (self.out / "catalog" / fname).write_text(text, encoding="utf-8")
-        self.write("catalog.html", "catalog.html.j2", title="Agent catalog", active="catalog", files=catalog_files,
+        shown = {name: Markup(highlight(text, name.rsplit(".", 1)[1])) for name, text in catalog_files.items()}
+        self.write("catalog.html", "catalog.html.j2", title="Agent catalog", active="catalog", files=shown,
                    toc=[(2, "XML", "xml"), (2, "JSON", "json")])
         self.extra_pages()
         index = json.dumps({"entries": entries}, ensure_ascii=False, separators=(",", ":"))
