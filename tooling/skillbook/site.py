@@ -168,6 +168,11 @@ class Builder:
                 self.extra.setdefault(facts["raw"], ("copy", skill.skill_md))
             for src, dest in facts["copies"]:
                 self.extra.setdefault(dest, ("copy", src))
+            default_yaml = skill.path / "recipe.yaml"
+            facts["default_yaml"] = Markup(highlight(default_yaml.read_text(encoding="utf-8"), "yaml")) \
+                if default_yaml.is_file() else None
+            for preset in facts["presets"]:
+                preset["yaml"] = Markup(highlight(preset["text"], "yaml"))
             self.write(page, "skill.html.j2", title=skill.name, skill=skill, body=body, refs=refs,
                        toc=[*doc.toc, *site_data.skill_toc(facts)], facts=facts, active=name,
                        stage_title=STAGE_TITLES.get(skill.stage, skill.stage))

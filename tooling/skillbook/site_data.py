@@ -163,7 +163,7 @@ def skill_facts(skill, root: Path, pipelines: dict) -> dict:
         path = skill.path / "configs" / f"{name}.yaml"
         text = path.read_text(encoding="utf-8")
         first = next((l.lstrip("# ").strip() for l in text.splitlines() if l.startswith("#") and "$schema" not in l), "")
-        presets.append({"name": name, "page": f"files/{rel}/configs/{name}.yaml.html", "note": first})
+        presets.append({"name": name, "page": f"files/{rel}/configs/{name}.yaml.html", "note": first, "text": text})
         sources.append(f"{rel}/configs/{name}.yaml")
     tables, plots = results(skill.folder, root)
     rows = config_rows(schema) if schema else []
