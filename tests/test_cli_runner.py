@@ -166,3 +166,18 @@ def test_cli_startup_imports_no_torch():
     assert res.returncode == 0
     imported = {line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines() if "|" in line}
     assert not imported & {"torch", "transformers", "trl", "peft", "numpy"}
+
+
+def test_missing_input_artifact_fails_before_a_run_dir(tmp_path, monkeypatch):
+    class Cfg(recipe.RecipeConfig):
+        corpus: str | None = None
+        model: str | None = None
+
+    rec = recipe.Recipe("x", tmp_path / "recipe.py", Cfg, {}, {"corpus": "corpus", "model": "hf-model"}, lambda c, x: {})
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(recipe.ConfigError) as info:
+        runner.run(rec, Cfg(corpus=str(tmp_path / "nope"), model="does/not-exist"), runs_dir=tmp_path / "runs")
+    assert "corpus:" in str(info.value) and "model: 'does/not-exist'" in str(info.value)
+    assert not (tmp_path / "runs").exists()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online, a hub id is left to the recipe to fetch
+    recipe.check_inputs(rec, Cfg(model="org/some-model"))

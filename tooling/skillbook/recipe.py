@@ -228,3 +228,35 @@ def artifact_path(ref: str | Path, what: str) -> Path:
         raise ConfigError(f"{what}: {path} does not exist; pass a path produced by an earlier run "
                           f"(see its outputs.json) or omit it to use the embedded default")
     return path
+
+
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_KINDS = ("hf-model", "adapter", "tokenizer")  # inputs that may also name a hub repository
+
+
+def check_inputs(recipe: Recipe, cfg: RecipeConfig) -> None:
+    """Refuse missing input artifacts before a run directory exists (one message for all of them).
+
+    A local path must exist. A hub id (`org/name`) is accepted for model-like inputs unless the
+    hub is off (HF_HUB_OFFLINE=1) and the id is not in the local cache.
+    """
+    import os
+
+    problems = []
+    for field, kind in recipe.INPUTS.items():
+        value = getattr(cfg, field, None)
+        if not isinstance(value, str) or not value or "${" in value:
+            continue
+        if Path(value).expanduser().exists():
+            continue
+        looks_hub = kind in HUB_KINDS and HUB_ID_RE.match(value) and not value.startswith((".", "/", "~"))
+        if looks_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True") :
+            continue
+        if looks_hub:
+            problems.append(f"  {field}: {value!r} is not a local path and the hub is offline (HF_HUB_OFFLINE=1); "
+                            f"pass a {kind} directory produced by an earlier run")
+        else:
+            problems.append(f"  {field}: {value} does not exist; pass a {kind} produced by an earlier run "
+                            f"(see its outputs.json)")
+    if problems:
+        raise ConfigError(f"invalid inputs for skill '{recipe.name}':\n" + "\n".join(problems))

@@ -297,6 +297,7 @@ def run(recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, launcher: Launc
         runs_dir: Path | None = None, run_dir: Path | None = None, quiet: bool = False) -> dict:
     """Run a validated config end to end and return the result dict (also in outputs.json)."""
     launcher = launcher or Launcher()
+    recipe_mod.check_inputs(recipe, cfg)  # before anything is written
     run_dir = prepare(recipe, cfg, runs_dir, run_dir)
     if launcher.kind == "local":
         return execute(recipe, cfg, run_dir, quiet=quiet)
