@@ -90,7 +90,9 @@ def make_repo(root: Path) -> Path:
         """, '  tested-with: "torch==2.13.0 transformers==5.23.0"\n'))
     (data / "references" / "guide.md").write_text(
         "# Guide\n\nWhy the defaults are what they are.\n\n## The knobs that matter\n\nBack to [the skill](../SKILL.md#notes-1).\n\n"
+        "![the data flow](flow.svg)\n\n"
         "```python fragment\nsteps = 10\n```\n")
+    (data / "references" / "flow.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>')
     (data / "recipe.py").write_text(RECIPE.format(output="corpus", kind="corpus"))
     (data / "recipe.yaml").write_text("# yaml-language-server: $schema=../../schemas/toy-data.schema.json\nsteps: 5\n")
     train = root / "skills" / "toy-train"
@@ -218,6 +220,8 @@ def test_every_internal_link_and_anchor_resolves(built):
     guide = (out / "skills/toy-data/references/guide.html").read_text()
     assert 'href="../index.html#notes-1"' in guide
     assert "fragment, not run" in guide
+    assert 'src="../../../files/skills/toy-data/references/flow.svg"' in guide  # images are copied next to the site
+    assert (out / "files/skills/toy-data/references/flow.svg").is_file()
 
 
 def test_checker_reports_missing_files_and_anchors(tmp_path):
