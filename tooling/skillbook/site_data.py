@@ -143,7 +143,8 @@ def results(skill: str, root: Path) -> tuple[list[dict], list[tuple[Path, str]]]
             loaded = loaded.get("summary", {}) if isinstance(loaded, dict) else {}
         rows = _numbers(loaded)
         if rows:
-            tables.append({"source": path.relative_to(root).as_posix(), "rows": rows})
+            what = "Latest local run" if path.name == "outputs.json" else "Benchmark"
+            tables.append({"source": path.relative_to(root).as_posix(), "rows": rows, "what": what})
     pngs = [p for p in sorted(bench.glob(f"{skill}*.png")) if p.stem == skill or p.stem[len(skill)] in "-_."] if bench.is_dir() else []
     pngs += sorted(data.glob("*.png")) if data.is_dir() else []
     pngs += sorted(latest[-1].parent.glob("*.png")) if latest else []
