@@ -4,9 +4,10 @@
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SKILLS  := $(VENV)/bin/skills
-EXTRAS  ?= train,dev
+EXTRAS  ?= train,serve,export,dev
 # llama.cpp builds portable x86-64 AVX2 code instead of -march=native, so a cached wheel runs on any recent CPU.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+WHEELS  ?= $(HOME)/.cache/skillbook/wheels
 STAMP   := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
 .PHONY: setup browser test check demo lint schema clean
@@ -17,7 +18,9 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[$(EXTRAS)]'
+	@# llama-cpp-python ships only as source: compile it once (~12 min on 2 cores) into a wheelhouse, reuse after.
+	@ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || $(PY) -m pip wheel -q --no-deps -w $(WHEELS) 'llama-cpp-python>=0.3'
+	$(PY) -m pip install -q --prefer-binary --find-links $(WHEELS) -e '.[$(EXTRAS)]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
