@@ -166,7 +166,8 @@ def rule_recipe(skill: Skill) -> Iterator[Finding]:
     except Exception as exc:  # noqa: BLE001 - any import failure is a finding
         yield err("SB301", path, 0, f"recipe.py cannot be loaded: {exc}")
         return
-    bad_kinds = {k: v for k, v in {**rec.OUTPUTS, **rec.INPUTS}.items() if v not in recipe_mod.ARTIFACT_KINDS}
+    declared = [(k, kind) for k, v in {**rec.OUTPUTS, **rec.INPUTS}.items() for kind in str(v).split("|")]
+    bad_kinds = {k: kind for k, kind in declared if kind not in recipe_mod.ARTIFACT_KINDS}
     if bad_kinds:
         yield err("SB301", path, 0, f"unknown artifact kinds {bad_kinds}; known: {', '.join(recipe_mod.ARTIFACT_KINDS)}")
     default = skill.path / "recipe.yaml"

@@ -144,7 +144,7 @@ def validate(spec: PipelineSpec, root: Path, where: str = "pipeline", sets: list
                 have, want = recipes[ref_step].OUTPUTS[out], rec.INPUTS.get(fld)
                 if want is None:
                     problems.append(f"{at}: field '{fld}' does not take an artifact (inputs: {', '.join(rec.INPUTS) or 'none'})")
-                elif have != want:
+                elif have not in want.split("|"):  # INPUTS may accept several kinds: "gguf|hf-model"
                     problems.append(f"{at}: field '{fld}' wants a {want} but ${{steps.{ref_step}.{out}}} is a {have}")
         placeholder = substitute(step.config, lambda s, o: f"/pipeline/{s}/{o}")
         try:

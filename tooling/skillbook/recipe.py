@@ -249,7 +249,7 @@ def check_inputs(recipe: Recipe, cfg: RecipeConfig) -> None:
             continue
         if Path(value).expanduser().exists():
             continue
-        looks_hub = kind in HUB_KINDS and HUB_ID_RE.match(value) and not value.startswith((".", "/", "~"))
+        looks_hub = bool(set(kind.split("|")) & set(HUB_KINDS)) and HUB_ID_RE.match(value) and not value.startswith((".", "/", "~"))
         if looks_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True") :
             continue
         if looks_hub:
