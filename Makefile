@@ -39,7 +39,7 @@ test: setup browser
 check: test
 
 demo: setup
-	$(SKILLS) run tokenization
+	$(SKILLS) run speedrun
 
 schema: setup
 	$(SKILLS) schema
