@@ -134,7 +134,8 @@ class Builder:
         groups: dict[str, list] = {}
         for s in self.skills.values():
             groups.setdefault(s.stage, []).append(s)
-        order = [*catalog.STAGES, *sorted(set(groups) - set(catalog.STAGES))]
+        known = [st for st in catalog.STAGES if st != "other"]
+        order = [*known, *sorted(set(groups) - set(catalog.STAGES)), "other"]  # "other" always last
         return [(st, STAGE_TITLES.get(st, st.replace("-", " ").capitalize()), groups[st]) for st in order if st in groups]
 
     def skill_pages(self) -> list[dict]:
