@@ -4,13 +4,14 @@ Parity runs on the pretrained tiny model with its q/k projections scaled up 3x: 
 depends sharply on the rotary layout, so a missing q/k permutation moves the logits by whole
 units (checked below as a negative control) instead of hiding under a near-uniform softmax.
 
-Tolerances (max |logit difference| over every position of 4 held-out documents):
-- F32: same weights, different kernels and summation order; fp32 rounding over a few hundred
-  accumulations gives ~1e-5 relative error. We allow 1e-3 * max|logit| (observed ~1e-5).
-- F16: weights rounded to 11 significant bits (relative error <= 2^-11 = 4.9e-4 each) and
-  llama.cpp also converts activations to f16 for the matmuls; errors add up over layers to
-  ~1e-3 relative. We allow 2e-2 * max|logit| (observed ~2e-3), still far below the ~1.0 that a
-  wrong permutation causes.
+Tolerances (max |logit difference| / max |logit| over every position of 4 held-out documents),
+with llama.cpp's KV cache in f32 (its default f16 cache alone adds ~5e-4 relative error):
+- F32: same weights in the same precision; only summation order and kernel fusion differ, so the
+  error is fp32 rounding (~1e-7 relative, observed 3.5e-7). We allow 1e-5.
+- F16: every weight rounded to 11 significant bits (relative error <= 2^-11 = 4.9e-4 each), and
+  llama.cpp also rounds activations to f16 for the matmuls; over a few layers that gives ~1e-4 to
+  1e-3 relative error (observed 3.5e-4). We allow 5e-3: 10x the per-weight rounding, still 10x
+  below the ~0.05+ that a missing permutation causes.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def hf_logits(model_dir: Path, docs: list[list[int]]) -> list[np.ndarray]:
 
 
 def max_rel_diff(path: Path, docs: list[list[int]], ref: list[np.ndarray]) -> float:
-    llm = gx.load_gguf(path, n_ctx=256, logits_all=True)
+    llm = gx.load_gguf(path, n_ctx=128, logits_all=True, kv_f32=True)
     worst = 0.0
     for ids, r in zip(docs, ref):
         worst = max(worst, float(np.abs(gx.gguf_logits(llm, ids) - r).max() / np.abs(r).max()))
@@ -77,7 +78,7 @@ def reference(sharp_model, docs) -> list[np.ndarray]:
     return hf_logits(sharp_model, docs)
 
 
-@pytest.mark.parametrize("ftype,tol", [("F32", 1e-3), ("F16", 2e-2)])
+@pytest.mark.parametrize("ftype,tol", [("F32", 1e-5), ("F16", 5e-3)])
 def test_gguf_logits_match_transformers(sharp_model, docs, reference, tmp_path, ftype, tol):
     info = gx.write_gguf(sharp_model, tmp_path / f"m-{ftype}.gguf", ftype)
     assert info["tensor_types"].get(ftype, 0) > 0

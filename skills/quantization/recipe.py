@@ -118,7 +118,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
             gx.write_gguf(model_dir, path, qtype, name=stem)
         types = gx.gguf_tensor_types(path)
         if qtype.startswith("Q") and "_K" in qtype and not any("_K" in t for t in types):
-            ctx.info(f"{qtype}: every row width is not a multiple of 256, so llama.cpp fell back to {types}")
+            ctx.info(f"{qtype}: no row width is a multiple of 256, so llama.cpp fell back to {types}")
         llm = gx.load_gguf(path, n_ctx=n_ctx, threads=cfg.threads, logits_all=True)
         ppl = gx.gguf_perplexity(llm, docs)
         speed = gx.gguf_decode_speed(llm, prompt, new_tokens)

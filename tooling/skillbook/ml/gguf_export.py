@@ -234,12 +234,17 @@ def gguf_bits_per_weight(path: Path) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_gguf(path: Path, n_ctx: int = 0, threads: int = 2, logits_all: bool = False):
-    """A llama_cpp.Llama on `path` with explicit threads (the default is half the cores)."""
-    from llama_cpp import Llama
+def load_gguf(path: Path, n_ctx: int = 0, threads: int = 2, logits_all: bool = False, kv_f32: bool = False):
+    """A llama_cpp.Llama on `path` with explicit threads (the default is half the cores).
 
-    return Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                 logits_all=logits_all, verbose=False, seed=0)
+    llama.cpp keeps the KV cache in f16 by default (~5e-4 relative logit error); `kv_f32` keeps it
+    in f32 for exact-parity checks.
+    """
+    import llama_cpp
+
+    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_f32 else {}
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                           logits_all=logits_all, verbose=False, seed=0, **kv)
 
 
 def _nll(logits: np.ndarray, ids: list[int]) -> float:

@@ -75,8 +75,9 @@ def apply_stops(pieces: Iterator[Piece], stops: list[str]) -> Iterator[Piece]:
         buf += piece.text
         hits = [i for i in (buf.find(s) for s in stops) if i >= 0]
         if hits:
+            if hasattr(pieces, "close"):
+                pieces.close()  # stops the backend's generation now, not after max_tokens
             yield Piece(buf[: min(hits)], "stop")
-            pieces.close() if hasattr(pieces, "close") else None
             return
         if piece.finish_reason:
             yield Piece(buf, piece.finish_reason)
@@ -85,8 +86,7 @@ def apply_stops(pieces: Iterator[Piece], stops: list[str]) -> Iterator[Piece]:
         if cut:
             yield Piece(buf[:cut])
             buf = buf[cut:]
-    if buf:
-        yield Piece(buf, "stop")
+    yield Piece(buf, "stop")  # the backend ended without a finish reason
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +301,8 @@ def smoke_test(url: str, prompt: str = "Question: What colour is Mira's kite?\nA
             first = first or time.perf_counter() - t
             parts.append(chunk.choices[0].delta.content)
     out["stream"] = {"text": "".join(parts), "chunks": len(parts), "ttft_s": first, "latency_s": time.perf_counter() - t}
-    out["ok"] = bool(out["stream"]["text"] == out["chat"]["text"] and (comp.choices[0].text or comp.usage.completion_tokens >= 0))
+    # greedy decoding: the streamed chat must equal the non-streamed one, token for token
+    out["ok"] = bool(comp.usage.completion_tokens > 0 and out["stream"]["text"] == out["chat"]["text"])
     return out
 
 
