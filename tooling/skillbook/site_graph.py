@@ -1,4 +1,9 @@
-"""A pipeline's step graph as SVG: layers top to bottom, each edge labelled with the artifact it carries."""
+"""A pipeline's step graph as SVG: layers top to bottom; each box lists the artifacts its step reads.
+
+Edges between neighbouring rows are curves. An output read further down travels on a bus: one
+vertical lane on the left per producing step, with a branch into each consumer, so nothing crosses a
+box and a producer feeding eight steps (the data step) draws one lane, not eight.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,12 @@ from html import escape
 
 from .pipeline import REF_RE
 
-NODE_W, NODE_H = 184, 52  # px; wide enough for "data-preparation" in the node font
-GAP_X, GAP_Y = 28, 56
-LANE = 12  # horizontal spacing of the lanes that carry edges skipping a layer
+NODE_W, NODE_H = 212, 62  # px; room for "data-preparation" and a line of inputs
+GAP_X, GAP_Y = 28, 48
+LANE = 14  # horizontal spacing of the bus lanes on the left
+RUN = 12  # vertical spacing of horizontal runs inside one gap between rows
 PAD = 12
+INPUT_CHARS = 32  # the inputs line is cut here (the full list is in the box's tooltip)
 
 
 @dataclass
@@ -53,6 +60,12 @@ def layers(steps: list[dict], graph: list[Edge]) -> dict[str, int]:
     return layer
 
 
+def _inputs_line(sid: str, graph: list[Edge]) -> str:
+    outs = [o for e in graph if e.dst == sid for o in e.outputs]
+    text = "← " + ", ".join(dict.fromkeys(outs)) if outs else ""
+    return text if len(text) <= INPUT_CHARS else text[: INPUT_CHARS - 1] + "…"
+
+
 def svg(steps: list[dict], href=lambda step: None, title: str = "pipeline") -> str:
     """The graph as an inline SVG element; `href(step)` gives each node's link (or None)."""
     graph = [e for e in edges(steps) if e.src in {s["id"] for s in steps}]
@@ -61,19 +74,20 @@ def svg(steps: list[dict], href=lambda step: None, title: str = "pipeline") -> s
     for s in steps:
         rows.setdefault(layer[s["id"]], []).append(s["id"])
     skips = [e for e in graph if layer[e.dst] - layer[e.src] > 1]
-    # Each skip edge runs along the gap below its source row and the gap above its target row; every such
-    # horizontal run gets its own height in the gap, and a crowded gap grows, so runs and labels never overlap.
-    runs: dict[int, list[tuple[Edge, str]]] = {}  # gap below row r -> [(edge, "out" | "in")]
+    buses = list(dict.fromkeys(e.src for e in skips))  # one lane per producer
+    # Horizontal runs inside each gap: a bus leaving its producer's row, a branch entering a consumer's row.
+    runs: dict[int, list[tuple[str, str]]] = {}
+    for src in buses:
+        runs.setdefault(layer[src], []).append(("out", src))
     for e in skips:
-        runs.setdefault(layer[e.src], []).append((e, "out"))
-        runs.setdefault(layer[e.dst] - 1, []).append((e, "in"))
-    gap = {r: max(GAP_Y, 15 * (len(runs.get(r, [])) + 1)) for r in rows}
+        runs.setdefault(layer[e.dst] - 1, []).append(("in", f"{e.src}>{e.dst}"))
+    gap = {r: max(GAP_Y, RUN * (len(runs.get(r, [])) + 1)) for r in rows}
     top = {0: PAD}
     for r in range(1, len(rows)):
         top[r] = top[r - 1] + NODE_H + gap[r - 1]
-    run_y = {(id(e), kind): top[r] + NODE_H + gap[r] * (i + 1) / (len(items) + 1)
-             for r, items in runs.items() for i, (e, kind) in enumerate(items)}
-    left = PAD + LANE * len(skips) + (PAD if skips else 0)
+    run_y = {key: top[r] + NODE_H + gap[r] * (i + 1) / (len(items) + 1)
+             for r, items in runs.items() for i, key in enumerate(items)}
+    left = PAD + LANE * len(buses) + (PAD if buses else 0)
     widest = max(len(r) for r in rows.values())
     width = left + widest * NODE_W + (widest - 1) * GAP_X + PAD
     height = top[len(rows) - 1] + NODE_H + PAD
@@ -84,44 +98,45 @@ def svg(steps: list[dict], href=lambda step: None, title: str = "pipeline") -> s
         for i, sid in enumerate(ids):
             pos[sid] = (x0 + i * (NODE_W + GAP_X), top[row])
 
-    # Spread the ends of several edges on one node so their arrows do not overlap.
-    def spread(ids: list[str], key: str) -> dict[tuple[str, str], float]:
-        out = {}
-        for sid in ids:
-            mine = [e for e in graph if getattr(e, key) == sid]
-            for i, e in enumerate(mine):
-                out[(e.src, e.dst)] = pos[sid][0] + NODE_W * (i + 1) / (len(mine) + 1)
-        return out
-
-    ids = [s["id"] for s in steps]
-    x_out, x_in = spread(ids, "src"), spread(ids, "dst")
+    # Where edges leave and enter a box: spread over its width so arrows do not overlap.
+    x_out: dict[str, float] = {}  # "src>dst" for curves, "bus:src" for a bus
+    x_in: dict[str, float] = {}
+    for sid in pos:
+        outs = [f"{e.src}>{e.dst}" for e in graph if e.src == sid and e not in skips] + ([f"bus:{sid}"] if sid in buses else [])
+        ins = [f"{e.src}>{e.dst}" for e in graph if e.dst == sid]
+        for keys, table in ((outs, x_out), (ins, x_in)):
+            for i, key in enumerate(keys):
+                table[key] = pos[sid][0] + NODE_W * (i + 1) / (len(keys) + 1)
     parts = [f'<svg class="dag" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width:.0f} {height:.0f}" '
              f'width="{width:.0f}" height="{height:.0f}" role="img" aria-label="{escape(title)}">',
              '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
              'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" class="dag-arrow"/></marker></defs>']
+    for i, src in enumerate(buses):
+        lane, x1, y1 = PAD + LANE * i, x_out[f"bus:{src}"], pos[src][1] + NODE_H
+        bottom = max(run_y[("in", f"{e.src}>{e.dst}")] for e in skips if e.src == src)
+        parts.append(f'<path class="dag-bus" d="M{x1:.0f},{y1:.0f} V{run_y[("out", src)]:.0f} H{lane:.0f} V{bottom:.0f}"/>')
     for e in graph:
-        (sx, sy), (dx, dy) = pos[e.src], pos[e.dst]
-        x1, y1 = x_out[(e.src, e.dst)], sy + NODE_H
-        x2, y2 = x_in[(e.src, e.dst)], dy
-        label = ", ".join(e.outputs)
-        if e in skips:  # down a lane on the left, so the edge never crosses a node
-            lane = PAD + LANE * skips.index(e)
-            below, above = run_y[(id(e), "out")], run_y[(id(e), "in")]
-            d = f"M{x1:.0f},{y1:.0f} V{below:.0f} H{lane:.0f} V{above:.0f} H{x2:.0f} V{y2 - 1:.0f}"
-            lx, ly, anchor = x2 - 4, above - 3, "end"
+        key = f"{e.src}>{e.dst}"
+        x2, y2 = x_in[key], pos[e.dst][1]
+        if e in skips:
+            lane, y = PAD + LANE * buses.index(e.src), run_y[("in", key)]
+            d = f"M{lane:.0f},{y:.0f} H{x2:.0f} V{y2 - 1:.0f}"
         else:
+            x1, y1 = x_out[key], pos[e.src][1] + NODE_H
             mid = (y1 + y2) / 2
             d = f"M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} {x2:.0f},{y2 - 1:.0f}"
-            lx, ly, anchor = (x1 + x2) / 2 + 6, mid + 4, "start"
-        parts.append(f'<g class="dag-edge"><title>{escape(e.src)} → {escape(e.dst)}: {escape(label)}</title>'
-                     f'<path d="{d}" marker-end="url(#arrow)"/>'
-                     f'<text x="{lx:.0f}" y="{ly:.0f}" text-anchor="{anchor}">{escape(label)}</text></g>')
+        parts.append(f'<g class="dag-edge"><title>{escape(e.src)} → {escape(e.dst)}: {escape(", ".join(e.outputs))}</title>'
+                     f'<path d="{d}" marker-end="url(#arrow)"/></g>')
     for s in steps:
         x, y = pos[s["id"]]
+        cx = x + NODE_W / 2
         sub = s["skill"] + (f" · {s['preset']}" if s.get("preset") else "")
-        node = (f'<rect x="{x:.0f}" y="{y:.0f}" width="{NODE_W}" height="{NODE_H}" rx="8"/>'
-                f'<text class="dag-id" x="{x + NODE_W / 2:.0f}" y="{y + 22:.0f}">{escape(s["id"])}</text>'
-                f'<text class="dag-skill" x="{x + NODE_W / 2:.0f}" y="{y + 40:.0f}">{escape(sub)}</text>')
+        reads = ", ".join(f"{o} ← {e.src}" for e in graph if e.dst == s["id"] for o in e.outputs)
+        node = (f'<title>{escape(s["id"])}: runs {escape(sub)}{"; reads " + escape(reads) if reads else ""}</title>'
+                f'<rect x="{x:.0f}" y="{y:.0f}" width="{NODE_W}" height="{NODE_H}" rx="8"/>'
+                f'<text class="dag-id" x="{cx:.0f}" y="{y + 20:.0f}">{escape(s["id"])}</text>'
+                f'<text class="dag-skill" x="{cx:.0f}" y="{y + 36:.0f}">{escape(sub)}</text>'
+                f'<text class="dag-in" x="{cx:.0f}" y="{y + 53:.0f}">{escape(_inputs_line(s["id"], graph))}</text>')
         link = href(s)
         node = f'<a href="{escape(link)}">{node}</a>' if link else node
         parts.append(f'<g class="dag-node" id="node-{escape(s["id"])}">{node}</g>')
