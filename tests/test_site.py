@@ -296,6 +296,8 @@ def test_pipeline_page_draws_the_step_graph(built):
     assert svg.count('class="dag-edge"') == 3  # data→train, data→again, train→again
     assert "data → again: corpus" in svg and "train → again: model" in svg
     assert 'href="../skills/toy-train/index.html"' in svg
+    assert svg.count('class="dag-bus"') == 1  # data→again skips a row: one lane from data
+    assert "← corpus, model</text>" in svg  # the box of `again` lists what it reads
 
 
 def test_edges_and_layers_follow_references():
