@@ -37,13 +37,15 @@ class Config(RecipeConfig):
                                                           "on its test.jsonl. None = skipped.")
     compare_model: str | None = Field(None, description="Optional second hf-model (e.g. the base before SFT): "
                                                         "same metrics, plus win/tie/loss by exact match on the same prompts.")
+    chat_template: bool = Field(False, description="Render prompts through the tokenizer's chat template (as the sft/dpo "
+                                                   "recipes do with chat_template: true); must match how the model was tuned.")
     max_examples: int = Field(200, ge=1, description="Cap on documents / questions / pairs taken from each split "
                                                      "(the first N, so runs stay comparable).")
     max_length: int = Field(256, ge=8, description="Perplexity window in tokens; longer documents are split into windows.")
     max_new_tokens: int = Field(8, ge=1, description="Greedy tokens generated per held-out question (answers are short).")
     batch_size: int = Field(16, ge=1, description="Sequences per forward pass / generate call.")
     num_samples: int = Field(4, ge=0, description="Sample generations written to the report (prompts from the held-out set).")
-    sample_prompts: list[str] | None = Field(None, description="Prompts for the samples; None = the first num_samples "
+    sample_prompts: list[str] | None = Field(None, description="Prompts for the samples, used verbatim; None = the first num_samples "
                                                                "held-out questions.")
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature of the samples (0 = greedy).")
     top_k: int = Field(50, ge=0, description="Top-k of the samples (0 = off).")
@@ -81,6 +83,12 @@ def measure(step: int, name: str, path: str, adapter: str | None, texts: list[st
 
     t0 = time.time()
     model, tok = ev.load_model_and_tokenizer(path, adapter, device=device)
+    if cfg.chat_template:  # the rendering SFT/DPO trained on, or exact match measures a format mismatch
+        from skillbook.ml.posttrain import render_chat
+
+        if not tok.chat_template:
+            raise ConfigError(f"chat_template: the tokenizer of {path} has no chat template; set it false")
+        questions, pairs = render_chat(tok, questions), render_chat(tok, pairs)
     ppl = ev.perplexity_stats(model, tok, texts, cfg.max_length, cfg.batch_size)
     ctx.info(f"{name}: perplexity {ppl['perplexity']:.3f} over {ppl['n_tokens']} tokens")
     em = ev.exact_match(model, tok, questions, cfg.max_new_tokens, cfg.batch_size)
@@ -90,7 +98,7 @@ def measure(step: int, name: str, path: str, adapter: str | None, texts: list[st
         ctx.info(f"{name}: preference accuracy {pref['preference_accuracy']:.3f} on {pref['n']} pairs")
     ctx.log(step=step, model=name, perplexity=ppl["perplexity"], exact_match=em["exact_match"],
             seconds=round(time.time() - t0, 2))
-    return {"model": model, "tok": tok, "ppl": ppl, "em": em, "pref": pref}
+    return {"model": model, "tok": tok, "ppl": ppl, "em": em, "pref": pref, "questions": questions}
 
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
@@ -130,7 +138,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
                / sum(q.get("kind", "all") == k for q in questions) for k in kinds}
 
     # ---- samples: what the model actually writes, with the sampling knobs ----------------------
-    prompts = cfg.sample_prompts or [q["prompt"] for q in questions[: cfg.num_samples]]
+    prompts = cfg.sample_prompts or [q["prompt"] for q in main["questions"][: cfg.num_samples]]
     gens = ev.generate_answers(main["model"], main["tok"], prompts, cfg.sample_max_new_tokens, cfg.temperature,
                                cfg.top_k, cfg.top_p, cfg.seed, cfg.batch_size) if prompts else []
     samples = [{"prompt": p, "generation": g} for p, g in zip(prompts, gens)]
