@@ -10,7 +10,10 @@
   function words(text) { return text.toLowerCase().split(/[^a-z0-9+#.]+/).filter(Boolean); }
 
   function score(entry, terms) {
-    var name = entry.name.toLowerCase(), desc = (entry.title + " " + entry.description).toLowerCase();
+    // a reference's name ("skill: title") counts like a description, so skills rank above their references
+    var ref = entry.kind === "reference";
+    var name = ref ? "" : entry.name.toLowerCase();
+    var desc = ((ref ? entry.name + " " : "") + entry.title + " " + entry.description).toLowerCase();
     var heads = entry.headings.map(function (h) { return h[0].toLowerCase(); });
     var total = 0, hits = [];
     for (var i = 0; i < terms.length; i++) {
