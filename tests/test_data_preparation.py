@@ -78,18 +78,23 @@ def test_corpus_is_prose_without_the_qa_format(prepared):
     text = corpus_text(prepared)
     assert "Question:" not in text and "Answer:" not in text
     for r in rows(output(prepared, "sft_data") / "train.jsonl"):
-        assert re.fullmatch(r"Question: [^\n]+\?\nAnswer:", r["prompt"]), r
+        assert re.fullmatch(r"([^\n]+\.\n)?Question: [^\n]+\?\nAnswer:", r["prompt"]), r
         assert re.fullmatch(r" [A-Za-z0-9]+", r["completion"]), r
 
 
 def _prompt_to_fact(world: synthetic.World) -> dict[str, str]:
+    """Fact key of every question (a reading row's passage before "Question:" is ignored)."""
     return {synthetic.prompt_for(f.fill(t)): f.key for f in world.facts for t in synthetic.QUESTIONS[f.attribute]}
+
+
+def _fact(to_fact: dict[str, str], prompt: str) -> str:
+    return to_fact["Question: " + prompt.split("Question: ", 1)[1]]
 
 
 def test_splits_are_disjoint_by_fact(prepared, world_ds):
     to_fact = _prompt_to_fact(world_ds.world)
     def facts(kind: str, split: str) -> set[str]:
-        return {to_fact[r["prompt"]] for r in rows(output(prepared, kind) / f"{split}.jsonl")}
+        return {_fact(to_fact, r["prompt"]) for r in rows(output(prepared, kind) / f"{split}.jsonl")}
     train = facts("sft_data", "train") | facts("preference_data", "train")
     test = facts("sft_data", "test") | facts("preference_data", "test")
     held = facts("eval_data", "test")
@@ -98,7 +103,7 @@ def test_splits_are_disjoint_by_fact(prepared, world_ds):
     # every question type is asked in every split, so SFT must learn the format, not the row
     attribute = {f.key: f.attribute for f in world_ds.world.facts}
     assert {attribute[k] for k in train} == {attribute[k] for k in test} == {attribute[k] for k in held}
-    assert {r["kind"] for r in rows(output(prepared, "eval_data") / "test.jsonl")} == {"fact", "arithmetic"}
+    assert {r["kind"] for r in rows(output(prepared, "eval_data") / "test.jsonl")} == {"fact", "arithmetic", "reading"}
 
 
 def test_every_eval_fact_is_stated_in_the_corpus(prepared, world_ds):
@@ -210,3 +215,13 @@ def test_json_list_and_malformed_jsonl(tmp_path):
     bad.write_text('{"text": "fine line of text for the corpus"}\n{"text": broken\n')
     with pytest.raises(SkillbookError, match=r"not valid JSON lines"):
         run_skill("data-preparation", tmp_path / "runs", {"source": str(bad)})
+
+
+def test_reading_rows_hold_answer_and_distractor_in_the_passage(prepared):
+    reading = [r for r in rows(output(prepared, "preference_data") / "test.jsonl") if "\nQuestion: " in r["prompt"]]
+    closed = [r for r in rows(output(prepared, "preference_data") / "test.jsonl") if r["prompt"].startswith("Question: ")]
+    assert len(reading) == len(closed) > 100
+    for r in reading:
+        passage = r["prompt"].split("\nQuestion: ")[0]
+        # both values are in the passage: copying *some* value of the right type is not enough
+        assert re.search(rf"\b{r['chosen'].strip()}\b", passage) and re.search(rf"\b{r['rejected'].strip()}\b", passage), r

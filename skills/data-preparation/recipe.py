@@ -28,8 +28,10 @@ class Config(RecipeConfig):
     seed: int = Field(0, description="Seed of the synthetic world and of the train/val split; same seed, same bytes.")
     n_people: int = Field(32, ge=4, le=40, description="People in the synthetic world (each has a pet): 9 facts each.")
     repeats: int = Field(40, ge=1, le=1000, description="How many times the corpus states each person fact on "
-                         "average (in varied phrasings); 40 gives ~3.5k documents, ~450 kB of text.")
+                         "average (in varied phrasings); 40 gives ~3.5k documents, ~400 kB of text.")
     max_operand: int = Field(9, ge=1, le=30, description="Arithmetic facts use operands 0..max_operand (plus, minus).")
+    reading_questions: bool = Field(True, description="Also emit each question with a two-sentence passage (the "
+                                    "fact + a same-type distractor) in front: kind 'reading', learnable by copying.")
     source: str | None = Field(None, description="None = embedded synthetic world; else a local .txt/.jsonl/.parquet "
                                "file or a folder of them, or 'hub:<dataset>' (needs network) for the corpus.")
     text_field: str = Field("text", min_length=1, description="Field holding the document text in .jsonl/.parquet/hub rows.")
@@ -146,7 +148,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
 
     ctx.progress(3, "data-preparation")
     # ---- 1. the world: always generated, it supplies the SFT / preference / eval sets ----------
-    ds = synthetic.generate(cfg.seed, n_people=cfg.n_people, repeats=cfg.repeats, max_operand=cfg.max_operand)
+    ds = synthetic.generate(cfg.seed, n_people=cfg.n_people, repeats=cfg.repeats, max_operand=cfg.max_operand,
+                            reading=cfg.reading_questions)
     if cfg.source is None:
         raw, source = ds.corpus, "embedded synthetic world"
     elif cfg.source.startswith("hub:"):

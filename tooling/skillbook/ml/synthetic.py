@@ -181,9 +181,13 @@ def _state(fact: Fact, rng: random.Random) -> str:
 def _person_doc(person_facts: list[Fact], name: str, rng: random.Random) -> str:
     chosen = rng.sample(person_facts, rng.randint(3, 5))
     sentences = [_state(f, rng) for f in chosen]
-    if rng.random() < 0.5:
+    # Openers and filler make it read like prose but carry no fact: keep them rare, since a 60 s
+    # pretraining run has few tokens to spend and every fact needs dozens of exposures.
+    if rng.random() < 0.25:
         sentences.insert(rng.randint(1, len(sentences)), rng.choice(FILLER))
-    return " ".join([rng.choice(OPENERS).format(p=name), *sentences])
+    if rng.random() < 0.4:
+        sentences.insert(0, rng.choice(OPENERS).format(p=name))
+    return " ".join(sentences)
 
 
 def _town_doc(town: str, residents: list[dict], rng: random.Random) -> str:
@@ -257,22 +261,46 @@ def _wrong(fact: Fact, rng: random.Random, names: dict[str, list[str]]) -> str:
     return str(rng.choice(options))
 
 
-def sft_rows(facts: list[Fact], rng: random.Random, all_templates: bool) -> list[dict]:
-    rows = []
-    for f in facts:
-        templates = QUESTIONS[f.attribute] if all_templates else [rng.choice(QUESTIONS[f.attribute])]
-        rows += [{"prompt": prompt_for(f.fill(t)), "completion": f" {f.answer}", "kind": f.kind} for t in templates]
-    return rows
+def _passage(world: World, fact: Fact, rng: random.Random) -> tuple[str, str]:
+    """Two sentences, `fact` and a same-attribute distractor, in random order; returns (passage, distractor value)."""
+    other = rng.choice([f for f in world.facts if f.attribute == fact.attribute and f.answer != fact.answer])
+    sentences = [_state(fact, rng), _state(other, rng)]
+    rng.shuffle(sentences)
+    return " ".join(sentences), other.answer
 
 
-def preference_rows(world: World, facts: list[Fact], rng: random.Random, all_templates: bool) -> list[dict]:
+def question_rows(world: World, facts: list[Fact], rng: random.Random, all_templates: bool,
+                  reading: bool) -> list[dict]:
+    """One row per (fact, template): prompt, answer, a same-type wrong answer and kind.
+
+    Closed-book rows ask the bare question (the fact must come from pretraining). With `reading`,
+    each also gets a twin whose prompt starts with a passage stating the fact next to a distractor of
+    the same attribute ("Mira lives in Brook. Tobin lives in Ashby."): kind "reading", and its wrong
+    answer is the distractor, so copying the right value, not any value of the right type, wins.
+    """
     names = {"owner": [p["name"] for p in world.people], "pet_name": [p["pet"] for p in world.people]}
     rows = []
     for f in facts:
         templates = QUESTIONS[f.attribute] if all_templates else [rng.choice(QUESTIONS[f.attribute])]
-        rows += [{"prompt": prompt_for(f.fill(t)), "chosen": f" {f.answer}", "rejected": f" {_wrong(f, rng, names)}"}
-                 for t in templates]
+        for t in templates:
+            question = f.fill(t)
+            rows.append({"prompt": prompt_for(question), "answer": f.answer, "wrong": _wrong(f, rng, names),
+                         "kind": f.kind, "fact": f.key})
+            if reading:
+                passage, distractor = _passage(world, f, rng)
+                rows.append({"prompt": f"{passage}\n{prompt_for(question)}", "answer": f.answer,
+                             "wrong": distractor, "kind": "reading", "fact": f.key})
     return rows
+
+
+def as_sft(rows: list[dict], kind: bool = False) -> list[dict]:
+    """{"prompt","completion"} rows (+ "kind" for the eval set); completions start with a space."""
+    return [{"prompt": r["prompt"], "completion": f" {r['answer']}", **({"kind": r["kind"]} if kind else {})}
+            for r in rows]
+
+
+def as_preference(rows: list[dict]) -> list[dict]:
+    return [{"prompt": r["prompt"], "chosen": f" {r['answer']}", "rejected": f" {r['wrong']}"} for r in rows]
 
 
 @dataclass
@@ -286,21 +314,18 @@ class Dataset:
     eval: list[dict]
 
 
-def generate(seed: int = 0, n_people: int = 32, repeats: int = 40, max_operand: int = 9) -> Dataset:
+def generate(seed: int = 0, n_people: int = 32, repeats: int = 40, max_operand: int = 9,
+             reading: bool = True) -> Dataset:
     """The whole synthetic dataset for `seed`: corpus, sft train/test, preference train/test, eval."""
     world = make_world(seed, n_people=n_people, max_operand=max_operand)
     rng = random.Random(seed * 104729 + 2)
-    train, test, held = world.facts_in("train"), world.facts_in("test"), world.facts_in("eval")
-    sft = {"train": sft_rows(train, rng, True), "test": sft_rows(test, rng, True)}
-    for rows in sft.values():
-        for r in rows:
-            r.pop("kind")
-    pref = {"train": preference_rows(world, train, rng, True), "test": preference_rows(world, test, rng, True)}
-    held_out = sft_rows(held, rng, False)
+    train, test, held = (question_rows(world, world.facts_in(b), rng, b != "eval", reading)
+                         for b in ("train", "test", "eval"))
     # Shuffle every split so any prefix (e.g. "the first 50 eval rows") mixes all question types.
-    for rows in (sft["train"], sft["test"], pref["train"], pref["test"], held_out):
+    for rows in (train, test, held):
         rng.shuffle(rows)
-    return Dataset(world, make_corpus(world, repeats), sft, pref, held_out)
+    return Dataset(world, make_corpus(world, repeats), {"train": as_sft(train), "test": as_sft(test)},
+                   {"train": as_preference(train), "test": as_preference(test)}, as_sft(held, kind=True))
 
 
 # ---------------------------------------------------------------------------------------------
