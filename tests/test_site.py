@@ -43,6 +43,7 @@ class Config(RecipeConfig):
     lr: float = Field(3e-4, gt=0, description="Peak learning rate.")
     mode: Literal["fast", "exact"] = Field("fast", description="Speed or fidelity.")
     sched: Sched = Field(default_factory=Sched, description="Schedule settings.")
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="Module suffixes.")
 
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
@@ -268,12 +269,14 @@ def test_config_table_matches_the_schema(built, repo):
     assert rows["corpus"][1] == "string | null"
     assert rows["mode"][1] == '"fast" | "exact"'
     assert rows["lr"][1] == "number\n> 0"
+    assert rows["targets"][2] == '["q_proj", "v_proj"]'  # a default_factory value the schema leaves out
+    assert rows["sched"][2] == "see below"
 
 
 def test_skill_page_shows_run_command_presets_tested_with_and_results(built):
     out, _ = built
     data = (out / "skills/toy-data/index.html").read_text()
-    assert "skills run toy-data --json" in data
+    assert "skills run toy-data --json\nskills run toy-data --dry-run --set steps=10\n" in data
     assert "<code>torch</code></td><td><code>2.13.0</code>" in data
     assert "<code>docs_per_s</code></td><td>1234.5</td>" in data
     assert "<code>meta.n</code>" in data
@@ -281,7 +284,7 @@ def test_skill_page_shows_run_command_presets_tested_with_and_results(built):
     assert "<code>final_loss</code></td><td>2.25</td>" in data and "old_metric" not in data
     assert 'src="../../files/runs/toy-data/20260102-000000-bbbb/loss.png"' in data
     train = (out / "skills/toy-train/index.html").read_text()
-    assert "skills run toy-train --preset big" in train and "GPU-scale: 1000 steps" in train
+    assert "--set steps=10\nskills run toy-train --preset big\n" in train and "GPU-scale: 1000 steps" in train
     assert "Not recorded yet." in train
     assert 'id="results"' not in train  # no figures: no section
     assert "in pipeline toyrun" in train

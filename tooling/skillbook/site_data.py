@@ -20,17 +20,39 @@ SKILL_SECTION_IDS = ("run", "configuration", "presets", "references", "tested-wi
 # ---------------------------------------------------------------------------------------------
 
 
-def load_schema(skill_dir: Path, root: Path) -> dict | None:
-    """The Config's JSON Schema from the model itself; the checked-in schema if the recipe cannot load."""
+def load_config(skill_dir: Path, root: Path) -> tuple[dict | None, type | None]:
+    """(JSON Schema, Config class) from the recipe; the checked-in schema alone if the recipe cannot load."""
     if not (skill_dir / "recipe.py").is_file():
-        return None
+        return None, None
     from . import recipe
 
     try:
-        return recipe.load(skill_dir).Config.model_json_schema()
+        model = recipe.load(skill_dir).Config
+        return model.model_json_schema(), model
     except Exception:  # noqa: BLE001 - lint reports broken recipes; the site falls back to schemas/
         path = root / "schemas" / f"{skill_dir.name}.schema.json"
-        return json.loads(path.read_text()) if path.is_file() else None
+        return (json.loads(path.read_text()) if path.is_file() else None), None
+
+
+def load_schema(skill_dir: Path, root: Path) -> dict | None:
+    return load_config(skill_dir, root)[0]
+
+
+def factory_defaults(model, prefix: str = "") -> dict[str, str]:
+    """Defaults made by default_factory (lists, dicts), which JSON Schema leaves out, by dotted field name."""
+    from pydantic import BaseModel
+
+    out = {}
+    for name, info in model.model_fields.items():
+        ann = info.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out.update(factory_defaults(ann, f"{prefix}{name}."))
+        elif info.default_factory is not None:
+            try:
+                out[f"{prefix}{name}"] = json.dumps(info.default_factory(), default=str)
+            except Exception:  # noqa: BLE001 - a factory that needs arguments: leave the cell empty
+                pass
+    return out
 
 
 def _deref(prop: dict, defs: dict) -> dict:
@@ -155,7 +177,7 @@ def results(skill: str, root: Path) -> tuple[list[dict], list[tuple[Path, str]]]
 
 def skill_facts(skill, root: Path, pipelines: dict) -> dict:
     """Everything the skill template shows beside the rendered SKILL.md."""
-    schema = load_schema(skill.path, root)
+    schema, model = load_config(skill.path, root)
     rel = skill.path.relative_to(root).as_posix()
     sources = [f"{rel}/recipe.py"] if skill.has_recipe else []
     sources += [f"{rel}/recipe.yaml"] if (skill.path / "recipe.yaml").is_file() else []
@@ -168,6 +190,10 @@ def skill_facts(skill, root: Path, pipelines: dict) -> dict:
         sources.append(f"{rel}/configs/{name}.yaml")
     tables, plots = results(skill.folder, root)
     rows = config_rows(schema) if schema else []
+    made = factory_defaults(model) if model is not None else {}
+    for row in rows:
+        if not row["default"] and row["field"] in made:
+            row["default"] = made[row["field"]]
     example = next((r for r in rows if r["type"] in ("integer", "number") and r["default"] not in ("", "required")), None)
     used_by = [p for p, spec in pipelines.items() if any(s["skill"] == skill.folder for s in spec["steps"])]
     return {
