@@ -391,3 +391,14 @@ def test_real_library_builds_with_every_link_resolved(tmp_path):
             page = (out / "skills" / s.folder / "index.html").read_text()
             for row in site_data.config_rows(schema):
                 assert f'id="config-{row["field"]}"' in page
+
+
+def test_pipeline_with_an_unknown_skill_or_bad_yaml_fails_the_build(tmp_path):
+    repo = make_repo(tmp_path / "repo")
+    pipe = repo / "recipes" / "toyrun.yaml"
+    pipe.write_text(pipe.read_text().replace("skill: toy-train", "skill: toy-trian"))
+    with pytest.raises(SkillbookError, match=r"recipes/toyrun.yaml:6: step 'train' uses unknown skill 'toy-trian'"):
+        site.build(tmp_path / "out", root=repo)
+    pipe.write_text("name: toyrun\nsteps: []\n")
+    with pytest.raises(SkillbookError, match=r"recipes/toyrun.yaml: not a valid pipeline"):
+        site.build(tmp_path / "out2", root=repo)
