@@ -153,14 +153,16 @@ class Builder:
                     self.errors.append(f"{self._rel(ref)}:0: {problem}")
                     continue
                 rdoc = parse_doc(ref, text)
-                rpage = f"skills/{name}/references/{ref.stem}.html"
-                body = Markup(self.render_md(rdoc, rpage))
-                title = rdoc.title or ref.stem
-                self.write(rpage, "doc.html.j2", title=f"{title} · {name}", heading=None, body=body, toc=rdoc.toc,
-                           crumbs=[(f"skills/{name}/index.html", name)], source=self._rel(ref), active=name)
-                summary = site_data.first_paragraph(text)
-                refs.append({"name": ref.name, "title": title, "page": rpage, "summary": summary})
-                entries.append(site_data.entry("reference", f"{name}: {title}", rdoc.title, summary, rpage, rdoc.toc, skill.stage))
+                refs.append({"name": ref.name, "title": rdoc.title or ref.stem, "doc": rdoc, "summary": site_data.first_paragraph(text),
+                             "page": f"skills/{name}/references/{ref.stem}.html"})
+            for i, r in enumerate(refs):  # each reference page links back to its skill and on to its siblings
+                body = Markup(self.render_md(r["doc"], r["page"]))
+                self.write(r["page"], "doc.html.j2", title=f"{r['title']} · {name}", heading=None, body=body, toc=r["doc"].toc,
+                           crumbs=[(f"skills/{name}/index.html", name)], source=self._rel(r["doc"].path), active=name,
+                           prev=refs[i - 1] if i else None, next=refs[i + 1] if i + 1 < len(refs) else None,
+                           up=(f"skills/{name}/index.html", name))
+                entries.append(site_data.entry("reference", f"{name}: {r['title']}", r["doc"].title, r["summary"], r["page"],
+                                               r["doc"].toc, skill.stage))
             body = Markup(self.render_md(doc, page))
             facts = site_data.skill_facts(skill, self.root, self.pipelines)
             for kind_path in facts["sources"]:
