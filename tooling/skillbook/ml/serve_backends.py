@@ -156,7 +156,7 @@ class TransformersBackend(Backend):
                       stopping_criteria=StoppingCriteriaList([_Cancel()]),
                       pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id)
         if not greedy:
-            kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or None)
+            kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k)  # 0 = off (not the config default)
         result: dict = {}
 
         def work() -> None:
