@@ -144,9 +144,25 @@ def losses(model, x, y, cfg: Config, is_moe: bool):
     ce = F.cross_entropy(out.logits.float().reshape(-1, out.logits.shape[-1]), y.reshape(-1))
     if not is_moe:
         return ce, ce, None, None
-    aux = out.aux_loss / cfg.top_k  # transformers' Switch loss equals top_k when balanced: report it as 1
+    # Per-layer Switch loss, not transformers' out.aux_loss, which pools layers (see references/load-balancing.md).
+    aux = moe_lib.per_layer_aux_loss(out.router_logits, cfg.num_experts, cfg.top_k)
     z = moe_lib.router_z_loss(out.router_logits)
-    return ce + cfg.aux_loss_coef * out.aux_loss + cfg.z_loss_coef * z, ce, aux, z
+    return ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z, ce, aux.detach() / cfg.top_k, z.detach()
+
+
+def train_step(model, opt, x, y, lr: float, cfg: Config, is_moe: bool, device: str, dtype: str):
+    """One optimizer step on (x, y); returns the detached (cross-entropy, aux / top_k, z-loss)."""
+    import torch
+
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with training.autocast(device, dtype):
+        total, ce, aux, z = losses(model, x, y, cfg, is_moe)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return ce.detach(), aux, z
 
 
 def evaluate(model, val, device: str, dtype: str) -> float:
@@ -201,7 +217,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
 
     # ---- train: both models see exactly the same batch at every step -----------------------------
     ctx.progress(cfg.steps, "moe")
-    history = {"steps": [], "loads": [], "train": {k: [] for k in models}}
+    history = {"steps": [], "loads": []}
     with moe_lib.RoutingCounter(moe) as counter:
         for step in range(1, cfg.steps + 1):
             idx = sampler.take(cfg.batch_size * dist.world_size)
@@ -211,16 +227,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
             record = {"lr": lr}
             counter.reset()  # counts below are this step's only
             for name, model in wrapped.items():
-                for group in opts[name].param_groups:
-                    group["lr"] = lr
-                with training.autocast(device, dtype):
-                    total, ce, aux, z = losses(model, x, y, cfg, name == "moe")
-                total.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                opts[name].step()
-                opts[name].zero_grad(set_to_none=True)
-                record[f"{name}_loss"] = training.all_reduce_mean(ce.detach(), dist).item()
-                history["train"][name].append(record[f"{name}_loss"])
+                ce, aux, z = train_step(model, opts[name], x, y, lr, cfg, name == "moe", device, dtype)
+                record[f"{name}_loss"] = training.all_reduce_mean(ce, dist).item()
                 if aux is not None:
                     record.update(aux_loss_normalised=aux.item(), z_loss=z.item())
             # Routing counts of this step (summed over ranks): loads, utilization, entropies.

@@ -144,6 +144,20 @@ def routing_stats(counts, entropy: list[float], capacity_factor: float, top_k: i
 # ---------------------------------------------------------------------------------------------
 
 
+def per_layer_aux_loss(router_logits, num_experts: int, top_k: int) -> Any:
+    """Switch/GShard load-balancing loss computed per layer and averaged (= top_k when balanced).
+
+    transformers' `aux_loss` pools the routed fractions f and mean probabilities P over all layers
+    before multiplying, so opposite imbalances in two layers cancel: layer 0 sending everything to
+    experts {0, 3} and layer 1 to {1, 2} scores as perfectly balanced and gets no balancing gradient.
+    Calling the same function once per layer restores the per-layer definition of the papers.
+    """
+    import torch
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    return torch.stack([load_balancing_loss_func((l,), num_experts, top_k) for l in router_logits]).mean()
+
+
 def router_z_loss(router_logits) -> Any:
     """ST-MoE z-loss: mean over tokens (and layers) of logsumexp(router logits)^2; keeps logits small."""
     import torch
