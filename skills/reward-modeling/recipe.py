@@ -1,0 +1,110 @@
+"""Reward modelling with TRL's RewardTrainer: a scalar-head model that scores chosen above rejected.
+
+Story: read {prompt, chosen, rejected} pairs -> load the causal LM as a sequence classifier with one
+output (a fresh linear `score` head on the last token) -> measure held-out pairwise accuracy ->
+train with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected) -> save (LoRA merged into the
+weights) -> reload with AutoModelForSequenceClassification and measure again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from skillbook.ml import posttrain as pt
+from skillbook.recipe import RecipeConfig
+from skillbook.runner import RunContext
+
+OUTPUTS = {"model": "hf-model"}
+INPUTS = {"model": "hf-model", "data": "preference-data"}
+PAIR = ("prompt", "chosen", "rejected")
+
+
+class Config(RecipeConfig):
+    # --- inputs -------------------------------------------------------------------------------
+    model: str = Field(..., description="Backbone: a local hf-model directory (normally the sft model, which "
+                                        "already reads the prompt format) or a hub id when online.")
+    data: str | None = Field(None, description="preference-data directory: train.jsonl and test.jsonl rows "
+                                               "{prompt, chosen, rejected}; None = the embedded synthetic pairs.")
+    # --- method -------------------------------------------------------------------------------
+    method: Literal["full", "lora"] = Field(
+        "full", description="full: train every weight (best for small backbones); lora: adapters + a fully "
+                            "trained score head (the way to fit 7B+ reward models).")
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank (method: lora).")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (method: lora).")
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input (method: lora).")
+    lora_targets: list[str] = Field(default_factory=lambda: list(pt.LLAMA_LORA_TARGETS),
+                                    description="Module-name suffixes that get adapters (method: lora).")
+    center_rewards: float | None = Field(0.01, ge=0, description="Weight of the penalty that keeps mean reward near "
+                                                                 "0 (TRL's center_rewards_coefficient); None = off.")
+    # --- optimisation -------------------------------------------------------------------------
+    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(16, ge=1, description="Preference pairs per device per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr: float = Field(5e-4, gt=0, description="Peak learning rate. Tiny full: 3e-4..1e-3; 7B full: 5e-6..1e-5; "
+                                              "7B LoRA: 5e-5..2e-4.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming the LR up.")
+    max_length: int = Field(128, ge=8, description="Token budget for prompt + answer.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (GPU memory saver).")
+    seed: int = Field(0, description="Random seed (score-head init, data order).")
+    eval_limit: int = Field(500, ge=1, description="At most this many held-out pairs for pairwise accuracy.")
+
+
+def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    # ---- data: checked first, so a file missing a column fails before any model is loaded ---
+    data_dir = pt.default_data(ctx, "preference_data") if cfg.data is None else pt.artifact_dir(cfg.data, "data")
+    train_rows = pt.read_split(data_dir, "train", PAIR, "data")
+    test_rows = pt.read_split(data_dir, "test", PAIR, "data")[: cfg.eval_limit]
+    model_ref = pt.resolve_model(cfg.model)
+
+    # ---- backbone + a fresh one-output score head -------------------------------------------
+    torch.manual_seed(cfg.seed)  # the score head is random: seed before creating it
+    tok = pt.load_tokenizer(model_ref)
+    model = AutoModelForSequenceClassification.from_pretrained(model_ref, num_labels=1, dtype=torch.float32)
+    # The classifier reads the last non-pad token, so the model must know which id is padding.
+    model.config.pad_token_id = tok.pad_token_id
+    ctx.info(f"reward model on {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
+             f"{len(train_rows)} train pairs, {len(test_rows)} held-out pairs")
+    acc_before, _ = pt.pairwise_accuracy(model, tok, test_rows)
+    ctx.info(f"held-out pairwise accuracy with the untrained head: {acc_before:.3f}")
+
+    # ---- trainer: Bradley-Terry loss on (prompt+chosen, prompt+rejected) ---------------------
+    peft_config = None if cfg.method == "full" else pt.lora_config(
+        cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type="SEQ_CLS")
+    args = RewardConfig(**pt.trl_args(
+        ctx.out_dir / "trainer", steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
+        lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
+        max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards))
+    trainer = RewardTrainer(model=model, args=args, processing_class=tok, peft_config=peft_config,
+                            train_dataset=pt.to_dataset(train_rows, PAIR),
+                            callbacks=[pt.log_callback(ctx, cfg.steps)])
+    pt.quiet_trainer(trainer)
+    trainable, total = pt.count_params(trainer.model)
+    ctx.info(f"method={cfg.method}: training {trainable:,} of {total:,} parameters")
+    trainer.train()
+    losses = pt.metric_history(trainer, "loss")
+
+    # ---- save: one hf-model directory (adapters merged) with its tokenizer -------------------
+    if not ctx.is_main:
+        return {}
+    model_dir = ctx.out_dir / "model"
+    tuned = trainer.model.merge_and_unload() if cfg.method == "lora" else trainer.model
+    tuned.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+
+    # ---- reload the way users will, and measure on held-out pairs ---------------------------
+    reloaded = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    acc_after, margin = pt.pairwise_accuracy(reloaded, tok, test_rows)
+    ctx.info(f"held-out pairwise accuracy: {acc_after:.3f} (untrained head {acc_before:.3f}); "
+             f"mean reward margin {margin:.2f}")
+    ctx.summary.update(pairwise_accuracy=acc_after, pairwise_accuracy_before=acc_before,
+                       mean_reward_margin=margin, train_loss_first=losses[0] if losses else float("nan"),
+                       train_loss_last=losses[-1] if losses else float("nan"), trainable_params=trainable)
+    ctx.report(pt.report_md("Reward model", cfg.method, model_ref, ctx.summary, losses))
+    return {"model": model_dir}
