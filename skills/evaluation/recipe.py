@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from pathlib import Path
 
 from pydantic import Field
 
 from skillbook.errors import ConfigError
-from skillbook.recipe import RecipeConfig, artifact_path
+from skillbook.recipe import HUB_ID_RE, RecipeConfig, artifact_path
 from skillbook.runner import RunContext
 
 OUTPUTS = {"report": "eval-report"}
-INPUTS = {"model": "hf-model", "corpus": "corpus", "eval_data": "sft-data",
+INPUTS = {"model": "hf-model", "adapter": "adapter", "corpus": "corpus", "eval_data": "sft-data",
           "preference_data": "preference-data", "compare_model": "hf-model"}
 
 
@@ -56,13 +55,14 @@ class Config(RecipeConfig):
     seed: int = Field(0, description="Seed of the sample generations.")
 
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
-
-
 def model_path(ref: str, field: str) -> str:
-    """A local model dir that exists, or a hub id when the hub is reachable; one clear error otherwise."""
+    """A local model dir that exists, or a hub id when the hub is reachable; one clear error otherwise.
+
+    The runner already refuses missing inputs before the run starts; this keeps run() safe when called directly.
+    """
     path = Path(ref).expanduser()
-    if path.exists() or not HUB_ID.match(ref) or os.environ.get("HF_HUB_OFFLINE") == "1":
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    if path.exists() or offline or not HUB_ID_RE.match(ref) or ref.startswith((".", "/", "~")):
         return str(artifact_path(ref, field))
     return ref  # looks like owner/name and we are online: transformers downloads it
 
@@ -107,6 +107,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     model_ref = model_path(cfg.model, "model")
     adapter = str(artifact_path(cfg.adapter, "adapter")) if cfg.adapter else None
     compare_ref = model_path(cfg.compare_model, "compare_model") if cfg.compare_model else None
+    if not ctx.is_main:  # scoring is cheap next to training: under torchrun, rank 0 evaluates alone
+        return {}
     if cfg.corpus is None or cfg.eval_data is None:
         from skillbook.ml.synthetic import write_default_data
 

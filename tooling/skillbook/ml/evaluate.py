@@ -122,12 +122,15 @@ def _encode(tokenizer: Any, text: str, special: bool = True) -> list[int]:
 
 
 def perplexity(model: Any, tokenizer: Any, texts: list[str], max_length: int = 256, batch_size: int = 8) -> float:
-    """exp(total NLL / predicted tokens) over `texts`; long documents are cut into max_length windows."""
+    """exp(total NLL / predicted tokens) over `texts`; long documents are cut into max_length windows
+    (at most the model's max_position_embeddings)."""
     return perplexity_stats(model, tokenizer, texts, max_length, batch_size)["perplexity"]
 
 
 def perplexity_stats(model: Any, tokenizer: Any, texts: list[str], max_length: int = 256, batch_size: int = 8) -> dict:
     """Perplexity plus the mean loss and how many documents and tokens it averages over."""
+    # Never score past the context the model was built for: positions it never saw inflate the loss.
+    max_length = min(max_length, getattr(model.config, "max_position_embeddings", None) or max_length)
     windows: list[list[int]] = []
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     for text in texts:
