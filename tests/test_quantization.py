@@ -5,13 +5,15 @@ depends sharply on the rotary layout, so a missing q/k permutation moves the log
 units (checked below as a negative control) instead of hiding under a near-uniform softmax.
 
 Tolerances (max |logit difference| / max |logit| over every position of 4 held-out documents),
-with llama.cpp's KV cache in f32 (its default f16 cache alone adds ~5e-4 relative error):
+with llama.cpp's KV cache in f32 (its default f16 cache alone adds 2e-4 to 1e-3 relative error):
 - F32: same weights in the same precision; only summation order and kernel fusion differ, so the
-  error is fp32 rounding (~1e-7 relative, observed 3.5e-7). We allow 1e-5.
+  error is fp32 rounding (eps 1.2e-7) grown over a few layers. Observed 6.5e-7 (plain) and 2.2e-6
+  (q/k x3). We allow 5e-5.
 - F16: every weight rounded to 11 significant bits (relative error <= 2^-11 = 4.9e-4 each), and
-  llama.cpp also rounds activations to f16 for the matmuls; over a few layers that gives ~1e-4 to
-  1e-3 relative error (observed 3.5e-4). We allow 5e-3: 10x the per-weight rounding, still 10x
-  below the ~0.05+ that a missing permutation causes.
+  llama.cpp also rounds activations to f16 for the matmuls. Observed 3.0e-4 (plain) and 1.1e-3
+  (q/k x3, which amplifies attention-score error). We allow 1e-2.
+- A missing q/k permutation gives 0.74 (plain) and 0.91 (q/k x3): both tolerances sit far below it,
+  and the negative-control test asserts > 0.05.
 """
 
 from __future__ import annotations
@@ -78,7 +80,7 @@ def reference(sharp_model, docs) -> list[np.ndarray]:
     return hf_logits(sharp_model, docs)
 
 
-@pytest.mark.parametrize("ftype,tol", [("F32", 1e-5), ("F16", 5e-3)])
+@pytest.mark.parametrize("ftype,tol", [("F32", 5e-5), ("F16", 1e-2)])
 def test_gguf_logits_match_transformers(sharp_model, docs, reference, tmp_path, ftype, tol):
     info = gx.write_gguf(sharp_model, tmp_path / f"m-{ftype}.gguf", ftype)
     assert info["tensor_types"].get(ftype, 0) > 0
