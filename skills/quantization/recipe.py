@@ -92,8 +92,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     # ---- baseline: the unquantized model in transformers (fp32) -------------------------------
     rows = []
     base_ppl = gx.torch_perplexity(model, docs)
-    st = model.state_dict()
-    rows.append({"name": "transformers fp32", "size_bytes": sum(t.numel() * t.element_size() for t in st.values()),
+    # parameters() counts a tied embedding/lm_head once, as the GGUF stores it
+    rows.append({"name": "transformers fp32", "size_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
                  "bits_per_weight": 32.0, "perplexity": base_ppl,
                  "decode_tokens_per_s": gx.torch_decode_speed(model, prompt, new_tokens)})
     ctx.info(f"fp32 baseline: perplexity {base_ppl:.4f}, decode {rows[0]['decode_tokens_per_s']:.0f} tok/s")
