@@ -402,3 +402,15 @@ def test_pipeline_with_an_unknown_skill_or_bad_yaml_fails_the_build(tmp_path):
     pipe.write_text("name: toyrun\nsteps: []\n")
     with pytest.raises(SkillbookError, match=r"recipes/toyrun.yaml: not a valid pipeline"):
         site.build(tmp_path / "out2", root=repo)
+
+
+def test_a_rebuild_from_the_highlight_cache_is_byte_identical(tmp_path, repo):
+    from skillbook import site_md
+
+    first = site.build(tmp_path / "a", root=repo)
+    assert (repo / ".skillbook-cache" / "site-highlight.json").is_file()
+    site_md._CACHE.clear()  # the second build reads highlights from disk only
+    site.build(tmp_path / "b", root=repo)
+    for page in ("skills/toy-data/index.html", "files/skills/toy-data/recipe.py.html", "pipelines/toyrun.html"):
+        assert (tmp_path / "a" / page).read_bytes() == (tmp_path / "b" / page).read_bytes(), page
+    assert first["pages"] > 10

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from urllib.parse import unquote
 
-from . import catalog, site_data, site_links
+from . import catalog, site_data, site_links, site_md
 from .errors import SkillbookError
 from .site_md import Doc, highlight, parse_doc, parser, slugify  # noqa: F401 (slugify: public API)
 
@@ -293,7 +293,10 @@ def build(out: Path | None = None, root: Path | None = None) -> dict:
     root = (root or catalog.repo_root()).resolve()
     out = Path(out or root / "build" / "site").resolve()
     _prepare(out)
+    cache = root / ".skillbook-cache" / "site-highlight.json"
+    site_md.load_cache(cache)
     result = Builder(root, out).build()
+    site_md.save_cache(cache)
     result["seconds"] = round(time.perf_counter() - t0, 3)
     return result
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -37,11 +39,28 @@ def _css_class(ttype) -> str:
     return STANDARD_TYPES[ttype]
 
 
+# Highlighted HTML by hash of (language, code): lexing is the costliest step of a build, and most code
+# does not change between builds. Kept in memory for the process and on disk between builds.
+_CACHE: dict[str, str] = {}
+_USED: set[str] = set()
+CACHE_VERSION = "1"  # bump when _pygmentize's output changes
+
+
 def highlight(code: str, lang: str) -> str:
+    """Highlighted HTML for `code` (cached; see _pygmentize)."""
+    key = hashlib.blake2b(f"{lang}\0{code}".encode(), digest_size=16).hexdigest()
+    html = _CACHE.get(key)
+    if html is None:
+        html = _CACHE[key] = _pygmentize(code, lang)
+    _USED.add(key)
+    return html
+
+
+def _pygmentize(code: str, lang: str) -> str:
     """Pygments tokens as `<span class="k">` (pygments' short names, styled by style.css in both themes).
 
-    A small formatter of our own: several times faster than HtmlFormatter, and every span closes on
-    the line it opens, so source pages can wrap each line for its `#L<n>` anchor.
+    A small formatter of our own: every span closes on the line it opens, so source pages can wrap
+    each line in an element carrying its `#L<n>` anchor.
     """
     lexer = _lexer(lang.lower()) if lang else None
     if lexer is None:
@@ -54,6 +73,35 @@ def highlight(code: str, lang: str) -> str:
         out.append(text)
     html = "".join(out)
     return html[:-1] if html.endswith("\n") and not code.endswith("\n") else html
+
+
+def _cache_tag() -> str:
+    import pygments
+
+    return f"{CACHE_VERSION}-pygments-{pygments.__version__}"
+
+
+def load_cache(path: Path) -> None:
+    """Read highlighted snippets a previous build saved (a missing or stale file is simply ignored)."""
+    _USED.clear()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict) and data.get("tag") == _cache_tag() and isinstance(data.get("html"), dict):
+        for key, html in data["html"].items():
+            _CACHE.setdefault(key, html)
+
+
+def save_cache(path: Path) -> None:
+    """Keep the snippets this build used, so the file never grows past one build's worth."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"tag": _cache_tag(), "html": {k: _CACHE[k] for k in _USED}}), encoding="utf-8")
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only checkout still builds, only without the cache
 
 
 def _fence(self, tokens, idx, options, env) -> str:
