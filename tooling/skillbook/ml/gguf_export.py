@@ -302,7 +302,9 @@ def torch_decode_speed(model, prompt_ids: list[int], new_tokens: int = 128) -> f
     import torch
 
     ids = torch.tensor([prompt_ids])
-    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    # use_cache=True: pretraining saves use_cache=false in config.json, and without a KV cache
+    # generate() recomputes the whole prefix every step (an unfair, O(n^2) baseline)
+    kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None, use_cache=True)
 
     def timed(n: int) -> float:
         t = time.perf_counter()

@@ -152,7 +152,7 @@ class TransformersBackend(Backend):
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True, timeout=300)
         greedy = sp.temperature <= 0
         kwargs = dict(input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids).to(self.device),
-                      max_new_tokens=sp.max_tokens, do_sample=not greedy, streamer=streamer,
+                      max_new_tokens=sp.max_tokens, do_sample=not greedy, streamer=streamer, use_cache=True,
                       stopping_criteria=StoppingCriteriaList([_Cancel()]),
                       pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id)
         if not greedy:
