@@ -47,6 +47,7 @@ class Config(RecipeConfig):
     z_loss_coef: float = Field(0.0, ge=0.0, description="Weight of the ST-MoE router z-loss (mean logsumexp(logits)^2); 0.001 is typical for large runs, where router logits blow up in bf16.")
     router_jitter: float = Field(0.0, ge=0.0, lt=1.0, description="Multiplicative uniform noise on router inputs during training (Mixtral's router_jitter_noise); 0.01 was used by Switch.")
     capacity_factor: float = Field(1.25, gt=0.0, description="For reporting only: share of assignments a capacity-limited router (Switch, DeepSpeed-MoE) would drop at this factor. Mixtral in transformers is dropless.")
+    router_lr_scale: float = Field(1.0, gt=0.0, description="Router learning rate = lr x this (routers get no weight decay). Below 1 steadies routing when small routers flip between experts every step.")
     router_init_expert: int | None = Field(None, ge=0, description="Initialise every router to favour this expert for all tokens (demonstrates collapse; pair with aux_loss_coef=0). None = normal init.")
     router_init_scale: float = Field(10.0, gt=0.0, description="Strength of router_init_expert's preference (router weight on the shared channel).")
     # --- baseline and optimisation ------------------------------------------------------------
@@ -155,7 +156,7 @@ def train_step(model, opt, x, y, lr: float, cfg: Config, is_moe: bool, device: s
     import torch
 
     for group in opt.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     with training.autocast(device, dtype):
         total, ce, aux, z = losses(model, x, y, cfg, is_moe)
     total.backward()
@@ -206,7 +207,9 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     ctx.info(f"{cfg.init} MoE: {cfg.num_experts} experts, top-{cfg.top_k}, {counts['moe']['total']:,} params, "
              f"{counts['moe']['active']:,} active per token" + (f"; dense twin {counts['dense']['total']:,}" if dense else ""))
     models = {"moe": moe.to(device), **({"dense": dense.to(device)} if dense else {})}
-    opts = {k: training.adamw(m, cfg.lr, cfg.weight_decay, (0.9, 0.95), device) for k, m in models.items()}
+    opts = {"moe": moe_lib.adamw_router_scaled(moe, cfg.lr, cfg.weight_decay, (0.9, 0.95), cfg.router_lr_scale)}
+    if dense is not None:
+        opts["dense"] = training.adamw(dense, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
     wrapped = {k: training.wrap_model(m, dist, device) for k, m in models.items()}
 
     # ---- step 0: the upcycled model must compute the dense model's function -------------------

@@ -166,6 +166,26 @@ def router_z_loss(router_logits) -> Any:
     return torch.stack(per_layer).mean()
 
 
+def adamw_router_scaled(model, lr: float, weight_decay: float, betas: tuple[float, float], router_lr_scale: float):
+    """AdamW with the routers in their own group at `router_lr_scale` x lr and no weight decay.
+
+    Adam moves every weight by ~lr per step whatever its gradient scale; a router's logits are small
+    at init, so at a full learning rate the top-k choice of every token can flip from one step to the
+    next. Each group carries `lr_scale`; the training loop sets `lr = schedule(step) * lr_scale`.
+    """
+    import torch
+
+    router_ids = {id(g.weight) for g in routers(model)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    router = [p for p in params if id(p) in router_ids]
+    decay = [p for p in params if id(p) not in router_ids and p.dim() >= 2]
+    no_decay = [p for p in params if id(p) not in router_ids and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+              {"params": router, "weight_decay": 0.0, "lr_scale": router_lr_scale}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
 # ---------------------------------------------------------------------------------------------
 # Router initialisation that favours one expert (to demonstrate and test collapse detection)
 # ---------------------------------------------------------------------------------------------
