@@ -56,6 +56,8 @@ class Config(RecipeConfig):
     use_vllm: bool = Field(False, description="Generate the groups with vLLM (GPU only, colocated with training).")
     seed: int = Field(0, description="Random seed (sampling, data order).")
     # --- evaluation ---------------------------------------------------------------------------
+    train_limit: int | None = Field(64, ge=1, description="Train on the first N questions only (None = all): a tiny "
+                                                         "policy needs to see each question several times to move.")
     eval_limit: int = Field(200, ge=1, description="At most this many held-out questions.")
     eval_samples: int = Field(4, ge=1, description="Sampled answers per held-out question for the mean reward.")
 
@@ -80,7 +82,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     else:
         data_dir = pt.artifact_dir(cfg.data, "data")
         eval_dir = Path(cfg.eval_data) if cfg.eval_data else data_dir
-    train_rows = pt.read_split(data_dir, "train", ("prompt", "completion"), "data")
+    train_rows = pt.read_split(data_dir, "train", ("prompt", "completion"), "data")[: cfg.train_limit]
     eval_rows = pt.read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit]
     model_ref = pt.resolve_model(cfg.model)
 
@@ -96,10 +98,17 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     model.generation_config.pad_token_id = tok.pad_token_id
     ctx.info(f"policy {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
              f"{len(train_rows)} train questions, {len(eval_rows)} held-out questions")
-    reward_before = pt.mean_sampled_reward(model, tok, eval_rows, cfg.eval_samples, cfg.max_completion_length,
-                                           cfg.temperature, cfg.seed)
-    em_before = exact_match(model, tok, eval_rows, cfg.max_completion_length)["exact_match"]
-    ctx.info(f"held-out mean reward before GRPO: {reward_before:.3f} (greedy exact match {em_before:.3f})")
+    def measure(policy) -> dict[str, float]:
+        """Mean sampled reward on the training questions (GRPO's objective) and on held-out ones, greedy EM."""
+        kw = dict(samples=cfg.eval_samples, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                  seed=cfg.seed)
+        return {"mean_reward": pt.mean_sampled_reward(policy, tok, train_rows, **kw),
+                "heldout_mean_reward": pt.mean_sampled_reward(policy, tok, eval_rows, **kw),
+                "heldout_exact_match": exact_match(policy, tok, eval_rows, cfg.max_completion_length)["exact_match"]}
+
+    before = measure(model)
+    ctx.info(f"before GRPO: mean reward {before['mean_reward']:.3f} on the training questions, "
+             f"{before['heldout_mean_reward']:.3f} held out (greedy exact match {before['heldout_exact_match']:.3f})")
 
     # ---- trainer: sample G answers per question, reward, group-normalised advantages ---------
     dataset = pt.to_dataset([{"prompt": r["prompt"], "answer": r["completion"]} for r in train_rows],
@@ -131,14 +140,13 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
 
     # ---- measure again on the merged model --------------------------------------------------
     merged = pt.load_causal_lm(str(model_dir))
-    reward_after = pt.mean_sampled_reward(merged, tok, eval_rows, cfg.eval_samples, cfg.max_completion_length,
-                                          cfg.temperature, cfg.seed)
-    em_after = exact_match(merged, tok, eval_rows, cfg.max_completion_length)["exact_match"]
-    ctx.info(f"held-out mean reward after GRPO: {reward_after:.3f} (before {reward_before:.3f}); "
-             f"greedy exact match {em_before:.3f} -> {em_after:.3f}")
-    ctx.summary.update(mean_reward_before=reward_before, mean_reward_after=reward_after,
-                       exact_match_before=em_before, exact_match_after=em_after,
-                       train_reward_first=train_rewards[0] if train_rewards else float("nan"),
+    after = measure(merged)
+    ctx.info(f"after GRPO: mean reward {after['mean_reward']:.3f} on the training questions (before "
+             f"{before['mean_reward']:.3f}), {after['heldout_mean_reward']:.3f} held out (before "
+             f"{before['heldout_mean_reward']:.3f})")
+    for key in before:
+        ctx.summary[f"{key}_before"], ctx.summary[f"{key}_after"] = before[key], after[key]
+    ctx.summary.update(train_reward_first=train_rewards[0] if train_rewards else float("nan"),
                        train_reward_last=train_rewards[-1] if train_rewards else float("nan"),
                        merge_max_logit_diff=merge_diff)
     ctx.report(pt.report_md("GRPO", f"LoRA, G={cfg.num_generations}, loss={cfg.loss_type}", model_ref,
