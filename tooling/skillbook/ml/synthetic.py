@@ -261,12 +261,25 @@ def _wrong(fact: Fact, rng: random.Random, names: dict[str, list[str]]) -> str:
     return str(rng.choice(options))
 
 
-def _passage(world: World, fact: Fact, rng: random.Random) -> tuple[str, str]:
-    """Two sentences, `fact` and a same-attribute distractor, in random order; returns (passage, distractor value)."""
-    other = rng.choice([f for f in world.facts if f.attribute == fact.attribute and f.answer != fact.answer])
-    sentences = [_state(fact, rng), _state(other, rng)]
+def _answer_type(attribute: str) -> str:
+    """Attributes whose answers could be confused share a type (two colours, two numbers)."""
+    return {"object_colour": "colour", "pet_colour": "colour", "plus": "number", "minus": "number",
+            "age": "number"}.get(attribute, attribute)
+
+
+def _passage(world: World, fact: Fact, rng: random.Random) -> str:
+    """Two sentences in random order: `fact`, and another fact about the same entity whose answer
+    has a different type (or, for arithmetic, a filler line), so one value of the asked type is present."""
+    if fact.kind == "arithmetic":
+        other = rng.choice(FILLER)
+    else:
+        person = fact.key.split("/")[0]
+        pool = [f for f in world.facts if f.key.split("/")[0] == person
+                and _answer_type(f.attribute) != _answer_type(fact.attribute)]
+        other = _state(rng.choice(pool), rng)
+    sentences = [_state(fact, rng), other]
     rng.shuffle(sentences)
-    return " ".join(sentences), other.answer
+    return " ".join(sentences)
 
 
 def question_rows(world: World, facts: list[Fact], rng: random.Random, all_templates: bool,
@@ -274,9 +287,10 @@ def question_rows(world: World, facts: list[Fact], rng: random.Random, all_templ
     """One row per (fact, template): prompt, answer, a same-type wrong answer and kind.
 
     Closed-book rows ask the bare question (the fact must come from pretraining). With `reading`,
-    each also gets a twin whose prompt starts with a passage stating the fact next to a distractor of
-    the same attribute ("Mira lives in Brook. Tobin lives in Ashby."): kind "reading", and its wrong
-    answer is the distractor, so copying the right value, not any value of the right type, wins.
+    each also gets a twin whose prompt starts with a two-sentence passage that states the fact next to
+    another fact about the same entity with a different answer type ("Mira lives in Brook. Mira is
+    34."): kind "reading". Its wrong answer is a same-type value absent from the passage, so a model
+    that reads the passage and picks the value of the asked type wins; pure recall is not needed.
     """
     names = {"owner": [p["name"] for p in world.people], "pet_name": [p["pet"] for p in world.people]}
     rows = []
@@ -287,9 +301,13 @@ def question_rows(world: World, facts: list[Fact], rng: random.Random, all_templ
             rows.append({"prompt": prompt_for(question), "answer": f.answer, "wrong": _wrong(f, rng, names),
                          "kind": f.kind, "fact": f.key})
             if reading:
-                passage, distractor = _passage(world, f, rng)
+                passage = _passage(world, f, rng)
+                words = set(passage.replace(".", " ").split())
+                wrong = _wrong(f, rng, names)
+                while wrong in words:   # the rejected answer must not be readable in the passage
+                    wrong = _wrong(f, rng, names)
                 rows.append({"prompt": f"{passage}\n{prompt_for(question)}", "answer": f.answer,
-                             "wrong": distractor, "kind": "reading", "fact": f.key})
+                             "wrong": wrong, "kind": "reading", "fact": f.key})
     return rows
 
 
