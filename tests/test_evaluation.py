@@ -262,3 +262,17 @@ def test_pretrained_model_beats_its_untrained_init(pretrained_model, prepared, t
     assert report["exact_match"] >= report["compare_exact_match"]
     assert report["n_exact_match"] > 50 and report["n_perplexity_docs"] > 50
     assert (Path(res["run_dir"]) / "data" / "eval").is_dir(), "default held-out data is written inside the run dir"
+
+
+def test_gguf_file_evaluates_like_its_hf_model(tiny, loaded, tmp_path):
+    """A Q8_0 GGUF export, dequantized by transformers, scores within 2% of the model it came from."""
+    pytest.importorskip("gguf", reason="GGUF evaluation needs the gguf package (the `serve` extra)")
+    from skillbook.ml import gguf_export
+
+    path = tmp_path / "tiny-Q8_0.gguf"
+    gguf_export.write_gguf(tiny["trained"], path, "Q8_0")
+    model, tok = ev.load_model_and_tokenizer(path)  # the tokenizer is read from the GGUF file itself
+    assert tok(val_texts()[0])["input_ids"] == loaded["trained"][1](val_texts()[0])["input_ids"]
+    hf = ev.perplexity(*loaded["trained"], val_texts())
+    assert ev.perplexity(model, tok, val_texts()) == pytest.approx(hf, rel=0.02)
+    assert ev.exact_match(model, tok, qa_rows())["exact_match"] >= 0.9

@@ -20,21 +20,24 @@ from skillbook.recipe import HUB_ID_RE, RecipeConfig, artifact_path
 from skillbook.runner import RunContext
 
 OUTPUTS = {"report": "eval-report"}
-INPUTS = {"model": "hf-model", "adapter": "adapter", "corpus": "corpus", "eval_data": "sft-data",
-          "preference_data": "preference-data", "compare_model": "hf-model"}
+INPUTS = {"model": "hf-model|gguf", "adapter": "adapter", "tokenizer": "tokenizer", "corpus": "corpus",
+          "eval_data": "sft-data", "preference_data": "preference-data", "compare_model": "hf-model|gguf"}
 
 
 class Config(RecipeConfig):
-    model: str = Field(..., description="The model to evaluate: an hf-model dir (save_pretrained, tokenizer inside) "
-                                        "or a hub id such as Qwen/Qwen2.5-0.5B (hub only when online).")
+    model: str = Field(..., description="The model to evaluate: an hf-model dir (save_pretrained, tokenizer inside), "
+                                        "a .gguf file (dequantized by transformers), or a hub id such as "
+                                        "Qwen/Qwen2.5-0.5B (hub only when online).")
     adapter: str | None = Field(None, description="Optional PEFT adapter dir applied on top of `model` (merged before scoring).")
+    tokenizer: str | None = Field(None, description="Tokenizer dir to use instead of the model's own (e.g. for a .gguf "
+                                                    "file: faster and exact); used for model and compare_model. None = each model's own.")
     corpus: str | None = Field(None, description="Corpus dir whose val.jsonl is scored for perplexity; "
                                                  "None = the embedded default corpus.")
     eval_data: str | None = Field(None, description="Held-out question dir with test.jsonl rows {prompt, completion}; "
                                                     "None = the embedded default held-out set.")
     preference_data: str | None = Field(None, description="Optional preference-data dir; adds preference accuracy "
                                                           "on its test.jsonl. None = skipped.")
-    compare_model: str | None = Field(None, description="Optional second hf-model (e.g. the base before SFT): "
+    compare_model: str | None = Field(None, description="Optional second hf-model or .gguf (e.g. the base before SFT): "
                                                         "same metrics, plus win/tie/loss by exact match on the same prompts.")
     chat_template: bool = Field(False, description="Render prompts through the tokenizer's chat template (as the sft/dpo "
                                                    "recipes do with chat_template: true); must match how the model was tuned.")
@@ -82,7 +85,7 @@ def measure(step: int, name: str, path: str, adapter: str | None, texts: list[st
     from skillbook.ml import evaluate as ev
 
     t0 = time.time()
-    model, tok = ev.load_model_and_tokenizer(path, adapter, device=device)
+    model, tok = ev.load_model_and_tokenizer(path, adapter, device=device, tokenizer=cfg.tokenizer)
     if cfg.chat_template:  # the rendering SFT/DPO trained on, or exact match measures a format mismatch
         from skillbook.ml.posttrain import render_chat
 
@@ -106,6 +109,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     # ---- inputs: check every path before loading anything heavy -------------------------------
     model_ref = model_path(cfg.model, "model")
     adapter = str(artifact_path(cfg.adapter, "adapter")) if cfg.adapter else None
+    if cfg.tokenizer:
+        artifact_path(cfg.tokenizer, "tokenizer")
     compare_ref = model_path(cfg.compare_model, "compare_model") if cfg.compare_model else None
     if not ctx.is_main:  # scoring is cheap next to training: under torchrun, rank 0 evaluates alone
         return {}

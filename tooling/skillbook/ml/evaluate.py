@@ -67,18 +67,29 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def load_model_and_tokenizer(path: str | Path, adapter: str | Path | None = None, device: str = "cpu") -> tuple[Any, Any]:
-    """An eval-mode causal LM (+ merged PEFT adapter) and its tokenizer, ready for batched generation."""
+def load_model_and_tokenizer(path: str | Path, adapter: str | Path | None = None, device: str = "cpu",
+                             tokenizer: str | Path | None = None) -> tuple[Any, Any]:
+    """An eval-mode causal LM and its tokenizer: an hf-model dir or hub id, a .gguf file, or either + a PEFT adapter.
+
+    A GGUF file is dequantized by transformers into a torch model, so its numbers include the weight
+    quantization error (not llama.cpp's kernels). The tokenizer comes from `tokenizer`, else the adapter
+    dir if it saved one, else the model dir, else the GGUF file's own vocabulary.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # An adapter dir saved by the sft/dpo recipes may carry its own tokenizer (e.g. added chat tokens).
-    tok_source = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file() else path
-    tokenizer = AutoTokenizer.from_pretrained(str(tok_source))
+    gguf = str(path).endswith(".gguf")
+    model_dir, extra = (str(Path(path).parent), {"gguf_file": Path(path).name}) if gguf else (str(path), {})
+    if tokenizer is not None:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+    elif adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter))  # sft/dpo may add chat tokens
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **extra)
     if tokenizer.pad_token is None:  # generation pads batches; eos is the usual stand-in
         tokenizer.pad_token = tokenizer.eos_token
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **extra)
     if adapter is not None:
         from peft import PeftModel
 
