@@ -276,3 +276,18 @@ def test_gguf_file_evaluates_like_its_hf_model(tiny, loaded, tmp_path):
     hf = ev.perplexity(*loaded["trained"], val_texts())
     assert ev.perplexity(model, tok, val_texts()) == pytest.approx(hf, rel=0.02)
     assert ev.exact_match(model, tok, qa_rows())["exact_match"] >= 0.9
+
+
+def test_adapter_is_merged_into_the_same_numbers(tiny, loaded, tmp_path):
+    """A PEFT adapter dir on top of the base scores exactly what the unmerged PeftModel scores."""
+    from peft import LoraConfig, get_peft_model
+
+    base, tok = ev.load_model_and_tokenizer(tiny["trained"])
+    torch.manual_seed(0)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))  # random B: the adapter changes the output
+    lora.save_pretrained(tmp_path / "adapter")
+    unmerged = ev.perplexity(lora, tok, val_texts())
+    merged, _ = ev.load_model_and_tokenizer(tiny["trained"], adapter=tmp_path / "adapter")
+    assert ev.perplexity(merged, tok, val_texts()) == pytest.approx(unmerged, rel=1e-4)
+    assert unmerged != pytest.approx(ev.perplexity(*loaded["trained"], val_texts()), rel=1e-3)
