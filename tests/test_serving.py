@@ -89,11 +89,24 @@ def test_sampling_parameters_are_honoured(which, request):
     assert a == c.completions.create(seed=7, **kw).choices[0].text          # seed makes sampling repeatable
     texts = {c.completions.create(seed=s, **kw).choices[0].text for s in range(4)}
     assert len(texts) > 1                                                   # temperature actually samples
-    greedy = c.completions.create(model=model, prompt="Mira", max_tokens=12, temperature=0).choices[0].text
-    cut = next((ch for ch in greedy.strip() if ch.isalpha()), None)
-    stopped = c.completions.create(model=model, prompt="Mira", max_tokens=12, temperature=0, stop=[cut])
-    assert stopped.choices[0].text == greedy[: greedy.index(cut)] and stopped.choices[0].finish_reason == "stop"
+    # stop: the same seeded sample with a stop string taken from its middle ends right before it
+    seed, text = next((sd, t) for sd in range(20)
+                      if len(t := c.completions.create(seed=sd, **kw).choices[0].text) >= 4)
+    stop = text[2:4]
+    stopped = c.completions.create(seed=seed, stop=[stop], **kw)
+    assert stopped.choices[0].text == text[: text.index(stop)] and stopped.choices[0].finish_reason == "stop"
     assert c.completions.create(model=model, prompt="Mira", max_tokens=3, temperature=0).usage.completion_tokens <= 3
+
+
+def test_gguf_chat_prompt_equals_transformers_chat_template(gguf_file, pretrained_model):
+    """The llama-cpp backend renders chats from the GGUF's template exactly as apply_chat_template does."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pretrained_model)
+    backend = serve_backends.LlamaCppBackend(gguf_file, n_ctx=128)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What colour is Mira's kite?"}]
+    assert backend.chat_prompt(msgs) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
 # ---- bad requests: clear 4xx, and the server keeps serving ----------------------------------------
@@ -161,19 +174,33 @@ def test_backend_choice_and_refusals(gguf_file, pretrained_model, tmp_path):
 
 
 def test_sigterm_stops_the_server_cleanly(gguf_file, tmp_path):
+    """`skills run serving` prints the URL once healthy; SIGTERM then stops it with exit status 0."""
+    import threading
+
     port = serve_app.free_port()
     env = {**os.environ, "SKILLBOOK_RUNS": str(tmp_path)}
     proc = subprocess.Popen([str(Path(sys.executable).parent / "skills"), "run", "serving", "--set", f"model={gguf_file}",
                              "--set", f"port={port}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines, ready = [], threading.Event()
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if f"http://127.0.0.1:{port}/v1" in line:
+                ready.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     try:
-        serve_app.wait_healthy(f"http://127.0.0.1:{port}", timeout=120, alive=lambda: proc.poll() is None)
+        assert ready.wait(timeout=120), "".join(lines)[-2000:]
+        assert urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).status == 200
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err[-2000:]
-    assert f"http://127.0.0.1:{port}/v1" in err
+    reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(lines)[-2000:]
     report = json.loads(next(tmp_path.glob("serving/*/serving.json")).read_text())
     assert report["stopped_by"] == "SIGTERM"
     with pytest.raises(OSError):  # the port is closed again

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -99,7 +100,11 @@ class Served:
                                             v.max_model_len, v.quantization, model_id, cfg.api_key, v.dtype, v.extra_args)
             ctx.info("starting: " + " ".join(argv))
             self.proc = subprocess.Popen(argv, stdout=open(ctx.out_dir / "vllm.log", "w"), stderr=subprocess.STDOUT)
-            serve_app.wait_healthy(self.url, cfg.startup_timeout, alive=lambda: self.proc.poll() is None)
+            try:
+                serve_app.wait_healthy(self.url, cfg.startup_timeout, alive=lambda: self.proc.poll() is None)
+            except BaseException:  # failed or interrupted start: never leave a GPU server behind
+                self.stop()
+                raise
             return
         if backend == "llama-cpp":
             engine = serve_backends.LlamaCppBackend(path, n_ctx=cfg.n_ctx, n_threads=cfg.threads, model_id=model_id)
@@ -109,7 +114,11 @@ class Served:
             torch.set_num_threads(cfg.threads)
             engine = serve_backends.TransformersBackend(path, device=cfg.device, model_id=model_id)
         self.thread = serve_app.ServerThread(serve_app.create_app(engine, cfg.api_key), cfg.host, port)
-        self.thread.start(cfg.startup_timeout)
+        try:
+            self.thread.start(cfg.startup_timeout)
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.thread is not None:
@@ -122,24 +131,23 @@ class Served:
                 self.proc.kill()
 
 
-def wait_for_signal(ctx: RunContext) -> str:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so every `finally` below stops the server."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def wait_for_signal() -> str:
     """Block until Ctrl-C or SIGTERM; return which one arrived."""
-    stop, why = threading.Event(), {"signal": "SIGINT"}
-
-    def on_term(signum, frame):
-        why["signal"] = "SIGTERM"
-        stop.set()
-
-    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
     try:
-        while not stop.wait(0.5):
-            pass
+        while True:
+            time.sleep(0.5)
+    except Terminated:
+        return "SIGTERM"
     except KeyboardInterrupt:
-        pass
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return why["signal"]
+        return "SIGINT"
 
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
@@ -148,11 +156,15 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     path = artifact_path(cfg.model, "model")
     backend = pick_backend(cfg, path)
     port = cfg.port or serve_app.free_port()
-    t0 = time.perf_counter()
-    served = Served(cfg, path, backend, port, ctx)
-    report: dict = {"backend": backend, "model": str(path), "url": served.url, "startup_s": time.perf_counter() - t0}
-    ctx.info(f"{backend} server for {path.name} ready in {report['startup_s']:.1f} s")
+    # SIGTERM (systemd, Kubernetes, `kill`) from here on behaves like Ctrl-C: no window where it kills us uncleanly
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    t0, served = time.perf_counter(), None
+    report: dict = {"backend": backend, "model": str(path), "url": f"http://{cfg.host}:{port}"}
     try:
+        served = Served(cfg, path, backend, port, ctx)
+        report["startup_s"] = time.perf_counter() - t0
+        ctx.info(f"{backend} server for {path.name} ready in {report['startup_s']:.1f} s")
         if cfg.smoke:
             # ---- smoke: the official client, the same calls an application makes -------------
             report["smoke"] = serve_app.smoke_test(served.url, cfg.prompt, cfg.max_tokens, cfg.api_key)
@@ -163,12 +175,18 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
                 ctx.info("load: " + json.dumps({k: v for k, v in report["load"].items() if k != "errors"}))
         else:
             # ---- serve until told to stop ----------------------------------------------------
-            print(f"serving {path.name} ({backend}) at {served.url}/v1 — Ctrl-C or SIGTERM to stop", flush=True,
-                  file=__import__("sys").stderr)
-            report["stopped_by"] = wait_for_signal(ctx)
+            print(f"serving {path.name} ({backend}) at {served.url}/v1 — Ctrl-C or SIGTERM to stop", file=sys.stderr, flush=True)
+            report["stopped_by"] = wait_for_signal()
+    except KeyboardInterrupt as exc:
+        if cfg.smoke:
+            raise  # an interrupted smoke test has no report to write
+        report["stopped_by"] = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
     finally:
-        served.stop()
-        ctx.info("server stopped")
+        if served is not None:
+            served.stop()
+            ctx.info("server stopped")
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     out = ctx.out_dir / "serving.json"
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     if "smoke" in report:
@@ -180,5 +198,5 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         ctx.summary.update(load_clients=ld["clients"], load_failed=ld["failed"], latency_p50_s=round(ld["latency_p50_s"] or 0, 3),
                            latency_p95_s=round(ld["latency_p95_s"] or 0, 3), requests_per_s=round(ld["requests_per_s"], 2),
                            generated_tokens_per_s=round(ld["generated_tokens_per_s"], 1))
-    ctx.summary["startup_s"] = round(report["startup_s"], 2)
+    ctx.summary["startup_s"] = round(report.get("startup_s", 0.0), 2)
     return {"report": out}

@@ -55,10 +55,30 @@ class Backend:
 
 
 def _render_template(template: str, messages: list[dict], bos: str, eos: str) -> str:
-    """Render a HF-style chat template (jinja2, sandboxed) with a generation prompt."""
+    """Render a HF chat template (sandboxed jinja2, as transformers does) with a generation prompt."""
+    from jinja2 import nodes
+    from jinja2.exceptions import TemplateError
+    from jinja2.ext import Extension
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    class Generation(Extension):
+        """`{% generation %}...{% endgeneration %}` marks assistant tokens for training masks; render it as-is."""
+
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation])
+    env.globals["raise_exception"] = raise_exception
     return env.from_string(template).render(messages=messages, add_generation_prompt=True,
                                             bos_token=bos, eos_token=eos)
 
@@ -75,9 +95,11 @@ class LlamaCppBackend(Backend):
         # n_threads explicitly: Llama() defaults to half the cores. n_ctx=0 takes the model's trained context.
         self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, n_batch=512,
                          seed=0, verbose=False, logits_all=False)
-        self.n_ctx = self.llm.n_ctx()
-        self.model_id = model_id or Path(gguf_path).stem
         meta = self.llm.metadata
+        trained = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length", 0)) or self.llm.n_ctx()
+        # llama.cpp rounds the context up (to 256); requests are checked against what the model was trained on
+        self.n_ctx = min(self.llm.n_ctx(), trained) if n_ctx == 0 else self.llm.n_ctx()
+        self.model_id = model_id or Path(gguf_path).stem
         self.template = meta.get("tokenizer.chat_template")
         self.bos = self._token_text(meta.get("tokenizer.ggml.bos_token_id"))
         self.eos = self._token_text(meta.get("tokenizer.ggml.eos_token_id"))
