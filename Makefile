@@ -10,7 +10,7 @@ export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=O
 WHEELS  ?= $(HOME)/.cache/skillbook/wheels
 STAMP   := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 
-.PHONY: setup browser test check demo lint schema clean
+.PHONY: setup browser test check demo lint schema site clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,9 @@ demo: setup
 
 schema: setup
 	$(SKILLS) schema
+
+site: setup
+	$(SKILLS) site build
 
 clean:
 	rm -rf $(VENV) build .pytest_cache
