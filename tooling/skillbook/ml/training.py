@@ -158,12 +158,12 @@ def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> 
     return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
 
 
-def measure_peak_flops(device: str, dtype: str = "float32", n: int = 2048, reps: int = 3) -> float:
-    """Achievable matmul FLOP/s on this device and dtype: the fastest of `reps` n x n matmuls.
+def measure_peak_flops(device: str, dtype: str = "float32", n: int = 2048, reps: int = 10, budget_s: float = 1.5) -> float:
+    """Achievable matmul FLOP/s on this device and dtype: the fastest of up to `reps` n x n matmuls.
 
-    The fastest rep, not the mean: on a shared machine other processes steal time, and the peak is
-    what the hardware can do. bf16 on a CPU without native bf16 runs ~1 GFLOP/s, so it is probed at
-    256 x 256 there (a 2048^2 probe would take a minute).
+    The fastest rep, not the mean: on a shared machine other processes steal time, and the peak is what
+    the hardware can do (under heavy load even the fastest rep is slowed, and MFU reads high). bf16 on a
+    CPU without native bf16 runs ~1 GFLOP/s, so it is probed at 256 x 256 there.
     """
     import torch
 
@@ -171,15 +171,18 @@ def measure_peak_flops(device: str, dtype: str = "float32", n: int = 2048, reps:
         n = 256
     a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
     b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
-    best = float("inf")
-    for _ in range(reps + 1):  # the first call is a warm-up (kernel choice, allocation) and is overwritten
+    (a @ b).sum().item()  # warm-up: kernel choice, allocation
+    best, start = float("inf"), time.perf_counter()
+    for _ in range(reps):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         c = a @ b
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0) if _ else float("inf")
+        best = min(best, time.perf_counter() - t0)
+        if time.perf_counter() - start > budget_s:
+            break
     del c
     return 2.0 * n**3 / best
 
@@ -240,6 +243,17 @@ def all_reduce_sum(value, d: Dist):
 def all_reduce_mean(value, d: Dist):
     """Average a tensor over ranks (unchanged in a single process)."""
     return all_reduce_sum(value, d) / d.world_size if d.enabled else value
+
+
+def broadcast_object(obj, d: Dist):
+    """Rank 0's value of a picklable object on every rank (e.g. which checkpoint to resume from)."""
+    if not d.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def sync_gradients(model, d: Dist, last: bool):
