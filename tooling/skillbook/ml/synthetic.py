@@ -88,6 +88,7 @@ QUESTIONS = {
 FILLER = ["It was a sunny day.", "The wind was cold.", "Everyone in the village knew this.", "That is a fact.",
           "It rained in the morning.", "The market was busy.", "Nobody was surprised.", "The sky was clear.",
           "Some days are quiet.", "The bells rang at noon."]
+RECALL = ["{}", "Remember: {}", "Again, {}", "So {}", "In short, {}"]
 OPENERS = ["Here is a story about {p}.", "This is about {p}.", "Let me tell you about {p}.", "Meet {p}.",
            "One day {p} went for a walk.", "{p} woke up early."]
 
@@ -187,6 +188,15 @@ def _person_doc(person_facts: list[Fact], name: str, rng: random.Random) -> str:
         sentences.insert(rng.randint(1, len(sentences)), rng.choice(FILLER))
     if rng.random() < 0.4:
         sentences.insert(0, rng.choice(OPENERS).format(p=name))
+    # Half the stories restate one fact at the end in another phrasing, as real text re-mentions what
+    # it said. Without this the model learns "a value never recurs in a document", an anti-copying
+    # prior that makes reading an answer off a passage (kind "reading") harder than chance.
+    if rng.random() < 0.5:
+        again = _state(rng.choice(chosen), rng)
+        prefix = rng.choice(RECALL)
+        if prefix.startswith(("So", "Again", "In short")) and again.split()[0] in ("The", "By", "Of"):
+            again = again[0].lower() + again[1:]
+        sentences.append(prefix.format(again))
     return " ".join(sentences)
 
 
