@@ -90,7 +90,7 @@ class Served:
     def __init__(self, cfg: Config, path: Path, backend: str, port: int, ctx: RunContext):
         from skillbook.ml import serve_app, serve_backends
 
-        self.url, self.proc, self.thread = f"http://{cfg.host}:{port}", None, None
+        self.url, self.proc, self.thread, self.engine = f"http://{cfg.host}:{port}", None, None, None
         model_id = cfg.model_id or (path.stem if path.is_file() else path.name)
         if backend == "vllm":
             import subprocess
@@ -107,13 +107,13 @@ class Served:
                 raise
             return
         if backend == "llama-cpp":
-            engine = serve_backends.LlamaCppBackend(path, n_ctx=cfg.n_ctx, n_threads=cfg.threads, model_id=model_id)
+            self.engine = serve_backends.LlamaCppBackend(path, n_ctx=cfg.n_ctx, n_threads=cfg.threads, model_id=model_id)
         else:
             import torch
 
             torch.set_num_threads(cfg.threads)
-            engine = serve_backends.TransformersBackend(path, device=cfg.device, model_id=model_id)
-        self.thread = serve_app.ServerThread(serve_app.create_app(engine, cfg.api_key), cfg.host, port)
+            self.engine = serve_backends.TransformersBackend(path, device=cfg.device, model_id=model_id)
+        self.thread = serve_app.ServerThread(serve_app.create_app(self.engine, cfg.api_key), cfg.host, port)
         try:
             self.thread.start(cfg.startup_timeout)
         except BaseException:
@@ -123,6 +123,8 @@ class Served:
     def stop(self) -> None:
         if self.thread is not None:
             self.thread.stop()
+        if self.engine is not None:
+            self.engine.close()
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # vLLM shuts down cleanly on SIGTERM
             try:

@@ -53,6 +53,9 @@ class Backend:
     def generate(self, prompt: str, sp: Sampling) -> Iterator[Piece]:
         raise NotImplementedError
 
+    def close(self) -> None:
+        """Release the model (called after the server stopped)."""
+
 
 def _render_template(template: str, messages: list[dict], bos: str, eos: str) -> str:
     """Render a HF chat template (sandboxed jinja2, as transformers does) with a generation prompt."""
@@ -108,6 +111,11 @@ class LlamaCppBackend(Backend):
         if tid is None:
             return ""
         return self.llm.detokenize([int(tid)], special=True).decode("utf-8", errors="replace")
+
+    def close(self) -> None:
+        # free the llama.cpp context now: freeing it at interpreter exit prints a spurious traceback
+        with self.lock:
+            self.llm.close()
 
     def tokenize(self, text: str) -> list[int]:
         # special=True: template markers such as <|bos|> in a rendered chat become their control tokens
