@@ -25,7 +25,7 @@ from skillbook.recipe import RecipeConfig, artifact_path
 from skillbook.runner import RunContext
 
 OUTPUTS = {"report": "report"}
-INPUTS = {"model": "gguf"}
+INPUTS = {"model": "gguf|hf-model"}
 
 
 class VLLMConfig(BaseModel):
