@@ -86,12 +86,15 @@ class Config(RecipeConfig):
 # Data and tokenizer
 # ---------------------------------------------------------------------------------------------
 
-def corpus_and_tokenizer(cfg: Config, ctx: RunContext, dense_dir: Path | None):
+def corpus_and_tokenizer(cfg: Config, ctx: RunContext, dense_dir: Path | None, dist):
     """The corpus dir and a tokenizer: given, the dense model's own, or a byte BPE trained here."""
     if cfg.corpus is None:
         from skillbook.ml.synthetic import write_default_data
 
-        corpus = write_default_data(ctx.out_dir / "data", cfg.seed)["corpus"]
+        if ctx.is_main:  # one writer; the other ranks wait, then read the same files
+            write_default_data(ctx.out_dir / "data", cfg.seed)
+        training.barrier(dist)
+        corpus = ctx.out_dir / "data" / "corpus"
     else:
         corpus = artifact_path(cfg.corpus, "corpus")
     if cfg.tokenizer or dense_dir:
@@ -195,7 +198,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     device = training.pick_device(cfg.device, dist.local_rank)
     training.seed_everything(cfg.seed)
 
-    corpus, tok = corpus_and_tokenizer(cfg, ctx, dense_dir)
+    corpus, tok = corpus_and_tokenizer(cfg, ctx, dense_dir, dist)
     tokens = lm_data.load_tokens(corpus, tok, cfg.seq_len)
     sampler = lm_data.WindowSampler(tokens["train"], cfg.seq_len, cfg.seed)
     val = lm_data.eval_windows(tokens["val"], cfg.seq_len, cfg.eval_windows)
