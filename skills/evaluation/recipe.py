@@ -25,38 +25,44 @@ INPUTS = {"model": "hf-model|gguf", "adapter": "adapter", "tokenizer": "tokenize
 
 
 class Config(RecipeConfig):
-    model: str = Field(..., description="The model to evaluate: an hf-model dir (save_pretrained, tokenizer inside), "
-                                        "a .gguf file (dequantized by transformers), or a hub id such as "
-                                        "Qwen/Qwen2.5-0.5B (hub only when online).")
-    adapter: str | None = Field(None, description="Optional PEFT adapter dir applied on top of `model` (merged before scoring).")
-    tokenizer: str | None = Field(None, description="Tokenizer dir to use instead of the model's own (e.g. for a .gguf "
-                                                    "file: faster and exact); used for model and compare_model. None = each model's own.")
-    corpus: str | None = Field(None, description="Corpus dir whose val.jsonl is scored for perplexity; "
-                                                 "None = the embedded default corpus.")
-    eval_data: str | None = Field(None, description="Held-out question dir with test.jsonl rows {prompt, completion}; "
-                                                    "None = the embedded default held-out set.")
-    preference_data: str | None = Field(None, description="Optional preference-data dir; adds preference accuracy "
-                                                          "on its test.jsonl. None = skipped.")
-    compare_model: str | None = Field(None, description="Optional second hf-model or .gguf (e.g. the base before SFT): "
-                                                        "same metrics, plus win/tie/loss by exact match on the same prompts.")
-    chat_template: bool = Field(False, description="Render prompts through the tokenizer's chat template (as the sft/dpo "
-                                                   "recipes do with chat_template: true); must match how the model was tuned.")
-    max_examples: int = Field(200, ge=1, description="Cap on documents / questions / pairs taken from each split "
-                                                     "(the first N, so runs stay comparable).")
+    # ---- what to evaluate
+    model: str = Field(..., description=(
+        "The model to evaluate: an hf-model dir (save_pretrained, tokenizer inside), a .gguf file "
+        "(dequantized by transformers), or a hub id such as Qwen/Qwen2.5-0.5B (hub only when online)."))
+    adapter: str | None = Field(None, description="Optional PEFT adapter dir on top of `model` (merged before scoring).")
+    tokenizer: str | None = Field(None, description=(
+        "Tokenizer dir instead of the model's own (e.g. for a .gguf file: faster and exact); "
+        "used for model and compare_model. None = each model's own."))
+    compare_model: str | None = Field(None, description=(
+        "Optional second hf-model or .gguf (e.g. the base before SFT): same metrics, plus "
+        "win/tie/loss by exact match on the same prompts."))
+    # ---- on what
+    corpus: str | None = Field(None, description=(
+        "Corpus dir whose val.jsonl is scored for perplexity; None = the embedded default corpus."))
+    eval_data: str | None = Field(None, description=(
+        "Held-out question dir with test.jsonl rows {prompt, completion}; None = the embedded default held-out set."))
+    preference_data: str | None = Field(None, description=(
+        "Optional preference-data dir; adds preference accuracy on its test.jsonl. None = skipped."))
+    chat_template: bool = Field(False, description=(
+        "Render prompts through the tokenizer's chat template (as sft/dpo do with chat_template: true); "
+        "must match how the model was tuned."))
+    max_examples: int = Field(200, ge=1, description=(
+        "Cap on documents / questions / pairs taken from each split (the first N, so runs stay comparable)."))
+    # ---- how
     max_length: int = Field(256, ge=8, description="Perplexity window in tokens; longer documents are split into windows.")
     max_new_tokens: int = Field(8, ge=1, description="Greedy tokens generated per held-out question (answers are short).")
     batch_size: int = Field(16, ge=1, description="Sequences per forward pass / generate call.")
-    num_samples: int = Field(4, ge=0, description="Sample generations written to the report (prompts from the held-out set).")
-    sample_prompts: list[str] | None = Field(None, description="Prompts for the samples, used verbatim; None = the first num_samples "
-                                                               "held-out questions.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
+                        description="auto = cuda when available, else cpu.")
+    # ---- sample generations for the report (metrics above are always greedy)
+    num_samples: int = Field(4, ge=0, description="Sample generations written to the report (held-out prompts).")
+    sample_prompts: list[str] | None = Field(None, description=(
+        "Prompts for the samples, used verbatim; None = the first num_samples held-out questions."))
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature of the samples (0 = greedy).")
     top_k: int = Field(50, ge=0, description="Top-k of the samples (0 = off).")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus top-p of the samples (1.0 = off).")
     sample_max_new_tokens: int = Field(24, ge=1, description="Max new tokens of each sample generation.")
-    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$",
-                        description="auto = cuda when available, else cpu.")
     seed: int = Field(0, description="Seed of the sample generations.")
-
 
 def model_path(ref: str, field: str) -> str:
     """A local model dir that exists, or a hub id when the hub is reachable; one clear error otherwise.
@@ -164,7 +170,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         "model": cfg.model, "adapter": cfg.adapter,
         "perplexity": ppl["perplexity"], "val_loss": ppl["val_loss"], "bits_per_byte": ppl["bits_per_byte"],
         "n_perplexity_docs": ppl["n_docs"], "n_perplexity_tokens": ppl["n_tokens"],
-        "exact_match": em["exact_match"], "exact_match_stderr": em["stderr"], "n_exact_match": em["n"], "exact_match_by_kind": by_kind,
+        "exact_match": em["exact_match"], "exact_match_stderr": em["stderr"], "n_exact_match": em["n"],
+        "exact_match_by_kind": by_kind,
         "preference_accuracy": pref["preference_accuracy"] if pref else None,
         "preference_margin": pref["mean_margin"] if pref else None, "n_preference": pref["n"] if pref else 0,
         "compare_model": cfg.compare_model,
