@@ -91,6 +91,14 @@ def llama_config(cfg: Config, vocab: int, bos: int | None = None, eos: int | Non
         tie_word_embeddings=cfg.tie_embeddings, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, use_cache=False)
 
 
+def check_vocab(cfg: Config, tok, where):
+    """The tokenizer, if its size matches an explicit `vocab_size` (None = take len(tokenizer))."""
+    if cfg.vocab_size is not None and cfg.vocab_size != len(tok):
+        raise ConfigError(f"vocab_size: the config says {cfg.vocab_size} but the tokenizer at {where} has {len(tok)} "
+                          f"tokens; drop vocab_size (it defaults to len(tokenizer)) or pass the matching tokenizer")
+    return tok
+
+
 def get_inputs(cfg: Config, ctx: RunContext, dist: tr.Dist) -> tuple[Path, Path]:
     """Corpus and tokenizer dirs: given ones as they are; missing ones are made by rank 0 inside the run dir."""
     corpus = Path(cfg.corpus) if cfg.corpus else ctx.out_dir / "data" / "corpus"
@@ -122,7 +130,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     if cfg.corpus:
         artifact_path(cfg.corpus, "corpus")
     if cfg.tokenizer:
-        load_tokenizer(artifact_path(cfg.tokenizer, "tokenizer"))
+        check_vocab(cfg, load_tokenizer(artifact_path(cfg.tokenizer, "tokenizer")), cfg.tokenizer)
     # micro-batch x accumulation x processes = total_batch_tokens / seq_len, for any process count
     seqs_per_rank, rem = divmod(cfg.total_batch_tokens // cfg.seq_len, ctx.world_size)
     if rem or seqs_per_rank == 0:
@@ -135,10 +143,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     dist = tr.setup_distributed(tr.pick_device(cfg.device))
     device = tr.pick_device(cfg.device, dist.local_rank)
     corpus, tok_dir = get_inputs(cfg, ctx, dist)
-    tok = load_tokenizer(tok_dir)
-    if cfg.vocab_size is not None and cfg.vocab_size != len(tok):
-        raise ConfigError(f"vocab_size: the config says {cfg.vocab_size} but the tokenizer at {tok_dir} has {len(tok)} "
-                          f"tokens; drop vocab_size (it defaults to len(tokenizer)) or pass the matching tokenizer")
+    tok = check_vocab(cfg, load_tokenizer(tok_dir), tok_dir)
     data = lm_data.load_tokens(corpus, tok, cfg.seq_len)
 
     # ---- model: random init, seeded identically on every rank; optimizer; FLOPs -----------------------
