@@ -57,7 +57,7 @@ class Config(RecipeConfig):
                                                             "slower, off for tiny CPU runs).")
     seed: int = Field(0, description="Random seed.")
     # --- evaluation ---------------------------------------------------------------------------
-    eval_limit: int = Field(200, ge=1, description="At most this many held-out pairs / questions per metric.")
+    eval_limit: int = Field(500, ge=1, description="At most this many held-out pairs / questions per metric.")
     max_new_tokens: int = Field(8, ge=1, description="Greedy tokens per held-out question for exact match.")
 
 

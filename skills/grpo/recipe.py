@@ -58,7 +58,7 @@ class Config(RecipeConfig):
     # --- evaluation ---------------------------------------------------------------------------
     train_limit: int | None = Field(64, ge=1, description="Train on the first N questions only (None = all): a tiny "
                                                          "policy needs to see each question several times to move.")
-    eval_limit: int = Field(200, ge=1, description="At most this many held-out questions.")
+    eval_limit: int = Field(500, ge=1, description="At most this many held-out questions.")
     eval_samples: int = Field(4, ge=1, description="Sampled answers per held-out question for the mean reward.")
 
     @model_validator(mode="after")

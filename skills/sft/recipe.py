@@ -56,7 +56,7 @@ class Config(RecipeConfig):
                                                             "costs ~30% time; off for tiny CPU runs.")
     seed: int = Field(0, description="Random seed (data order, adapter init).")
     # --- evaluation ---------------------------------------------------------------------------
-    eval_limit: int = Field(200, ge=1, description="At most this many held-out rows for exact match.")
+    eval_limit: int = Field(500, ge=1, description="At most this many held-out rows for exact match.")
     max_new_tokens: int = Field(8, ge=1, description="Greedy tokens generated per held-out prompt.")
 
 
