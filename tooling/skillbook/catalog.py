@@ -10,7 +10,8 @@ from pathlib import Path
 from . import frontmatter, markdown
 from .errors import SkillNotFound
 
-STAGES = ("data", "pretraining", "post-training", "architecture", "efficiency", "deployment", "evaluation", "other")
+# Lifecycle stages, in the order a model goes through them (metadata.stage in SKILL.md).
+STAGES = ("data", "training", "post-training", "evaluation", "deploy", "other")
 
 
 def repo_root(start: Path | None = None) -> Path:

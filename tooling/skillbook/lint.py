@@ -63,6 +63,13 @@ def rule_frontmatter(skill: Skill) -> Iterator[Finding]:
         yield err(p.code, skill.skill_md, p.line, p.message)
 
 
+def rule_stage(skill: Skill) -> Iterator[Finding]:
+    """SB110: metadata.stage is one of the lifecycle stages the catalog and site group by."""
+    stage = skill.metadata.get("stage")
+    if skill.text and stage not in catalog.STAGES:
+        yield err("SB110", skill.skill_md, 1, f"metadata.stage {stage!r} should be one of {', '.join(catalog.STAGES)}", "warning")
+
+
 def rule_body_length(skill: Skill) -> Iterator[Finding]:
     """SB201: body at most 500 lines; the rest belongs in references/."""
     n = len(skill.body.rstrip("\n").split("\n")) if skill.body.strip() else 0
@@ -189,7 +196,7 @@ def rule_recipe(skill: Skill) -> Iterator[Finding]:
 
 
 SKILL_RULES: list[Callable[[Skill], Iterable[Finding]]] = [
-    rule_frontmatter, rule_body_length, rule_links, rule_references_layout, rule_code_blocks, rule_recipe,
+    rule_frontmatter, rule_stage, rule_body_length, rule_links, rule_references_layout, rule_code_blocks, rule_recipe,
 ]
 
 
