@@ -78,7 +78,7 @@ def samples_section(steps: list[dict]) -> list[str]:
     for s in steps:
         report = s["outputs"].get("report", {})
         data = _read_json(Path(report["path"])) if report.get("kind") == "eval-report" else {}
-        samples = data.get("samples") or []
+        samples = data.get("exact_match_samples") or data.get("samples") or []
         if samples and isinstance(samples[0], dict):
             per_stage.append((s["label"] or s["id"], samples))
     if not per_stage:
@@ -89,7 +89,7 @@ def samples_section(steps: list[dict]) -> list[str]:
     for i, sample in enumerate(first[:5]):
         prompt = str(sample.get("prompt", "")).replace("\n", " ").replace("|", "\\|")
         answers = [str(smp[i].get("answer", "")) if i < len(smp) else "" for _, smp in per_stage]
-        lines.append(f"| {prompt} | {sample.get('expected', '')} | " + " | ".join(a.replace("|", "\\|").replace("\n", " ") for a in answers) + " |")
+        lines.append(f"| {prompt} | {str(sample.get('expected', '')).strip()} | " + " | ".join(a.replace("|", "\\|").replace("\n", " ") for a in answers) + " |")
     return lines
 
 
