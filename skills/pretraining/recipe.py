@@ -245,6 +245,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     out = ctx.out_dir / "model"
     model_sd, _ = tr.full_state(raw, optimizer)
     if dist.is_main:
+        raw.config.use_cache = True  # off while training (no KV cache needed); users generate with it
         raw.save_pretrained(out, state_dict=model_sd)
         tok.save_pretrained(out)
         GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
