@@ -44,8 +44,8 @@ def test_reward_model_ranks_held_out_pairs_above_chance(rm_run, prepared):
         with torch.no_grad():
             return rm(**batch).logits[:, 0]
 
-    chosen = scores([r["prompt"] + r["chosen"] for r in rows])
-    rejected = scores([r["prompt"] + r["rejected"] for r in rows])
+    chosen = scores([r["prompt"] + r["chosen"] + tok.eos_token for r in rows])  # scored as trained: eos-terminated
+    rejected = scores([r["prompt"] + r["rejected"] + tok.eos_token for r in rows])
     accuracy = (chosen > rejected).float().mean().item()
     assert accuracy >= THRESHOLD, f"held-out pairwise accuracy {accuracy:.3f} over {len(rows)} pairs"
     assert abs(accuracy - rm_run["summary"]["pairwise_accuracy"]) < 1e-6  # the summary reports the same number

@@ -328,9 +328,13 @@ def reward_scores(model, tok, texts: list[str], batch_size: int = 32) -> list[fl
 
 
 def pairwise_accuracy(model, tok, rows: list[dict]) -> tuple[float, float]:
-    """(fraction of pairs with r(prompt+chosen) > r(prompt+rejected), mean reward margin)."""
-    chosen = reward_scores(model, tok, [r["prompt"] + r["chosen"] for r in rows])
-    rejected = reward_scores(model, tok, [r["prompt"] + r["rejected"] for r in rows])
+    """(fraction of pairs with r(prompt+chosen) > r(prompt+rejected), mean reward margin).
+
+    Texts end in eos, as TRL's RewardTrainer trains them: the score is read where it was learned.
+    """
+    eos = tok.eos_token or ""
+    chosen = reward_scores(model, tok, [r["prompt"] + r["chosen"] + eos for r in rows])
+    rejected = reward_scores(model, tok, [r["prompt"] + r["rejected"] + eos for r in rows])
     margins = [c - r for c, r in zip(chosen, rejected)]
     return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
@@ -353,3 +357,4 @@ def mean_sampled_reward(model, tok, rows: list[dict], samples: int, max_new_toke
     outs = generate_answers(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                             seed=seed, batch_size=64)
     return sum(answer_reward(o, a) for o, a in zip(outs, answers)) / len(outs)
+
