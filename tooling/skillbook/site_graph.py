@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from html import escape
 
-from .pipeline import REF_RE
+from .pipeline import refs_in  # the same reference syntax the pipeline runner resolves
 
 NODE_W, NODE_H = 212, 62  # px; room for "data-preparation" and a line of inputs
 GAP_X, GAP_Y = 28, 48
@@ -25,17 +25,6 @@ class Edge:
     src: str
     dst: str
     outputs: list[str]
-
-
-def refs_in(value) -> list[tuple[str, str]]:
-    """Every `${steps.<id>.<output>}` reference inside a config value (nested lists and dicts too)."""
-    if isinstance(value, str):
-        return REF_RE.findall(value)
-    if isinstance(value, dict):
-        return [r for v in value.values() for r in refs_in(v)]
-    if isinstance(value, list):
-        return [r for v in value for r in refs_in(v)]
-    return []
 
 
 def edges(steps: list[dict]) -> list[Edge]:
