@@ -53,6 +53,9 @@ def client(srv, key="sekret"):
     return openai.OpenAI(base_url=f"{srv.url}/v1", api_key=key, timeout=60, max_retries=0)
 
 
+PROSE = "Mira has a kite. The kite is"  # a base model trained on the corpus continues this
+
+
 def post(url: str, body: bytes, key: str | None = "sekret") -> tuple[int, dict]:
     headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
     req = urllib.request.Request(url, data=body, headers=headers)
@@ -70,7 +73,8 @@ def test_openai_client_completion_chat_and_stream(which, request):
     srv = request.getfixturevalue(which)
     c = client(srv)
     model = c.models.list().data[0].id
-    comp = c.completions.create(model=model, prompt="Question: What colour is Mira's kite?\nAnswer:", max_tokens=8, temperature=0)
+    # The pretrained base never saw the Question/Answer format and may stop at once there, so ask for prose.
+    comp = c.completions.create(model=model, prompt=PROSE, max_tokens=8, temperature=0)
     assert comp.choices[0].finish_reason in ("stop", "length") and 0 < comp.usage.completion_tokens <= 8
     msgs = [{"role": "user", "content": "What colour is Mira's kite?"}]
     chat = c.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0)
@@ -138,7 +142,8 @@ def test_sixteen_concurrent_clients_all_succeed(gguf_server):
 # ---- the recipe: smoke mode, backend choice, vLLM command, clean shutdown on SIGTERM ---------------
 
 def test_smoke_run_writes_report(gguf_file, tmp_path):
-    res = run_skill("serving", tmp_path, {"model": str(gguf_file), "smoke": True, "port": 0, "load_clients": 4})
+    res = run_skill("serving", tmp_path, {"model": str(gguf_file), "smoke": True, "port": 0, "load_clients": 4,
+                                          "prompt": PROSE})
     report = json.loads(Path(res["outputs"]["report"]["path"]).read_text())
     assert report["backend"] == "llama-cpp" and report["smoke"]["ok"] is True
     assert res["summary"]["smoke_ok"] is True and res["summary"]["load_failed"] == 0
