@@ -76,12 +76,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     from skillbook.ml.evaluate import exact_match
 
     # ---- data: questions with verifiable answers, checked before any model is loaded --------
-    if cfg.data is None:
-        data_dir = pt.default_data(ctx, "sft_data")
-        eval_dir = Path(cfg.eval_data) if cfg.eval_data else pt.default_data(ctx, "eval_data")
-    else:
-        data_dir = pt.artifact_dir(cfg.data, "data")
-        eval_dir = Path(cfg.eval_data) if cfg.eval_data else data_dir
+    data_dir, eval_dir = pt.question_dirs(ctx, cfg.data, cfg.eval_data)
     train_rows = pt.read_split(data_dir, "train", ("prompt", "completion"), "data")[: cfg.train_limit]
     eval_rows = pt.read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit]
     model_ref = pt.resolve_model(cfg.model)

@@ -262,6 +262,15 @@ def merge_and_save(peft_model, tok, out_dir: Path, probe_texts: list[str], atol:
 # ---------------------------------------------------------------------------------------------
 
 
+def question_dirs(ctx: Any, data: str | None, eval_data: str | None) -> tuple[Path, Path]:
+    """(train dir, held-out dir) of prompt/completion data: the embedded sets when `data` is None,
+    else `data` with `eval_data` (or `data`'s own test split) for the held-out rows."""
+    if data is None:
+        return default_data(ctx, "sft_data"), Path(eval_data) if eval_data else default_data(ctx, "eval_data")
+    data_dir = artifact_dir(data, "data")
+    return data_dir, Path(eval_data) if eval_data else data_dir
+
+
 def artifact_dir(ref: str | Path, field: str) -> Path:
     """An existing input directory, or ConfigError naming the field."""
     from ..recipe import artifact_path
