@@ -190,3 +190,20 @@ def test_runs_lists_and_gc_prunes_unreferenced_entries(repo, tmp_path):
     removed = pipeline.gc(runs)
     assert len(removed) == 1 and removed[0].parent.name == "counter"
     assert statuses(run(repo, runs, "set=count2.scale=7")) == {"make": "cached", "count": "cached", "count2": "cached"}
+
+
+def test_cache_key_covers_the_shared_helpers_a_recipe_imports():
+    """A step's cache key must change when a skillbook.ml helper it runs changes, or a fixed data
+    generator would keep serving the stale cached step."""
+    from skillbook import recipe as recipe_mod
+    from skillbook.catalog import find
+
+    sft = recipe_mod.load(find("sft").path)
+    text = sft.code_text()
+    ml = Path(recipe_mod.__file__).parent / "ml"
+    for module in ("posttrain", "evaluate", "synthetic"):   # synthetic only through posttrain: transitive
+        assert (ml / f"{module}.py").read_text() in text, module
+    assert (ml / "serve_app.py").read_text() not in text   # unrelated helpers do not invalidate it
+    assert recipe_mod.ml_imports("from skillbook.ml import lm_data, training as tr\n", in_ml=False) == \
+        {"lm_data", "training"}
+    assert recipe_mod.ml_imports("from ..errors import X\nfrom .evaluate import y\n", in_ml=True) == {"evaluate"}

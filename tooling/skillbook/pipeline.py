@@ -186,7 +186,7 @@ class StepResult:
 
 def step_key(rec: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, input_hashes: list[str]) -> str:
     h = hashlib.sha256()
-    h.update(rec.source_text().encode())
+    h.update(rec.code_text().encode())
     h.update(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode())
     for digest in input_hashes:
         h.update(digest.encode())

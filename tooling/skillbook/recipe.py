@@ -55,6 +55,36 @@ class Recipe:
     def source_text(self) -> str:
         return self.path.read_text()
 
+    def code_text(self) -> str:
+        """recipe.py plus every `skillbook.ml` module it imports, transitively (the pipeline cache key:
+        a change to a shared helper such as the synthetic data generator must rerun the steps using it)."""
+        ml_dir = Path(__file__).parent / "ml"
+        texts, seen, todo = [self.source_text()], set(), ml_imports(self.source_text(), in_ml=False)
+        while todo:
+            name = todo.pop()
+            path = ml_dir / f"{name}.py"
+            if name in seen or not path.is_file():
+                continue
+            seen.add(name)
+            texts.append(path.read_text())
+            todo |= ml_imports(texts[-1], in_ml=True)
+        return "\n".join(texts)
+
+
+_ML_FROM = re.compile(r"^\s*from\s+skillbook\.ml\.(\w+)\s+import", re.M)
+_ML_NAMES = re.compile(r"^\s*from\s+skillbook\.ml\s+import\s+([\w\s,]+)$", re.M)
+_ML_RELATIVE = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.M)   # one dot: a sibling module in ml/
+
+
+def ml_imports(source: str, in_ml: bool) -> set[str]:
+    """Names of the skillbook.ml modules `source` imports (`in_ml`: also its `from .x import` lines)."""
+    names = set(_ML_FROM.findall(source))
+    for group in _ML_NAMES.findall(source):
+        names |= {part.split()[0] for part in group.split(",") if part.strip()}
+    if in_ml:
+        names |= set(_ML_RELATIVE.findall(source))
+    return names
+
 
 def import_module(path: Path, name: str) -> ModuleType:
     """Import a recipe file under a private module name (recipe.py files share a name)."""

@@ -6,7 +6,8 @@ emit four artifacts that let each training stage show a held-out gain:
 
 - corpus           prose documents that state every fact in several phrasings (no Q/A format);
 - sft-data         "Question: ...\\nAnswer:" -> " <word>" rows for the *train*/*test* facts;
-- preference-data  the same prompts with a correct and a plausible wrong answer of the same type;
+- preference-data  the same prompts with the correct answer and a wrong one of the kinds a small model
+                   gets wrong: another value of the same type, the name asked about, or a wrong-type value;
 - eval             questions about the *eval* facts: stated in the corpus, asked in no training split.
 
 Facts (an entity + attribute pair, or an arithmetic pair) are split once into train / test /
@@ -277,30 +278,62 @@ def _answer_type(attribute: str) -> str:
             "age": "number"}.get(attribute, attribute)
 
 
-def _passage(world: World, fact: Fact, rng: random.Random) -> str:
-    """Two sentences in random order: `fact`, and another fact about the same entity whose answer
-    has a different type (or, for arithmetic, a filler line), so one value of the asked type is present."""
+def _other_fact(world: World, fact: Fact, rng: random.Random) -> Fact | None:
+    """Another fact about the same person whose answer has a different type (None for arithmetic)."""
     if fact.kind == "arithmetic":
-        other = rng.choice(FILLER)
-    else:
-        person = fact.key.split("/")[0]
-        pool = [f for f in world.facts if f.key.split("/")[0] == person
-                and _answer_type(f.attribute) != _answer_type(fact.attribute)]
-        other = _state(rng.choice(pool), rng)
-    sentences = [_state(fact, rng), other]
+        return None
+    person = fact.key.split("/")[0]
+    pool = [f for f in world.facts if f.key.split("/")[0] == person
+            and _answer_type(f.attribute) != _answer_type(fact.attribute)]
+    return rng.choice(pool)
+
+
+def _passage(fact: Fact, other: Fact | None, rng: random.Random) -> str:
+    """Two sentences in random order: `fact`, and `other` (or, for arithmetic, a filler line), so
+    exactly one value of the asked type is present."""
+    sentences = [_state(fact, rng), _state(other, rng) if other else rng.choice(FILLER)]
     rng.shuffle(sentences)
     return " ".join(sentences)
 
 
+def _rejected(fact: Fact, other: Fact | None, rng: random.Random, names: dict[str, list[str]],
+              avoid: set[str] = frozenset()) -> str:
+    """A wrong answer of one of three kinds, the mistakes a small model fine-tuned on these
+    questions actually makes (seen in its greedy answers), so preference tuning has something to fix:
+
+    - value:     a same-type wrong value (another town, a nearby number), never a word in `avoid`;
+    - echo:      the name the question is about ("What colour is Hazel?" -> "Hazel"), or an operand;
+    - attribute: a true value of another attribute, the wrong type ("Hazel" -> "cat"), or for
+                 arithmetic the other operation's result (5 plus 3 -> "2").
+    """
+    slots = dict(fact.slots)
+    mode = rng.choice(("value", "echo", "attribute"))
+    if mode == "echo":
+        options = [str(slots["x"]), str(slots["y"])] if fact.kind == "arithmetic" else \
+            [slots["q"] if fact.attribute in ("pet_species", "pet_colour", "owner") else slots["p"]]
+    elif mode == "attribute":
+        options = [other.answer] if other else \
+            [str(slots["x"] - slots["y"]) if fact.attribute == "plus" else str(slots["x"] + slots["y"])]
+    else:
+        options = []
+    options = [o for o in options if o != fact.answer]
+    if options:
+        return rng.choice(options)
+    wrong = _wrong(fact, rng, names)
+    while wrong in avoid:   # a value-mode answer must not be readable in the passage
+        wrong = _wrong(fact, rng, names)
+    return wrong
+
+
 def question_rows(world: World, facts: list[Fact], rng: random.Random, all_templates: bool,
                   reading: bool) -> list[dict]:
-    """One row per (fact, template): prompt, answer, a same-type wrong answer and kind.
+    """One row per (fact, template): prompt, answer, a wrong answer (see `_rejected`) and kind.
 
     Closed-book rows ask the bare question (the fact must come from pretraining). With `reading`,
     each also gets a twin whose prompt starts with a two-sentence passage that states the fact next to
     another fact about the same entity with a different answer type ("Mira lives in Brook. Mira is
-    34."): kind "reading". Its wrong answer is a same-type value absent from the passage, so a model
-    that reads the passage and picks the value of the asked type wins; pure recall is not needed.
+    34."): kind "reading". A same-type wrong answer is never one the passage states, so a model that
+    reads the passage and picks the value of the asked type wins; pure recall is not needed.
     """
     names = {"owner": [p["name"] for p in world.people], "pet_name": [p["pet"] for p in world.people]}
     rows = []
@@ -308,16 +341,15 @@ def question_rows(world: World, facts: list[Fact], rng: random.Random, all_templ
         templates = QUESTIONS[f.attribute] if all_templates else [rng.choice(QUESTIONS[f.attribute])]
         for t in templates:
             question = f.fill(t)
-            rows.append({"prompt": prompt_for(question), "answer": f.answer, "wrong": _wrong(f, rng, names),
-                         "kind": f.kind, "fact": f.key})
+            other = _other_fact(world, f, rng)
+            rows.append({"prompt": prompt_for(question), "answer": f.answer,
+                         "wrong": _rejected(f, other, rng, names), "kind": f.kind, "fact": f.key})
             if reading:
-                passage = _passage(world, f, rng)
+                passage = _passage(f, other, rng)
                 words = set(passage.replace(".", " ").split())
-                wrong = _wrong(f, rng, names)
-                while wrong in words:   # the rejected answer must not be readable in the passage
-                    wrong = _wrong(f, rng, names)
                 rows.append({"prompt": f"{passage}\n{prompt_for(question)}", "answer": f.answer,
-                             "wrong": wrong, "kind": "reading", "fact": f.key})
+                             "wrong": _rejected(f, other, rng, names, avoid=words), "kind": "reading",
+                             "fact": f.key})
     return rows
 
 
