@@ -45,12 +45,23 @@ def test_dpo_widens_held_out_preference_margin(dpo_run, prepared, sft_model):
     assert after["mean_margin"] > before["mean_margin"] + 0.05, (before, after)
 
 
-@pytest.mark.xfail(strict=False, reason="open: on the 150-step pretraining default held-out preference accuracy "
-                   "moves within noise (0.450 -> 0.454 in one pipeline run, 0.518 -> 0.496 in another): the tiny "
-                   "base stores few held-out facts, so DPO widens margins without flipping pairs")
 def test_dpo_raises_held_out_preference_accuracy(dpo_run, prepared, sft_model):
     before, after = held_out_preferences(prepared, sft_model, dpo_run)
+    # Measured: 0.915 -> 0.926 on 282 held-out pairs; the SFT model's remaining errors are mostly
+    # arithmetic it never stored (DPO cannot add knowledge) and echoed names on reading questions.
     assert after["preference_accuracy"] > before["preference_accuracy"], (before, after)
+
+
+def test_dpo_keeps_greedy_answers_right(dpo_run, prepared, sft_model):
+    """Plain DPO lowers the chosen answers' likelihood too and greedy answers degrade (0.518 -> 0.305
+    measured); the default adds an NLL term on the chosen answer (sft_weight 1.0), which keeps them."""
+    from skillbook.ml.evaluate import exact_match, load_model_and_tokenizer, read_jsonl
+
+    rows = read_jsonl(output(prepared, "eval_data") / "test.jsonl")
+    sft, tok = load_model_and_tokenizer(sft_model)
+    dpo, tok2 = load_model_and_tokenizer(output(dpo_run, "model"))
+    before, after = exact_match(sft, tok, rows)["exact_match"], exact_match(dpo, tok2, rows)["exact_match"]
+    assert after >= before - 0.02, f"held-out exact match {before:.3f} -> {after:.3f}"
 
 
 def test_dpo_outputs_reload(dpo_run, sft_model):

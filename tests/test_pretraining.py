@@ -77,6 +77,32 @@ def test_saved_model_reloads_with_same_logits(pretrained, pretrained_model):
     assert loss == pytest.approx(pretrained["summary"]["final_val_loss"], abs=1e-3)
 
 
+def test_default_model_learns_the_facts_not_just_the_grammar(pretrained_model):
+    """Later stages need a base that stores the world's facts: for each fact's first statement template
+    ending in the value ("Mira lives in" -> " Ashby"), the true value must out-score a same-type wrong one.
+    Measured on the default (300 steps): 0.99 on the held-out (eval) facts; 0.65 on the old 150-step 3.4M model."""
+    import random
+
+    from skillbook.ml import evaluate as ev, synthetic
+
+    world, rng = synthetic.make_world(0), random.Random(5)
+    names = {"owner": [p["name"] for p in world.people], "pet_name": [p["pet"] for p in world.people]}
+    prefixes, right, wrong = [], [], []
+    for fact in world.facts_in("eval"):
+        template = next((t for t in synthetic.STATEMENTS[fact.attribute] if t.endswith("{v}.")), None)
+        if template is None:   # arithmetic states the sum as {z}
+            continue
+        sentence = fact.fill(template)
+        prefixes.append(sentence[: sentence.rindex(fact.answer)].rstrip())
+        right.append(" " + fact.answer)
+        wrong.append(" " + synthetic._wrong(fact, rng, names))
+    model, tok = ev.load_model_and_tokenizer(pretrained_model)
+    good = ev.completion_logprobs(model, tok, prefixes, right)
+    bad = ev.completion_logprobs(model, tok, prefixes, wrong)
+    accuracy = sum(g > b for g, b in zip(good, bad)) / len(prefixes)
+    assert len(prefixes) > 50 and accuracy >= 0.9, f"cloze accuracy {accuracy:.2f} on {len(prefixes)} held-out facts"
+
+
 def pretrained_cfg(result: dict) -> dict:
     import yaml
 
@@ -130,7 +156,7 @@ def test_torchrun_two_processes_follow_one_process_curve(prepared, tokenizer_dir
 
 # ---- presets are the sizes their names say (meta device: no memory, no time) -------------------------
 
-@pytest.mark.parametrize("preset,millions", [("tiny", 3.4), ("small-25m", 25), ("medium-117m", 117), ("large-350m", 350)])
+@pytest.mark.parametrize("preset,millions", [("tiny", 0.98), ("small-25m", 25), ("medium-117m", 117), ("large-350m", 350)])
 def test_presets_have_the_size_in_their_name(preset, millions):
     import torch
     from transformers import LlamaForCausalLM

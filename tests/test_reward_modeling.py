@@ -24,9 +24,6 @@ def rm_run(prepared, pretrained_model, session_runs) -> dict:
                      {"model": str(sft_model), "data": str(output(prepared, "preference_data"))})
 
 
-@pytest.mark.xfail(strict=False, reason="open: on the 150-step pretraining default the reward model stays at chance "
-                   "(train loss stuck at 0.693, grad norm ~0.05); it learned (train accuracy 0.69) on a 400-step base. "
-                   "Needs diagnosis, see the post-training report")
 def test_reward_model_ranks_held_out_pairs_above_chance(rm_run, prepared):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -62,4 +59,4 @@ def test_missing_rejected_column_fails_before_model_load(tmp_path):
     assert str(bad / "train.jsonl") in str(info.value) and "'rejected'" in str(info.value)
 
 
-THRESHOLD = 0.6
+THRESHOLD = 0.7   # measured 0.787 on 282 held-out pairs (0.518 with the untrained head)

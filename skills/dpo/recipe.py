@@ -37,6 +37,10 @@ class Config(RecipeConfig):
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero"] = Field(
         "sigmoid", description="sigmoid = the DPO paper's loss; ipo = squared loss, robust to noisy/over-fitted "
                                "preferences (use beta 0.5-1.0 with it); hinge = SLiC.")
+    sft_weight: float = Field(1.0, ge=0, description="Weight of an NLL loss on the chosen answer added to the DPO "
+                                                     "loss (RPO; TRL loss_type 'sft'). Plain DPO lowers the chosen "
+                                                     "answer's likelihood along with the rejected one's and greedy "
+                                                     "answers get worse; 1.0 keeps them; 0 = plain DPO.")
     method: Literal["lora", "qlora"] = Field("lora", description="lora: adapter on the frozen policy, whose "
                                                                  "adapter-free self is the reference (no second "
                                                                  "copy in memory); qlora: the same on a 4-bit base.")
@@ -49,7 +53,7 @@ class Config(RecipeConfig):
     steps: int = Field(80, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Preference pairs per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate. Tiny model + LoRA: 5e-4..2e-3; 7B + LoRA: 5e-6..5e-5; "
+    lr: float = Field(2e-3, gt=0, description="Peak learning rate. Tiny model + LoRA: 5e-4..2e-3; 7B + LoRA: 5e-6..5e-5; "
                                               "7B full: 5e-7..1e-6 (TRL's default 1e-6).")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming the LR up.")
     max_length: int = Field(128, ge=8, description="Token budget for prompt + answer.")
@@ -92,7 +96,9 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     args = DPOConfig(**pt.trl_args(
         ctx.out_dir / "trainer", steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
-        beta=cfg.beta, loss_type=[cfg.loss_type], max_length=cfg.max_length))
+        beta=cfg.beta, max_length=cfg.max_length,
+        **({"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight
+           else {"loss_type": [cfg.loss_type]})))
     trainer = DPOTrainer(model=model, args=args, processing_class=tok,
                          train_dataset=pt.to_dataset(train_rows, PAIR),
                          peft_config=pt.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),

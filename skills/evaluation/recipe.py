@@ -46,7 +46,7 @@ class Config(RecipeConfig):
     chat_template: bool = Field(False, description=(
         "Render prompts through the tokenizer's chat template (as sft/dpo do with chat_template: true); "
         "must match how the model was tuned."))
-    max_examples: int = Field(200, ge=1, description=(
+    max_examples: int = Field(500, ge=1, description=(
         "Cap on documents / questions / pairs taken from each split (the first N, so runs stay comparable)."))
     # ---- how
     max_length: int = Field(256, ge=8, description="Perplexity window in tokens; longer documents are split into windows.")

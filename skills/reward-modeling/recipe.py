@@ -40,7 +40,7 @@ class Config(RecipeConfig):
     center_rewards: float | None = Field(0.01, ge=0, description="Weight of the penalty that keeps mean reward near "
                                                                  "0 (TRL's center_rewards_coefficient); None = off.")
     # --- optimisation -------------------------------------------------------------------------
-    steps: int = Field(100, ge=1, description="Optimizer steps.")
+    steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Preference pairs per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     lr: float = Field(5e-4, gt=0, description="Peak learning rate. Tiny full: 3e-4..1e-3; 7B full: 5e-6..1e-5; "
