@@ -33,7 +33,7 @@ class Config(RecipeConfig):
     corpus: str | None = Field(None, description="Corpus directory whose val.jsonl is the held-out perplexity set; None = the embedded synthetic world.")
     eval_docs: int = Field(24, ge=1, description="How many val.jsonl documents the perplexity is computed on (all runs use the same token ids).")
     decode_tokens: int = Field(96, ge=2, description="New tokens generated per decode-speed measurement (greedy, prefill excluded).")
-    threads: int = Field(2, ge=1, description="CPU threads for llama.cpp and torch; pass it explicitly, llama.cpp defaults to half the cores.")
+    threads: int = Field(1, ge=1, description="CPU threads for llama.cpp and torch; pass it explicitly (llama.cpp defaults to half the cores). 1 for tiny models, whose ops are too small to split; physical cores for real ones.")
     torch_int8: bool = Field(True, description="Also measure PyTorch dynamic int8 (torch.ao quantize_dynamic on nn.Linear, CPU inference).")
     bnb_4bit: bool = Field(False, description="Also load the model in bitsandbytes NF4 4-bit and measure it (needs a CUDA GPU and the `gpu` extra).")
     name: str | None = Field(None, description="general.name written into the GGUF metadata; None = the model folder's name.")

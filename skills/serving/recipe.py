@@ -54,7 +54,7 @@ class Config(RecipeConfig):
     load_clients: int = Field(0, ge=0, le=256, description="With smoke=true: also run this many concurrent clients (0 = no load test).")
     load_requests: int = Field(2, ge=1, description="Requests each load-test client sends, one after the other.")
     n_ctx: int = Field(0, ge=0, description="llama-cpp context window in tokens; 0 = the model's trained context.")
-    threads: int = Field(2, ge=1, description="CPU threads for llama.cpp / torch (llama.cpp defaults to half the cores).")
+    threads: int = Field(1, ge=1, description="CPU threads for llama.cpp / torch (llama.cpp defaults to half the cores). 1 for tiny models, whose ops are too small to split; physical cores for real ones.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="transformers backend device; auto = cuda when available.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Settings used only by backend=vllm.")
     startup_timeout: float = Field(180, gt=0, description="Seconds to wait for GET /health before giving up (vLLM loads + compiles for minutes).")
