@@ -59,16 +59,17 @@ class Recipe:
         """recipe.py plus every `skillbook.ml` module it imports, transitively (the pipeline cache key:
         a change to a shared helper such as the synthetic data generator must rerun the steps using it)."""
         ml_dir = Path(__file__).parent / "ml"
-        texts, seen, todo = [self.source_text()], set(), ml_imports(self.source_text(), in_ml=False)
+        found: dict[str, str] = {}
+        todo = ml_imports(self.source_text(), in_ml=False)
         while todo:
             name = todo.pop()
             path = ml_dir / f"{name}.py"
-            if name in seen or not path.is_file():
+            if name in found or not path.is_file():
                 continue
-            seen.add(name)
-            texts.append(path.read_text())
-            todo |= ml_imports(texts[-1], in_ml=True)
-        return "\n".join(texts)
+            found[name] = path.read_text()
+            todo |= ml_imports(found[name], in_ml=True)
+        # sorted: set order varies with PYTHONHASHSEED, and the key must not
+        return "\n".join([self.source_text()] + [found[name] for name in sorted(found)])
 
 
 _ML_FROM = re.compile(r"^\s*from\s+skillbook\.ml\.(\w+)\s+import", re.M)
