@@ -6,6 +6,7 @@ training steps of transformers' LlamaForCausalLM under several settings and prin
 - plain: fp32, no autocast, torch.optim.AdamW with its defaults (foreach), eager: the baseline;
 - recipe: what `skills run pretraining` does by default here (dtype=auto, fused AdamW, compile=auto);
 - fused: fp32 + fused AdamW, eager (what the recipe does with compile off);
+- compiled: fp32 + fused AdamW + torch.compile (what `compile: true` buys on this device);
 - bf16: bf16 autocast + fused AdamW, eager (skipped on CPUs without native bf16 unless --force-bf16).
 
 first_step_s includes torch.compile's compilation where the variant compiles.
@@ -13,7 +14,7 @@ first_step_s includes torch.compile's compilation where the variant compiles.
 Every variant starts from the same weights and sees the same batches, so `max_loss_diff_vs_plain` says
 whether a setting changes the loss curve. MFU = FLOPs/token x tokens/s / the measured matmul peak.
 
-    python benchmarks/pretrain_throughput.py [--steps 8] [--configs tiny,small-25m] [--variants plain,recipe,fused,bf16]
+    python benchmarks/pretrain_throughput.py [--steps 8] [--configs tiny,small-25m] [--variants plain,recipe,fused,compiled,bf16]
 """
 
 from __future__ import annotations
@@ -53,9 +54,10 @@ def time_variant(cfg, module, variant: str, steps: int, warmup: int, micro: int,
     if variant == "plain":
         dtype, compiled, opt = "float32", False, torch.optim.AdamW(raw.parameters(), lr=cfg.lr)
     else:
-        recipe_compile = device.startswith("cuda") or cfg.max_steps >= 100  # the recipe's compile=auto rule
-        dtype = {"recipe": tr.pick_dtype("auto", device), "bf16": "bfloat16", "fused": "float32"}[variant]
-        compiled = {"recipe": recipe_compile, "bf16": False, "fused": False}[variant]
+        recipe_compile = device.startswith("cuda")  # the recipe's compile=auto rule
+        dtype = {"recipe": tr.pick_dtype("auto", device), "bf16": "bfloat16", "fused": "float32",
+                 "compiled": "float32"}[variant]
+        compiled = {"recipe": recipe_compile, "bf16": False, "fused": False, "compiled": True}[variant]
         opt = tr.adamw(raw, cfg.lr, 0.0, (0.9, 0.999), fused=True)  # same hyper-parameters as plain's defaults
         for g in opt.param_groups:
             g["weight_decay"] = 0.01  # torch.optim.AdamW's default, so the update is the same rule
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
     ap.add_argument("--configs", default="tiny,small-25m")
-    ap.add_argument("--variants", default="plain,recipe,fused,bf16")
+    ap.add_argument("--variants", default="plain,recipe,fused,compiled,bf16")
     ap.add_argument("--force-bf16", action="store_true", help="time bf16 even on a CPU without native bf16 (slow)")
     args = ap.parse_args(argv)
 

@@ -54,7 +54,7 @@ class Config(RecipeConfig):
     # ---- systems ---------------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when a GPU is visible, else cpu.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Autocast dtype; auto = bf16 on bf16 GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.")
-    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model; auto = on for CUDA, and on CPU from 100 steps (~6-20 s compile for 1.1-1.4x per step).")
+    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model; auto = on for CUDA, off on CPU (compiled CPU runs were not bit-reproducible; eager is, at ~1.4x the step time on the tiny model).")
     fused_adamw: bool = Field(True, description="Fused AdamW kernel (same update as the default, fewer kernel launches).")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp = full replicas, fsdp = FSDP2 sharding per block (GPUs, big models).")
     peak_flops: float | None = Field(None, gt=0, description="Peak FLOP/s per process for MFU (e.g. 989e12 for H100 bf16 dense); None = measure with a matmul probe.")
@@ -152,8 +152,9 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     raw = LlamaForCausalLM(llama_config(cfg, vocab, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)).to(device)
     n_params = sum(p.numel() for p in raw.parameters())
     dtype = tr.pick_dtype(cfg.dtype, device)
-    # compile: ~6-20 s of compilation on 2 CPU cores buys 1.1-1.4x per step on the tiny model: pays from ~100 steps
-    use_compile = (device.startswith("cuda") or cfg.max_steps >= 100) if cfg.compile == "auto" else cfg.compile
+    # compile: on CPU it buys ~1.4x per step on the tiny model but makes runs irreproducible (the loss
+    # curve and every later stage vary run to run), so auto compiles on CUDA only
+    use_compile = device.startswith("cuda") if cfg.compile == "auto" else cfg.compile
     if dist.enabled and cfg.parallel == "fsdp":
         tr.wrap_model(raw, dist, device, "fsdp")  # in place: raw's parameters become shards
     model = torch.compile(raw) if use_compile else raw  # inputs never change shape: one graph, no recompiles
