@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-import skillbook  # noqa: F401  (before torch: sets OMP_WAIT_POLICY=PASSIVE as `skills run` does)
+import skillbook  # noqa: F401  (before torch: sets GOMP_SPINCOUNT as `skills run` does)
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 950  # the tokenization skill's default tokenizer on the embedded world
