@@ -113,16 +113,38 @@ def test_every_eval_fact_is_stated_in_the_corpus(prepared, world_ds):
         assert mentions >= 3, (fact.key, mentions)
 
 
-def test_preference_pairs_differ_and_share_a_type(prepared, world_ds):
-    people = {p["name"] for p in world_ds.world.people}
-    pets = {p["pet"] for p in world_ds.world.people}
-    pools = [set(synthetic.TOWNS), set(synthetic.COLOURS), set(synthetic.FOODS), set(synthetic.JOBS),
-             set(synthetic.SPECIES), people, pets]
+def _pools(world) -> list[set[str]]:
+    people = {p["name"] for p in world.people}
+    pets = {p["pet"] for p in world.people}
+    return [set(synthetic.TOWNS), set(synthetic.COLOURS), set(synthetic.FOODS), set(synthetic.JOBS),
+            set(synthetic.SPECIES), set(synthetic.OBJECTS), people, pets]
+
+
+def rejection_kind(row: dict, pools: list[set[str]]) -> str:
+    """value (same type as the answer), echo (a word of the question) or attribute (another type)."""
+    c, w = row["chosen"].strip(), row["rejected"].strip()
+    question = row["prompt"].split("Question: ")[-1].replace("?", " ").split()
+    if w in question:
+        return "echo"
+    if (c.isdigit() and w.isdigit()) or any(c in p and w in p for p in pools):
+        return "value"
+    return "attribute"
+
+
+def test_preference_pairs_are_wrong_in_three_ways(prepared, world_ds):
+    """Rejected answers are the mistakes small models make: a same-type value, the name asked about,
+    or a true value of the wrong type; each kind is a real share of both splits."""
+    pools = _pools(world_ds.world)
+    known = set().union(*pools)
     for split in ("train", "test"):
+        kinds = []
         for r in rows(output(prepared, "preference_data") / f"{split}.jsonl"):
             c, w = r["chosen"].strip(), r["rejected"].strip()
             assert c != w and r["chosen"].startswith(" ") and r["rejected"].startswith(" ")
-            assert (c.isdigit() and w.isdigit()) or any(c in p and w in p for p in pools), r
+            assert w.isdigit() or w in known, r   # always a word or number this world uses
+            kinds.append(rejection_kind(r, pools))
+        for kind in ("value", "echo", "attribute"):
+            assert kinds.count(kind) / len(kinds) > 0.2, (split, kind, kinds.count(kind), len(kinds))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,10 +239,13 @@ def test_json_list_and_malformed_jsonl(tmp_path):
         run_skill("data-preparation", tmp_path / "runs", {"source": str(bad)})
 
 
-def test_reading_rows_state_the_answer_and_not_the_rejected_one(prepared, world_ds):
+def test_reading_rows_state_the_answer_and_no_same_type_rejection(prepared, world_ds):
     prefs = rows(output(prepared, "preference_data") / "test.jsonl")
     reading = [r for r in prefs if "\nQuestion: " in r["prompt"]]
     assert len(reading) == len(prefs) - len(reading) > 100     # every question has a reading twin
+    pools = _pools(world_ds.world)
     for r in reading:
         words = set(r["prompt"].split("\nQuestion: ")[0].replace(".", " ").split())
-        assert r["chosen"].strip() in words and r["rejected"].strip() not in words, r
+        assert r["chosen"].strip() in words, r
+        if rejection_kind(r, pools) == "value":   # a same-type wrong answer is never readable in the passage
+            assert r["rejected"].strip() not in words, r

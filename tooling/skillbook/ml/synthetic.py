@@ -304,7 +304,7 @@ def _rejected(fact: Fact, other: Fact | None, rng: random.Random, names: dict[st
     - value:     a same-type wrong value (another town, a nearby number), never a word in `avoid`;
     - echo:      the name the question is about ("What colour is Hazel?" -> "Hazel"), or an operand;
     - attribute: a true value of another attribute, the wrong type ("Hazel" -> "cat"), or for
-                 arithmetic the other operation's result (5 plus 3 -> "2").
+                 arithmetic the other operation's result (5 plus 3 -> "2"; 3 plus 9 -> "6", never negative).
     """
     slots = dict(fact.slots)
     mode = rng.choice(("value", "echo", "attribute"))
@@ -313,7 +313,7 @@ def _rejected(fact: Fact, other: Fact | None, rng: random.Random, names: dict[st
             [slots["q"] if fact.attribute in ("pet_species", "pet_colour", "owner") else slots["p"]]
     elif mode == "attribute":
         options = [other.answer] if other else \
-            [str(slots["x"] - slots["y"]) if fact.attribute == "plus" else str(slots["x"] + slots["y"])]
+            [str(abs(slots["x"] - slots["y"])) if fact.attribute == "plus" else str(slots["x"] + slots["y"])]
     else:
         options = []
     options = [o for o in options if o != fact.answer]
