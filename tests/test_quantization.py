@@ -109,28 +109,33 @@ def test_llama_cpp_tokenizer_matches_hf(sharp_model, prepared, tmp_path):
 
 
 def test_q8_0_greedy_decoding_agrees_with_f32(pretrained_model, tmp_path):
-    """Greedy continuations of fixed prompts: Q8_0 picks the same token as F32 on >= 95 % of positions."""
+    """Q8_0 picks F32's greedy token on >= 95 % of positions, teacher-forced on F32's own continuations.
+
+    Comparing two free-running generations position by position would count every token after the
+    first near-tie as a disagreement; feeding both models the same prefix measures each step alone.
+    """
+    import numpy as np
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(pretrained_model)
     prompts = ["Question: What colour is Mira's kite?\nAnswer:", "Mira lives in", "The baker of Ashby",
                "3 + 4 =", "Tobin has a pet", "Question: What is Lena's job?\nAnswer:", "In Calder,", "Ada likes"]
-    outs = {}
     for ftype in ("F32", "Q8_0"):
         gx.write_gguf(pretrained_model, tmp_path / f"{ftype}.gguf", ftype)
-        llm = gx.load_gguf(tmp_path / f"{ftype}.gguf", n_ctx=128)
-        seqs = []
-        for p in prompts:
-            ids = [tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"]
-            gen = []
-            for t in llm.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-                gen.append(t)
-                if len(gen) == 24:
-                    break
-            seqs.append(gen)
-        outs[ftype] = seqs
-    same = sum(a == b for s32, s8 in zip(outs["F32"], outs["Q8_0"]) for a, b in zip(s32, s8))
-    assert same / (24 * len(prompts)) >= 0.95
+    f32 = gx.load_gguf(tmp_path / "F32.gguf", n_ctx=128)
+    q8 = gx.load_gguf(tmp_path / "Q8_0.gguf", n_ctx=128, logits_all=True)
+    same = total = 0
+    for p in prompts:
+        ids = [tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"]
+        gen = []
+        for t in f32.generate(ids, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+            gen.append(t)
+            if len(gen) == 24:
+                break
+        picks = np.argmax(gx.gguf_logits(q8, ids + gen), axis=-1)[len(ids) - 1: len(ids) + len(gen) - 1]
+        same += int(sum(int(a) == b for a, b in zip(picks, gen)))
+        total += len(gen)
+    assert total == 24 * len(prompts) and same / total >= 0.95, f"{same}/{total}"
 
 
 def test_quantization_recipe_reports_every_type(pretrained_model, prepared, tmp_path):
