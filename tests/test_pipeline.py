@@ -207,6 +207,9 @@ def test_cache_key_covers_the_shared_helpers_a_recipe_imports():
     assert recipe_mod.ml_imports("from skillbook.ml import lm_data, training as tr\n", in_ml=False) == \
         {"lm_data", "training"}
     assert recipe_mod.ml_imports("from ..errors import X\nfrom .evaluate import y\n", in_ml=True) == {"evaluate"}
+    assert recipe_mod.ml_imports("def f():\n    from skillbook.ml import (evaluate,  # metrics\n"
+                                 "        posttrain as pt)\n    from skillbook.ml.moe import x\n", in_ml=False) == \
+        {"evaluate", "posttrain", "moe"}
     # the same in every process: set order follows PYTHONHASHSEED, the key must not
     probe = ("import hashlib, sys; from skillbook import recipe; from skillbook.catalog import find; "
              "print(hashlib.sha256(recipe.load(find('sft').path).code_text().encode()).hexdigest())")

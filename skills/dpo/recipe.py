@@ -93,12 +93,14 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
              f"(mean margin {pref_before['mean_margin']:.2f} nats)")
 
     # ---- trainer: no ref_model -> with a peft_config TRL uses the base with adapters disabled --
+    # RPO: TRL sums the listed losses; an NLL term on the chosen answer keeps greedy answers from degrading
+    losses, weights = [cfg.loss_type], [1.0]
+    if cfg.sft_weight:
+        losses, weights = losses + ["sft"], weights + [cfg.sft_weight]
     args = DPOConfig(**pt.trl_args(
         ctx.out_dir / "trainer", steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
         lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
-        beta=cfg.beta, max_length=cfg.max_length,
-        **({"loss_type": [cfg.loss_type, "sft"], "loss_weights": [1.0, cfg.sft_weight]} if cfg.sft_weight
-           else {"loss_type": [cfg.loss_type]})))
+        beta=cfg.beta, max_length=cfg.max_length, loss_type=losses, loss_weights=weights))
     trainer = DPOTrainer(model=model, args=args, processing_class=tok,
                          train_dataset=pt.to_dataset(train_rows, PAIR),
                          peft_config=pt.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),

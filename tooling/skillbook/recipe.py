@@ -7,6 +7,7 @@ for unknown keys, the closest known one. Nothing touches disk before validation 
 
 from __future__ import annotations
 
+import ast
 import difflib
 import re
 import importlib.util
@@ -72,18 +73,27 @@ class Recipe:
         return "\n".join([self.source_text()] + [found[name] for name in sorted(found)])
 
 
-_ML_FROM = re.compile(r"^\s*from\s+skillbook\.ml\.(\w+)\s+import", re.M)
-_ML_NAMES = re.compile(r"^\s*from\s+skillbook\.ml\s+import\s+([\w\s,]+)$", re.M)
-_ML_RELATIVE = re.compile(r"^\s*from\s+\.(\w+)\s+import", re.M)   # one dot: a sibling module in ml/
-
-
 def ml_imports(source: str, in_ml: bool) -> set[str]:
-    """Names of the skillbook.ml modules `source` imports (`in_ml`: also its `from .x import` lines)."""
-    names = set(_ML_FROM.findall(source))
-    for group in _ML_NAMES.findall(source):
-        names |= {part.split()[0] for part in group.split(",") if part.strip()}
-    if in_ml:
-        names |= set(_ML_RELATIVE.findall(source))
+    """Names of the skillbook.ml modules `source` imports (`in_ml`: also its `from .x import` lines).
+
+    Parsed with `ast`, so comments, parenthesised and multi-line imports, and imports inside
+    functions (where the recipes put heavy ones) all count; a file that does not parse imports nothing.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        module = node.module or ""
+        if node.level == 0 and module == "skillbook.ml":
+            names |= {alias.name for alias in node.names}
+        elif node.level == 0 and module.startswith("skillbook.ml."):
+            names.add(module.split(".")[2])
+        elif in_ml and node.level == 1:   # one dot: a sibling module in ml/
+            names |= {module.split(".")[0]} if module else {alias.name for alias in node.names}
     return names
 
 
