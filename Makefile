@@ -5,24 +5,55 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 SKILLS  := $(VENV)/bin/skills
 EXTRAS  ?= train,serve,export,dev
-# llama.cpp builds portable x86-64 AVX2 code instead of -march=native, so a cached wheel runs on any recent CPU.
-export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+# Every direct and indirect dependency at the version CI last passed with; `make lock` refreshes it.
+LOCK    := requirements.lock
+# llama.cpp builds portable x86-64 AVX2 code instead of -march=native, so a cached wheel runs on any recent
+# CPU; LLAVA_BUILD=OFF skips the multimodal library (51 of 178 objects), which nothing here loads.
+export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 WHEELS  ?= $(HOME)/.cache/skillbook/wheels
 STAMP   := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
+LLAMA_V := $(shell sed -n 's/^llama[-_]cpp[-_]python==//p' $(LOCK))
+BUILD   := $(VENV)/llama-build
 
-.PHONY: setup browser test check demo lint schema site clean
+.PHONY: setup browser test check demo lint schema site clean lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# llama-cpp-python ships only as source. Its compile (~6 min on 2 cores) starts first, in the background,
+# into a wheelhouse that later set-ups reuse; the locked packages download and install meanwhile.
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
+	@mkdir -p $(WHEELS) && rm -f $(BUILD).rc
+	@if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_V)-*.whl >/dev/null 2>&1; then \
+	  echo "compiling llama-cpp-python $(LLAMA_V) in the background (log: $(BUILD).log)"; \
+	  (python3 -m pip wheel -q --no-deps -w $(WHEELS) 'llama-cpp-python==$(LLAMA_V)' > $(BUILD).log 2>&1; \
+	   echo $$? > $(BUILD).rc) & \
+	else echo 0 > $(BUILD).rc; fi
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	@# llama-cpp-python ships only as source: compile it once (~12 min on 2 cores) into a wheelhouse, reuse after.
-	@ls $(WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1 || $(PY) -m pip wheel -q --no-deps -w $(WHEELS) 'llama-cpp-python>=0.3'
-	$(PY) -m pip install -q --prefer-binary --find-links $(WHEELS) -e '.[$(EXTRAS)]'
+	@# torch first and alone: named on its own it resolves to the local CPU wheel, never a CUDA build.
+	$(PY) -m pip install -q $$(grep '^torch==' $(LOCK))
+	grep -v -i '^llama[-_]cpp[-_]python==' $(LOCK) > $(VENV)/lock-without-llama.txt
+	$(PY) -m pip install -q -r $(VENV)/lock-without-llama.txt
+	@while [ ! -f $(BUILD).rc ]; do sleep 2; done
+	@[ "$$(cat $(BUILD).rc)" = 0 ] || { tail -40 $(BUILD).log; echo "llama-cpp-python failed to compile"; exit 1; }
+	$(PY) -m pip install -q --no-deps --no-index --find-links $(WHEELS) 'llama-cpp-python==$(LLAMA_V)'
+	@# the project itself; -c keeps every package it needs at the locked version (extras outside the lock resolve)
+	$(PY) -m pip install -q -c $(LOCK) --find-links $(WHEELS) -e '.[$(EXTRAS)]'
+	$(PY) -m pip check
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+# Re-resolve pyproject.toml's ranges to the newest releases, rewrite the lock from a fresh install, install it
+# here, and record the new versions as every skill's tested-with. Then run `make test` and commit if it passes.
+lock:
+	rm -rf .venv-lock && python3 -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q torch==2.13.0
+	.venv-lock/bin/python -m pip install -q --prefer-binary --find-links $(WHEELS) -e '.[$(EXTRAS)]'
+	{ sed -n '1,2p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable | LC_ALL=C sort -f; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
+	$(MAKE) setup
+	$(SKILLS) doctor --update --no-run $$(ls skills)
 
 lint: setup
 	$(SKILLS) lint

@@ -13,8 +13,10 @@ first_step_s includes torch.compile's compilation where the variant compiles.
 
 Every variant starts from the same weights and sees the same batches, so `max_loss_diff_vs_plain` says
 whether a setting changes the loss curve. MFU = FLOPs/token x tokens/s / the measured matmul peak.
+A 2-core VM's speed drifts by 5-10 % within a minute, so the variants run in `--rounds` interleaved rounds
+and each reports its median; `recipe_vs_fastest` is the recipe's median over the fastest variant's.
 
-    python benchmarks/pretrain_throughput.py [--steps 8] [--configs tiny,small-25m] [--variants plain,recipe,fused,compiled,bf16]
+    python benchmarks/pretrain_throughput.py [--steps 8] [--rounds 3] [--configs tiny,small-25m] [--variants plain,recipe,fused,compiled,bf16]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -55,7 +58,8 @@ def time_variant(cfg, module, variant: str, steps: int, warmup: int, micro: int,
         dtype, compiled, opt = "float32", False, torch.optim.AdamW(raw.parameters(), lr=cfg.lr)
     else:
         recipe_compile = device.startswith("cuda")  # the recipe's compile=auto rule
-        dtype = {"recipe": tr.pick_dtype("auto", device), "bf16": "bfloat16", "fused": "float32",
+        n_params = sum(p.numel() for p in raw.parameters())
+        dtype = {"recipe": tr.pick_dtype("auto", device, n_params), "bf16": "bfloat16", "fused": "float32",
                  "compiled": "float32"}[variant]
         compiled = {"recipe": recipe_compile, "bf16": False, "fused": False, "compiled": True}[variant]
         opt = tr.adamw(raw, cfg.lr, 0.0, (0.9, 0.999), fused=True)  # same hyper-parameters as plain's defaults
@@ -94,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile happens here)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per variant; the median is reported")
     ap.add_argument("--configs", default="tiny,small-25m")
     ap.add_argument("--variants", default="plain,recipe,fused,compiled,bf16")
     ap.add_argument("--force-bf16", action="store_true", help="time bf16 even on a CPU without native bf16 (slow)")
@@ -102,7 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     rec, module = load_recipe()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peaks = {dt: tr.measure_peak_flops(device, dt) for dt in ("float32", "bfloat16")}
-    result: dict = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    import platform
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
+    result: dict = {"device": device, "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
                     "cpu_native_bf16": tr.cpu_bf16_fast(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_1m": os.getloadavg()[0],
                     "peak_flops": {k: round(v) for k, v in peaks.items()}, "configs": {}}
     for name in args.configs.split(","):
@@ -110,12 +118,21 @@ def main(argv: list[str] | None = None) -> dict:
         micro = min(cfg.batch_size, max(1, 4096 // cfg.seq_len))  # ~4K tokens per step keeps CPU runs short
         out: dict = {"batch": f"{micro}x{cfg.seq_len}"}
         plain_losses = None
-        for variant in args.variants.split(","):
+        variants = args.variants.split(",")
+        for variant in list(variants):
             if variant == "bf16" and device == "cpu" and not tr.cpu_bf16_fast() and not args.force_bf16:
                 out[variant] = {"skipped": f"no native bf16 on this CPU (oneDNN reports none): bf16 matmuls run at "
                                            f"{peaks['bfloat16'] / 1e9:.1f} GFLOP/s vs {peaks['float32'] / 1e9:.0f} fp32; --force-bf16 times it anyway"}
-                continue
-            r = time_variant(cfg, module, variant, args.steps, args.warmup, micro)
+                variants.remove(variant)
+        rounds: dict[str, list[dict]] = {v: [] for v in variants}
+        for _ in range(args.rounds):
+            for variant in variants:
+                rounds[variant].append(time_variant(cfg, module, variant, args.steps, args.warmup, micro))
+        for variant in variants:
+            runs = rounds[variant]
+            r = dict(runs[0])
+            r["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in runs)
+            r["tokens_per_s_rounds"] = [x["tokens_per_s"] for x in runs]
             fpt = tr.flops_per_token(r["params"], cfg.n_layer, cfg.d_model, cfg.seq_len)
             out["params"], out["flops_per_token"] = r["params"], fpt
             losses = r.pop("losses")
@@ -126,6 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
                 r["max_loss_diff_vs_plain"] = round(max(abs(a - b) for a, b in zip(losses, plain_losses)), 5)
             out[variant] = r
             print(f"{name:>10} {variant:>8}: {r['tokens_per_s']:9.1f} tokens/s  MFU {r['mfu']:.1%}", file=sys.stderr)
+        if "recipe" in rounds:
+            fastest = max(variants, key=lambda v: out[v]["tokens_per_s"])
+            out["fastest"] = fastest
+            out["recipe_vs_fastest"] = round(out["recipe"]["tokens_per_s"] / out[fastest]["tokens_per_s"], 3)
         if "plain" in out:
             out["plain_tokens_per_s"] = out["plain"]["tokens_per_s"]
             for variant in args.variants.split(","):

@@ -18,6 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SKILLBOOK_ROOT", str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub access in tests: everything is generated here
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread count for the whole suite (and the `skills run` subprocesses it starts): tests that compare
+# two runs (resume, DDP parity, the pipeline cache) need both to add floats in the same order, and the
+# runner would otherwise pick threads from the load of the moment. test_threads covers that choice.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 
 def run_skill(name: str, runs_dir: Path, sets: dict | None = None, preset: str | None = None) -> dict:
@@ -25,6 +29,12 @@ def run_skill(name: str, runs_dir: Path, sets: dict | None = None, preset: str |
     rec = recipe.load(ROOT / "skills" / name)
     cfg = recipe.resolve(rec, preset=preset, overrides=sets or {})
     return runner.run(rec, cfg, runs_dir=runs_dir, quiet=True)
+
+
+def dtype_tolerance(summary: dict, fp32: float, bf16: float) -> float:
+    """An exactness bound that follows the autocast dtype the run actually used (SKILLBOOK_AUTO_DTYPE=bfloat16
+    or a native-bf16 CPU turn `dtype: auto` into bf16, whose 8-bit mantissa moves losses by ~1e-3)."""
+    return bf16 if summary.get("dtype") == "bfloat16" else fp32
 
 
 def output(result: dict, name: str) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, output, run_skill
+from conftest import ROOT, dtype_tolerance, output, run_skill
 from skillbook import recipe as recipe_mod
 from skillbook.errors import ConfigError, SkillbookError
 
@@ -110,18 +110,32 @@ def test_saved_model_reloads_and_generates(moe_runs):
     assert new.shape[1] == ids["input_ids"].shape[1] + 8 or tok.eos_token_id in new[0].tolist()
 
 
-def test_upcycled_model_starts_at_the_dense_loss(pretrained_model, prepared, tmp_path):
+@pytest.fixture(scope="module")
+def small_dense(tmp_path_factory, prepared, tokenizer_dir) -> Path:
+    """A 2 x 64 Llama pretrained for 20 steps: any trained dense model shows upcycling is exact, and this one
+    trains in seconds even under bf16 autocast on a CPU without native bf16 (CI's forced-bf16 pass)."""
+    res = run_skill("pretraining", tmp_path_factory.mktemp("dense"), {
+        "corpus": str(output(prepared, "corpus")), "tokenizer": str(tokenizer_dir), "n_layer": 2, "d_model": 64,
+        "n_head": 2, "seq_len": 32, "total_batch_tokens": 256, "batch_size": 8, "max_steps": 20, "warmup_steps": 2,
+        "eval_interval": 1000, "eval_windows": 4, "peak_flops": 1e11, "sample_prompts": ["Mira"], "sample_tokens": 2})
+    return output(res, "model")
+
+
+@pytest.mark.autocast
+def test_upcycled_model_starts_at_the_dense_loss(small_dense, prepared, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
 
     from skillbook.ml import moe
 
-    res = run_skill("moe", tmp_path, {"init": "upcycle", "dense_model": str(pretrained_model), "steps": 2,
+    res = run_skill("moe", tmp_path, {"init": "upcycle", "dense_model": str(small_dense), "steps": 2,
                                       "eval_interval": 1, "seq_len": 32, "batch_size": 2, "eval_windows": 4,
                                       "corpus": str(output(prepared, "corpus"))})
-    assert res["summary"]["upcycle_step0_gap"] < 1e-4
+    # Same function, so fp32 agrees to rounding; bf16 autocast rounds the experts' sum differently (2.8e-4 on
+    # a native-bf16 Xeon), so its bound is bf16's relative precision on a loss near 1.
+    assert res["summary"]["upcycle_step0_gap"] < dtype_tolerance(res["summary"], fp32=1e-4, bf16=4e-3)
     # And independently: the library's upcycled model gives the dense model's logits.
-    dense = AutoModelForCausalLM.from_pretrained(str(pretrained_model)).eval()
+    dense = AutoModelForCausalLM.from_pretrained(str(small_dense)).eval()
     sparse = moe.upcycle(dense, num_experts=4, top_k=2).eval()
     x = torch.randint(0, dense.config.vocab_size, (2, 16))
     with torch.no_grad():

@@ -62,7 +62,7 @@ class Config(RecipeConfig):
     eval_interval: int = Field(50, ge=1, description="Validation loss of both models every this many steps (and at step 0).")
     eval_windows: int = Field(16, ge=1, description="Validation windows of seq_len tokens per evaluation.")
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Autocast dtype; auto = bf16 on GPUs and bf16-capable CPUs, else fp32.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Autocast dtype; auto = bf16 on bf16 GPUs and on native-bf16 CPUs for models of 5M+ params, else fp32; SKILLBOOK_AUTO_DTYPE overrides auto.")
     seed: int = Field(0, description="Seed for data order, initialisation and the default data.")
 
     @model_validator(mode="after")
@@ -193,7 +193,6 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     # ---- set-up: refuse a wrong dense model before any data or weights are touched -------------
     dense_dir = moe_lib.check_upcycle_source(cfg.dense_model) if cfg.init == "upcycle" else None
     device = training.pick_device(cfg.device)
-    dtype = training.pick_dtype(cfg.dtype, device)
     dist = training.setup_distributed(device)
     device = training.pick_device(cfg.device, dist.local_rank)
     training.seed_everything(cfg.seed)
@@ -209,10 +208,13 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     counts = {"moe": moe_lib.param_counts(moe), **({"dense": moe_lib.param_counts(dense)} if dense else {})}
     ctx.info(f"{cfg.init} MoE: {cfg.num_experts} experts, top-{cfg.top_k}, {counts['moe']['total']:,} params, "
              f"{counts['moe']['active']:,} active per token" + (f"; dense twin {counts['dense']['total']:,}" if dense else ""))
+    dtype, dtype_reason = training.choose_dtype(cfg.dtype, device, counts["moe"]["total"])
+    ctx.info(f"dtype {dtype} ({dtype_reason})")
+    ctx.summary.update(dtype=dtype, dtype_reason=dtype_reason)
     models = {"moe": moe.to(device), **({"dense": dense.to(device)} if dense else {})}
     opts = {"moe": moe_lib.adamw_router_scaled(moe, cfg.lr, cfg.weight_decay, (0.9, 0.95), cfg.router_lr_scale)}
     if dense is not None:
-        opts["dense"] = training.adamw(dense, cfg.lr, cfg.weight_decay, (0.9, 0.95), device)
+        opts["dense"] = training.adamw(dense, cfg.lr, cfg.weight_decay, (0.9, 0.95))
     wrapped = {k: training.wrap_model(m, dist, device) for k, m in models.items()}
 
     # ---- step 0: the upcycled model must compute the dense model's function -------------------

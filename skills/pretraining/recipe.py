@@ -53,7 +53,7 @@ class Config(RecipeConfig):
     grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 = no clipping (the norm is still logged).")
     # ---- systems ---------------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when a GPU is visible, else cpu.")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Autocast dtype; auto = bf16 on bf16 GPUs and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Autocast dtype; auto = bf16 on bf16 GPUs and on native-bf16 CPUs (AVX512-BF16/AMX) for models of 5M+ params, else fp32; SKILLBOOK_AUTO_DTYPE overrides auto.")
     compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model; auto = on for CUDA, off on CPU (compiled CPU runs were not bit-reproducible; eager is, at ~1.4x the step time on the tiny model).")
     fused_adamw: bool = Field(True, description="Fused AdamW kernel (same update as the default, fewer kernel launches).")
     parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp = full replicas, fsdp = FSDP2 sharding per block (GPUs, big models).")
@@ -151,7 +151,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     vocab = math.ceil(len(tok) / cfg.pad_vocab_to) * cfg.pad_vocab_to
     raw = LlamaForCausalLM(llama_config(cfg, vocab, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)).to(device)
     n_params = sum(p.numel() for p in raw.parameters())
-    dtype = tr.pick_dtype(cfg.dtype, device)
+    dtype, dtype_reason = tr.choose_dtype(cfg.dtype, device, n_params)
     # compile: on CPU it buys ~1.4x per step on the tiny model but makes runs irreproducible (the loss
     # curve and every later stage vary run to run), so auto compiles on CUDA only
     use_compile = device.startswith("cuda") if cfg.compile == "auto" else cfg.compile
@@ -165,7 +165,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     peak = cfg.peak_flops or tr.measure_peak_flops(device, dtype)
     ctx.info(f"{n_params / 1e6:.2f}M params, vocab {vocab}, {cfg.n_layer}x{cfg.d_model}, {len(data['train'])} train tokens; "
              f"step = {dist.world_size} proc x {accum} accum x {micro} seq x {cfg.seq_len} = {cfg.total_batch_tokens} tokens; "
-             f"{device} {dtype}, compile={use_compile}, {fpt / 1e6:.1f} MFLOP/token, peak {peak / 1e9:.0f} GFLOP/s")
+             f"{device} {dtype} ({dtype_reason}), compile={use_compile}, {fpt / 1e6:.1f} MFLOP/token, peak {peak / 1e9:.0f} GFLOP/s")
 
     # ---- resume: model, optimizer, data position and RNG from the newest checkpoint ----------------
     sampler = lm_data.WindowSampler(data["train"], cfg.seq_len, cfg.seed)
@@ -263,7 +263,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         params=n_params, initial_val_loss=round(hist["val"][0][1], 4) if start == 0 else None,
         final_val_loss=round(hist["val"][-1][1], 4) if hist["val"] else None,
         final_train_loss=hist["loss"][-1][1] if hist["loss"] else None, tokens_per_s=round(statistics.median(steady), 1),
-        mfu=round(fpt * statistics.median(steady) / (peak * dist.world_size), 4), peak_flops=peak, dtype=dtype,
+        mfu=round(fpt * statistics.median(steady) / (peak * dist.world_size), 4), peak_flops=peak, dtype=dtype, dtype_reason=dtype_reason,
         compile=use_compile, world_size=dist.world_size, grad_accum=accum, micro_batch=micro, flops_per_token=fpt,
         tokens_seen=cfg.max_steps * cfg.total_batch_tokens, epochs=round(sampler.epochs_done, 3),
         train_seconds=round(train_s, 2), resumed_from_step=start)

@@ -22,7 +22,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import recipe as recipe_mod
+from . import recipe as recipe_mod, threads
 from .errors import SkillbookError
 
 TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "tokenizers", "sentencepiece", "datasets",
@@ -85,6 +85,7 @@ def env_info(root: Path) -> dict:
         if torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(0)
         info["torch_threads"] = torch.get_num_threads()
+    info["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
     return info
 
 
@@ -245,6 +246,9 @@ def execute(recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, run_dir: Pa
     """Run the recipe in this process (one rank). Rank 0 writes outputs.json; others return {}."""
     ctx = context_from_env(recipe.name, run_dir, quiet=quiet)
     started = time.time()
+    choice = threads.choose_threads()
+    threads.apply(choice)
+    ctx.info(f"threads: {choice.threads} ({choice.reason})")
     try:
         outputs = recipe.run(cfg, ctx)
         ctx.close()
