@@ -62,9 +62,12 @@ lint: setup
 browser:
 	@command -v chromium >/dev/null 2>&1 || { (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || echo "chromium unavailable: the browser test will say so"; }
 
+# The suite, then again the tests whose numbers depend on the autocast dtype, with bf16 forced on: a bf16-only
+# failure shows on every CPU, including AVX2-only ones where `dtype: auto` never picks bf16.
 test: setup browser
 	$(SKILLS) lint
 	$(PY) -m pytest -q
+	SKILLBOOK_AUTO_DTYPE=bfloat16 $(PY) -m pytest -q -m autocast
 
 # Exactly what CI runs.
 check: test
