@@ -24,7 +24,9 @@ PROMPTS = ["Question: What colour is Mira's kite?\nAnswer:", "Mira lives in", "T
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=os.environ.get("SKILLBOOK_MODEL"), help="hf-model directory (Llama, tokenizer inside)")
+    ap.add_argument(
+        "--model", default=os.environ.get("SKILLBOOK_MODEL"), help="hf-model directory (Llama, tokenizer inside)"
+    )
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per prompt")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both engines")
     ap.add_argument("--types", default="F16,Q8_0,Q4_K_M,Q4_0", help="GGUF types to measure")
@@ -65,16 +67,25 @@ def main() -> int:
             sizes[qtype] = path.stat().st_size
             del llm
     base = results["transformers fp32"]
-    print(json.dumps({
-        "benchmark": "decode_speed", "model": str(model_dir),
-        "params": sum(p.numel() for p in model.parameters()), "new_tokens": new, "prompts": len(prompts),
-        "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-        "tokens_per_s": {k: round(v, 1) for k, v in results.items()},
-        "ratio_vs_transformers_fp32": {k: round(v / base, 2) for k, v in results.items()},
-        "llama_cpp_median_tokens_per_s": spread,
-        "gguf_bytes": sizes,
-        "goal_q8_0_at_least_5x": results.get("llama.cpp Q8_0", 0) >= 5 * base,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "benchmark": "decode_speed",
+                "model": str(model_dir),
+                "params": sum(p.numel() for p in model.parameters()),
+                "new_tokens": new,
+                "prompts": len(prompts),
+                "threads": args.threads,
+                "cpu": platform.processor() or platform.machine(),
+                "tokens_per_s": {k: round(v, 1) for k, v in results.items()},
+                "ratio_vs_transformers_fp32": {k: round(v / base, 2) for k, v in results.items()},
+                "llama_cpp_median_tokens_per_s": spread,
+                "gguf_bytes": sizes,
+                "goal_q8_0_at_least_5x": results.get("llama.cpp Q8_0", 0) >= 5 * base,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

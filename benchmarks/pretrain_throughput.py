@@ -36,7 +36,7 @@ VOCAB = 950  # the tokenization skill's default tokenizer on the embedded world
 
 
 def load_recipe():
-    from skillbook import recipe
+    from skillbook.run import recipe
 
     rec = recipe.load(ROOT / "skills" / "pretraining")
     return rec, sys.modules[f"skillbook_recipes.{rec.name}"]
@@ -59,8 +59,12 @@ def time_variant(cfg, module, variant: str, steps: int, warmup: int, micro: int,
     else:
         recipe_compile = device.startswith("cuda")  # the recipe's compile=auto rule
         n_params = sum(p.numel() for p in raw.parameters())
-        dtype = {"recipe": tr.pick_dtype("auto", device, n_params), "bf16": "bfloat16", "fused": "float32",
-                 "compiled": "float32"}[variant]
+        dtype = {
+            "recipe": tr.pick_dtype("auto", device, n_params),
+            "bf16": "bfloat16",
+            "fused": "float32",
+            "compiled": "float32",
+        }[variant]
         compiled = {"recipe": recipe_compile, "bf16": False, "fused": False, "compiled": True}[variant]
         opt = tr.adamw(raw, cfg.lr, 0.0, (0.9, 0.999), fused=True)  # same hyper-parameters as plain's defaults
         for g in opt.param_groups:
@@ -85,15 +89,21 @@ def time_variant(cfg, module, variant: str, steps: int, warmup: int, micro: int,
             t_first = time.perf_counter() - ts  # includes compilation when compiled
     elapsed = time.perf_counter() - t0
     n_params = sum(p.numel() for p in raw.parameters())
-    return {"dtype": dtype, "compile": compiled, "tokens_per_s": round(steps * micro * cfg.seq_len / elapsed, 1),
-            "first_step_s": round(t_first, 2), "losses": losses, "params": n_params}
+    return {
+        "dtype": dtype,
+        "compile": compiled,
+        "tokens_per_s": round(steps * micro * cfg.seq_len / elapsed, 1),
+        "first_step_s": round(t_first, 2),
+        "losses": losses,
+        "params": n_params,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from skillbook import recipe
     from skillbook.ml import training as tr
+    from skillbook.run import recipe
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8, help="timed steps per variant")
@@ -109,10 +119,21 @@ def main(argv: list[str] | None = None) -> dict:
     peaks = {dt: tr.measure_peak_flops(device, dt) for dt in ("float32", "bfloat16")}
     import platform
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
-    result: dict = {"device": device, "cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "cpu_native_bf16": tr.cpu_bf16_fast(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg_1m": os.getloadavg()[0],
-                    "peak_flops": {k: round(v) for k, v in peaks.items()}, "configs": {}}
+    cpu = next(
+        (ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+        platform.processor(),
+    )
+    result: dict = {
+        "device": device,
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_native_bf16": tr.cpu_bf16_fast(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_avg_1m": os.getloadavg()[0],
+        "peak_flops": {k: round(v) for k, v in peaks.items()},
+        "configs": {},
+    }
     for name in args.configs.split(","):
         cfg = recipe.resolve(rec, preset=name)
         micro = min(cfg.batch_size, max(1, 4096 // cfg.seq_len))  # ~4K tokens per step keeps CPU runs short
@@ -121,8 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
         variants = args.variants.split(",")
         for variant in list(variants):
             if variant == "bf16" and device == "cpu" and not tr.cpu_bf16_fast() and not args.force_bf16:
-                out[variant] = {"skipped": f"no native bf16 on this CPU (oneDNN reports none): bf16 matmuls run at "
-                                           f"{peaks['bfloat16'] / 1e9:.1f} GFLOP/s vs {peaks['float32'] / 1e9:.0f} fp32; --force-bf16 times it anyway"}
+                out[variant] = {
+                    "skipped": f"no native bf16 on this CPU (oneDNN reports none): bf16 matmuls run at "
+                    f"{peaks['bfloat16'] / 1e9:.1f} GFLOP/s vs {peaks['float32'] / 1e9:.0f} fp32; --force-bf16 times it anyway"
+                }
                 variants.remove(variant)
         rounds: dict[str, list[dict]] = {v: [] for v in variants}
         for _ in range(args.rounds):
@@ -151,7 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
             out["plain_tokens_per_s"] = out["plain"]["tokens_per_s"]
             for variant in args.variants.split(","):
                 if variant != "plain" and "tokens_per_s" in out[variant]:
-                    out[variant]["speedup_vs_plain"] = round(out[variant]["tokens_per_s"] / out["plain_tokens_per_s"], 3)
+                    out[variant]["speedup_vs_plain"] = round(
+                        out[variant]["tokens_per_s"] / out["plain_tokens_per_s"], 3
+                    )
         result["configs"][name] = out
     print(json.dumps(result, indent=2))
     return result

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from skillbook import catalog, recipe, runner
+from skillbook import catalog
+from skillbook.run import recipe, runner
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("SKILLBOOK_ROOT", str(ROOT))
@@ -62,8 +63,9 @@ def tokenizer_dir(prepared, session_runs) -> Path:
 @pytest.fixture(scope="session")
 def pretrained(prepared, tokenizer_dir, session_runs) -> dict:
     """The tiny pretraining run (default config) on the prepared corpus."""
-    return run_skill("pretraining", session_runs,
-                     {"corpus": str(output(prepared, "corpus")), "tokenizer": str(tokenizer_dir)})
+    return run_skill(
+        "pretraining", session_runs, {"corpus": str(output(prepared, "corpus")), "tokenizer": str(tokenizer_dir)}
+    )
 
 
 @pytest.fixture(scope="session")

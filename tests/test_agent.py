@@ -35,9 +35,13 @@ def test_install_all_copies_lint_clean_skills_with_a_manifest(tmp_path: Path) ->
     for rel in ("SKILL.md", "recipe.py", "recipe.yaml", "configs/long.yaml", "references/guide.md"):
         assert (demo / rel).read_bytes() == (FIXTURES / "skills" / "example-demo" / rel).read_bytes()
     manifest = json.loads((demo / agent.MANIFEST).read_text())
-    assert manifest["mode"] == "copy" and set(manifest["files"]) == set(agent.skill_files(FIXTURES / "skills" / "example-demo"))
+    assert manifest["mode"] == "copy" and set(manifest["files"]) == set(
+        agent.skill_files(FIXTURES / "skills" / "example-demo")
+    )
     assert lint_errors(dest) == []
-    assert [line.split()[0] for line in res.output.splitlines() if line.strip() and "skill(s) in" not in line] == ["installed"] * 3
+    assert [line.split()[0] for line in res.output.splitlines() if line.strip() and "skill(s) in" not in line] == [
+        "installed"
+    ] * 3
 
 
 def test_reinstall_refreshes_but_refuses_to_overwrite_user_changes(tmp_path: Path) -> None:
@@ -52,7 +56,9 @@ def test_reinstall_refreshes_but_refuses_to_overwrite_user_changes(tmp_path: Pat
     assert res.exit_code == 2
     assert "refusing to overwrite 1 file(s) changed since they were installed" in res.output
     assert f"{edited} (modified since install)" in res.output and "--force" in res.output
-    assert "my local note" in edited.read_text() and not (dest / "example-demo" / "recipe.yaml").exists()  # nothing written
+    assert (
+        "my local note" in edited.read_text() and not (dest / "example-demo" / "recipe.yaml").exists()
+    )  # nothing written
 
     [result] = agent.install(["example-demo"], dest, force=True, root=FIXTURES)
     assert result["action"] == "updated"
@@ -156,16 +162,16 @@ def test_marketplace_drift_names_the_missing_skill(tmp_path: Path) -> None:
 
 
 def test_lint_rules_for_installable_skills(tmp_path: Path) -> None:
-    from skillbook import lint_extra
+    from skillbook.lint import docs, repo
 
     shutil.copytree(FIXTURES / "skills" / "example-demo", tmp_path / "skills" / "example-demo")
     md = tmp_path / "skills" / "example-demo" / "SKILL.md"
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "speedrun.yaml").write_text("steps: []\n")
     md.write_text(md.read_text() + "\nSee [the pipeline](../../recipes/speedrun.yaml).\n")
-    [finding] = lint_extra.rule_links_stay_in_skills(catalog.load_skill(md.parent))
+    [finding] = docs.rule_links_stay_in_skills(catalog.load_skill(md.parent))
     assert finding.code == "SB208" and "speedrun.yaml" in finding.message and finding.severity == "warning"
-    [drift] = lint_extra.rule_marketplace(tmp_path)
+    [drift] = repo.rule_marketplace(tmp_path)
     assert drift.code == "SB601" and "skills marketplace" in drift.message
 
 

@@ -11,8 +11,9 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from skillbook import recipe, runner, scaffold
+from skillbook.catalog import scaffold
 from skillbook.cli import main
+from skillbook.run import recipe, runner
 
 
 @pytest.fixture
@@ -35,8 +36,14 @@ def test_run_writes_the_run_directory_contract(repo, tmp_path):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)
     run_dir = Path(out["run_dir"])
-    assert {"config.yaml", "metrics.jsonl", "log.txt" if (run_dir / "log.txt").exists() else "metrics.jsonl",
-            "outputs.json", "env.json", "report.md"} <= {p.name for p in run_dir.iterdir()}
+    assert {
+        "config.yaml",
+        "metrics.jsonl",
+        "log.txt" if (run_dir / "log.txt").exists() else "metrics.jsonl",
+        "outputs.json",
+        "env.json",
+        "report.md",
+    } <= {p.name for p in run_dir.iterdir()}
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["steps"] == 4
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3, 4] and metrics[-1]["total"] == 10
@@ -152,17 +159,21 @@ def test_set_values_are_typed():
 def test_torchrun_launcher_argv():
     argv = runner.Launcher("torchrun", 2).torchrun_argv(Path("/r"), Path("/s"))
     assert argv[1:4] == ["-m", "torch.distributed.run", "--nproc-per-node=2"]
-    assert "--standalone" in argv and argv[-3:] == ["skillbook.worker", "/r", "/s"]
+    assert "--standalone" in argv and argv[-3:] == ["skillbook.run.worker", "/r", "/s"]
     multi = runner.Launcher("torchrun", 8, nnodes="2", rdzv_endpoint="host:29500").torchrun_argv(Path("/r"), Path("/s"))
     assert "--nnodes=2" in multi and "--rdzv-endpoint=host:29500" in multi and "--standalone" not in multi
 
 
 def test_cli_startup_imports_no_torch():
-    code = "import sys; from skillbook.cli import main; import skillbook.catalog as c; c.index(); " \
-           "print(any(m in sys.modules for m in ('torch', 'transformers')))"
+    code = (
+        "import sys; from skillbook.cli import main; import skillbook.catalog as c; c.index(); "
+        "print(any(m in sys.modules for m in ('torch', 'transformers')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "skillbook.cli", "list"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "skillbook.cli", "list"], capture_output=True, text=True
+    )
     assert res.returncode == 0
     imported = {line.split("|")[-1].strip().split(".")[0] for line in res.stderr.splitlines() if "|" in line}
     assert not imported & {"torch", "transformers", "trl", "peft", "numpy"}
@@ -173,7 +184,9 @@ def test_missing_input_artifact_fails_before_a_run_dir(tmp_path, monkeypatch):
         corpus: str | None = None
         model: str | None = None
 
-    rec = recipe.Recipe("x", tmp_path / "recipe.py", Cfg, {}, {"corpus": "corpus", "model": "hf-model"}, lambda c, x: {})
+    rec = recipe.Recipe(
+        "x", tmp_path / "recipe.py", Cfg, {}, {"corpus": "corpus", "model": "hf-model"}, lambda c, x: {}
+    )
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(recipe.ConfigError) as info:
         runner.run(rec, Cfg(corpus=str(tmp_path / "nope"), model="does/not-exist"), runs_dir=tmp_path / "runs")

@@ -21,8 +21,11 @@ def rows(path: Path) -> list[dict]:
 def files(result: dict) -> dict[str, bytes]:
     """Every data file of a run (relative path -> bytes), plus stats.json."""
     run_dir = Path(result["run_dir"])
-    out = {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*.jsonl"))
-           if p.name != "metrics.jsonl"}
+    out = {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*.jsonl"))
+        if p.name != "metrics.jsonl"
+    }
     out["stats.json"] = (run_dir / "stats.json").read_bytes()
     return out
 
@@ -45,7 +48,7 @@ def world_ds() -> synthetic.Dataset:
 def test_same_seed_gives_identical_bytes(prepared, tmp_path):
     again = run_skill("data-preparation", tmp_path)
     assert files(prepared) == files(again)
-    assert len(files(prepared)) == 8   # corpus x2, sft x2, preference x2, eval, stats.json
+    assert len(files(prepared)) == 8  # corpus x2, sft x2, preference x2, eval, stats.json
     # write_default_data (what recipes call when their input is None) gives the very same files.
     paths = synthetic.write_default_data(tmp_path / "default")
     for name in ("corpus", "sft_data", "preference_data", "eval_data"):
@@ -57,8 +60,9 @@ def test_different_seed_gives_different_world(tmp_path):
     a = synthetic.write_default_data(tmp_path / "a", seed=0)
     b = synthetic.write_default_data(tmp_path / "b", seed=1)
     for name in ("corpus", "sft_data", "eval_data"):
-        assert (a[name] / ("test.jsonl" if name == "eval_data" else "train.jsonl")).read_bytes() != \
-               (b[name] / ("test.jsonl" if name == "eval_data" else "train.jsonl")).read_bytes()
+        assert (a[name] / ("test.jsonl" if name == "eval_data" else "train.jsonl")).read_bytes() != (
+            b[name] / ("test.jsonl" if name == "eval_data" else "train.jsonl")
+        ).read_bytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,7 +73,7 @@ def test_different_seed_gives_different_world(tmp_path):
 def test_sizes_and_vocabulary(prepared):
     s = json.loads((Path(prepared["run_dir"]) / "stats.json").read_text())
     assert 300_000 <= s["characters"] <= 1_000_000
-    assert 100 <= s["distinct_words"] <= 500          # small closed vocabulary
+    assert 100 <= s["distinct_words"] <= 500  # small closed vocabulary
     assert s["splits"]["corpus/val"] >= 50 and s["splits"]["sft_data/train"] >= 300
     assert s["splits"]["eval_data/test"] >= 80 and s["held_out_questions_in_corpus"] == 0
 
@@ -93,8 +97,10 @@ def _fact(to_fact: dict[str, str], prompt: str) -> str:
 
 def test_splits_are_disjoint_by_fact(prepared, world_ds):
     to_fact = _prompt_to_fact(world_ds.world)
+
     def facts(kind: str, split: str) -> set[str]:
         return {_fact(to_fact, r["prompt"]) for r in rows(output(prepared, kind) / f"{split}.jsonl")}
+
     train = facts("sft_data", "train") | facts("preference_data", "train")
     test = facts("sft_data", "test") | facts("preference_data", "test")
     held = facts("eval_data", "test")
@@ -116,8 +122,16 @@ def test_every_eval_fact_is_stated_in_the_corpus(prepared, world_ds):
 def _pools(world) -> list[set[str]]:
     people = {p["name"] for p in world.people}
     pets = {p["pet"] for p in world.people}
-    return [set(synthetic.TOWNS), set(synthetic.COLOURS), set(synthetic.FOODS), set(synthetic.JOBS),
-            set(synthetic.SPECIES), set(synthetic.OBJECTS), people, pets]
+    return [
+        set(synthetic.TOWNS),
+        set(synthetic.COLOURS),
+        set(synthetic.FOODS),
+        set(synthetic.JOBS),
+        set(synthetic.SPECIES),
+        set(synthetic.OBJECTS),
+        people,
+        pets,
+    ]
 
 
 def rejection_kind(row: dict, pools: list[set[str]]) -> str:
@@ -141,7 +155,7 @@ def test_preference_pairs_are_wrong_in_three_ways(prepared, world_ds):
         for r in rows(output(prepared, "preference_data") / f"{split}.jsonl"):
             c, w = r["chosen"].strip(), r["rejected"].strip()
             assert c != w and r["chosen"].startswith(" ") and r["rejected"].startswith(" ")
-            assert w.isdigit() or w in known, r   # always a word or number this world uses
+            assert w.isdigit() or w in known, r  # always a word or number this world uses
             kinds.append(rejection_kind(r, pools))
         for kind in ("value", "echo", "attribute"):
             assert kinds.count(kind) / len(kinds) > 0.2, (split, kind, kinds.count(kind), len(kinds))
@@ -153,14 +167,16 @@ def test_preference_pairs_are_wrong_in_three_ways(prepared, world_ds):
 
 
 def test_dedup_removes_planted_duplicates_from_jsonl(tmp_path):
-    base = [f"Document {i} talks about the river, the mill and the {w} boats that sail at dawn every day."
-            for i, w in enumerate(["red", "blue", "green", "old", "new", "small"])]
+    base = [
+        f"Document {i} talks about the river, the mill and the {w} boats that sail at dawn every day."
+        for i, w in enumerate(["red", "blue", "green", "old", "new", "small"])
+    ]
     planted = base + [
-        base[0],                                                      # exact copy
-        "  " + base[1].replace(" ", "   ") + "\n",                    # same after whitespace normalisation
+        base[0],  # exact copy
+        "  " + base[1].replace(" ", "   ") + "\n",  # same after whitespace normalisation
         "Cafe\u0301 opens at nine and sells bread to the whole valley every morning.",
         "Caf\u00e9 opens at nine and sells bread to the whole valley every morning.",  # same after NFC
-        base[2] + " Yes.",                                            # near copy (Jaccard 0.86)
+        base[2] + " Yes.",  # near copy (Jaccard 0.86)
         "too short",
     ]
     src = tmp_path / "raw.jsonl"
@@ -178,27 +194,35 @@ def test_dedup_removes_planted_duplicates_from_jsonl(tmp_path):
 
 
 def test_near_dedup_keeps_distinct_documents():
-    docs = [f"{a} plus {b} is {a + b}. The sum of {b} and {a} is {a + b}. Count them twice to be sure."
-            for a in range(5) for b in range(5)]
+    docs = [
+        f"{a} plus {b} is {a + b}. The sum of {b} and {a} is {a + b}. Count them twice to be sure."
+        for a in range(5)
+        for b in range(5)
+    ]
     kept, stats = textclean.clean(docs)
     assert stats.near_duplicates == 0 and len(kept) == len(docs)
 
 
 def test_local_txt_source(tmp_path):
     src = tmp_path / "book.txt"
-    src.write_text("The first chapter is about a lighthouse on a cold northern coast.\n\n"
-                   "The second chapter follows the keeper through a long winter storm.\n\n\n"
-                   "The third chapter ends with spring and a ship arriving at the harbour.\n")
+    src.write_text(
+        "The first chapter is about a lighthouse on a cold northern coast.\n\n"
+        "The second chapter follows the keeper through a long winter storm.\n\n\n"
+        "The third chapter ends with spring and a ship arriving at the harbour.\n"
+    )
     res = run_skill("data-preparation", tmp_path / "runs", {"source": str(src)})
     docs = [r["text"] for s in ("train", "val") for r in rows(output(res, "corpus") / f"{s}.jsonl")]
     assert len(docs) == 3 and all(d.startswith("The ") for d in docs)
     assert len(rows(output(res, "corpus") / "val.jsonl")) == 1
 
 
-@pytest.mark.parametrize("sets, needle", [
-    (["source=/no/such/file.jsonl"], "does not exist"),
-    (["source=hub:roneneldan/TinyStories", "max_documents=10"], "HF_HUB_OFFLINE"),
-])
+@pytest.mark.parametrize(
+    "sets, needle",
+    [
+        (["source=/no/such/file.jsonl"], "does not exist"),
+        (["source=hub:roneneldan/TinyStories", "max_documents=10"], "HF_HUB_OFFLINE"),
+    ],
+)
 def test_bad_source_fails_before_any_run_dir(tmp_path, monkeypatch, sets, needle):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     runs = tmp_path / "runs"
@@ -222,7 +246,7 @@ def test_folder_of_parquet_and_jsonl(tmp_path):
     (src / "b.jsonl").write_text("".join(json.dumps({"content": t}) + "\n" for t in texts[3:] + texts[:1]))
     res = run_skill("data-preparation", tmp_path / "runs", {"source": str(src), "text_field": "content"})
     stats = json.loads((Path(res["run_dir"]) / "stats.json").read_text())
-    assert stats["documents"] == 6 and stats["exact_duplicates_removed"] == 1   # texts[0] is in both shards
+    assert stats["documents"] == 6 and stats["exact_duplicates_removed"] == 1  # texts[0] is in both shards
     assert stats["source"] == str(src)
 
 
@@ -242,10 +266,10 @@ def test_json_list_and_malformed_jsonl(tmp_path):
 def test_reading_rows_state_the_answer_and_no_same_type_rejection(prepared, world_ds):
     prefs = rows(output(prepared, "preference_data") / "test.jsonl")
     reading = [r for r in prefs if "\nQuestion: " in r["prompt"]]
-    assert len(reading) == len(prefs) - len(reading) > 100     # every question has a reading twin
+    assert len(reading) == len(prefs) - len(reading) > 100  # every question has a reading twin
     pools = _pools(world_ds.world)
     for r in reading:
         words = set(r["prompt"].split("\nQuestion: ")[0].replace(".", " ").split())
         assert r["chosen"].strip() in words, r
-        if rejection_kind(r, pools) == "value":   # a same-type wrong answer is never readable in the passage
+        if rejection_kind(r, pools) == "value":  # a same-type wrong answer is never readable in the passage
             assert r["rejected"].strip() not in words, r

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from skillbook import catalog, frontmatter, versions
+from skillbook import catalog
+from skillbook.catalog import frontmatter, versions
 from skillbook.cli import main
 from skillbook.errors import SkillbookError
 
@@ -91,14 +92,23 @@ def test_update_adds_the_line_when_missing(tmp_path: Path) -> None:
     assert after == before.replace("  recipe: recipe.py\n", f"  recipe: recipe.py\n{line}\n")
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("---\nname: a\ndescription: b\n---\nbody\n",
-     '---\nname: a\ndescription: b\nmetadata:\n  tested-with: "x==1"\n---\nbody\n'),
-    ("---\nname: a\nmetadata:\n    stage: data\n\nlicense: MIT\n---\n",
-     '---\nname: a\nmetadata:\n    stage: data\n    tested-with: "x==1"\n\nlicense: MIT\n---\n'),
-    ("---\nmetadata:\n  tested-with: 'old==0'\n  stage: x\n---\n# tested-with: here\n",
-     '---\nmetadata:\n  tested-with: "x==1"\n  stage: x\n---\n# tested-with: here\n'),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (
+            "---\nname: a\ndescription: b\n---\nbody\n",
+            '---\nname: a\ndescription: b\nmetadata:\n  tested-with: "x==1"\n---\nbody\n',
+        ),
+        (
+            "---\nname: a\nmetadata:\n    stage: data\n\nlicense: MIT\n---\n",
+            '---\nname: a\nmetadata:\n    stage: data\n    tested-with: "x==1"\n\nlicense: MIT\n---\n',
+        ),
+        (
+            "---\nmetadata:\n  tested-with: 'old==0'\n  stage: x\n---\n# tested-with: here\n",
+            '---\nmetadata:\n  tested-with: "x==1"\n  stage: x\n---\n# tested-with: here\n',
+        ),
+    ],
+)
 def test_set_tested_with_touches_one_line(text: str, expected: str) -> None:
     assert versions.set_tested_with(text, "x==1") == expected
 
@@ -128,13 +138,13 @@ def test_used_packages_come_from_recipe_and_blocks(tmp_path: Path) -> None:
 
 
 def test_lint_rule_flags_a_malformed_record(tmp_path: Path) -> None:
-    from skillbook import lint_extra
+    from skillbook.lint import docs
 
     root = copy_skills(tmp_path, "stale-example")
     md = root / "skills" / "stale-example" / "SKILL.md"
-    assert list(lint_extra.rule_tested_with(catalog.load_skill(md.parent))) == []  # stale is not a lint error
+    assert list(docs.rule_tested_with(catalog.load_skill(md.parent))) == []  # stale is not a lint error
     md.write_text(versions.set_tested_with(md.read_text(), "torch>=2"))
-    [finding] = lint_extra.rule_tested_with(catalog.load_skill(md.parent))
+    [finding] = docs.rule_tested_with(catalog.load_skill(md.parent))
     assert finding.code == "SB207" and "NAME==VERSION" in finding.message
 
 
@@ -143,8 +153,11 @@ _word = st.from_regex(r"[a-z][a-z0-9-]{0,8}", fullmatch=True).filter(lambda w: w
 
 
 @settings(max_examples=60, deadline=None)
-@given(meta=st.dictionaries(_word, _word, max_size=4), indent=st.sampled_from(["  ", "    "]),
-       body=st.text(alphabet="ab #:-\n`", max_size=60))
+@given(
+    meta=st.dictionaries(_word, _word, max_size=4),
+    indent=st.sampled_from(["  ", "    "]),
+    body=st.text(alphabet="ab #:-\n`", max_size=60),
+)
 def test_set_tested_with_keeps_every_other_byte(meta: dict, indent: str, body: str) -> None:
     meta = {k: v for k, v in meta.items() if k != versions.KEY}
     block = "".join(f"{indent}{k}: {v}\n" for k, v in meta.items())

@@ -26,8 +26,15 @@ def sft_model(prepared, pretrained_model, session_runs):
 
 @pytest.fixture(scope="module")
 def dpo_run(prepared, sft_model, session_runs) -> dict:
-    return run_skill("dpo", session_runs, {"model": str(sft_model), "data": str(output(prepared, "preference_data")),
-                                           "eval_data": str(output(prepared, "eval_data"))})
+    return run_skill(
+        "dpo",
+        session_runs,
+        {
+            "model": str(sft_model),
+            "data": str(output(prepared, "preference_data")),
+            "eval_data": str(output(prepared, "eval_data")),
+        },
+    )
 
 
 def held_out_preferences(prepared, sft_model, dpo_run) -> tuple[dict, dict]:
@@ -70,7 +77,9 @@ def test_dpo_outputs_reload(dpo_run, sft_model):
 
     tok = AutoTokenizer.from_pretrained(output(dpo_run, "model"))
     merged = AutoModelForCausalLM.from_pretrained(output(dpo_run, "model")).eval()
-    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_model), output(dpo_run, "adapter")).eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(sft_model), output(dpo_run, "adapter")
+    ).eval()
     ids = tok(["Question: Who owns Pip?\nAnswer:"], return_tensors="pt")
     with torch.no_grad():
         assert torch.allclose(merged(**ids).logits, adapted(**ids).logits, atol=1e-4)

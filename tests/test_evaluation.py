@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, output, run_skill
+from conftest import output, run_skill
 from skillbook.errors import ConfigError
 from skillbook.ml import evaluate as ev
 
@@ -25,7 +25,9 @@ OBJECTS = ["kite", "hat", "bike", "boat"]
 
 def facts() -> list[tuple[str, str, str]]:
     """(person, object, colour) triples: a fixed little world the fixture model learns by heart."""
-    return [(p, o, COLOURS[(i * 7 + j * 3) % len(COLOURS)]) for i, p in enumerate(PEOPLE) for j, o in enumerate(OBJECTS[:2])]
+    return [
+        (p, o, COLOURS[(i * 7 + j * 3) % len(COLOURS)]) for i, p in enumerate(PEOPLE) for j, o in enumerate(OBJECTS[:2])
+    ]
 
 
 def qa_rows() -> list[dict]:
@@ -37,8 +39,12 @@ TEMPLATES = ["{p}'s {o} is {c}.", "The {o} of {p} is {c}.", "{p} has a {c} {o}."
 
 def statements(held_out: bool) -> list[str]:
     """Every fact in two of three phrasings for training; the third phrasing of each fact is held out."""
-    return [t.format(p=p, o=o, c=c) for i, (p, o, c) in enumerate(facts()) for k, t in enumerate(TEMPLATES)
-            if (k == i % len(TEMPLATES)) == held_out]
+    return [
+        t.format(p=p, o=o, c=c)
+        for i, (p, o, c) in enumerate(facts())
+        for k, t in enumerate(TEMPLATES)
+        if (k == i % len(TEMPLATES)) == held_out
+    ]
 
 
 def train_texts() -> list[str]:
@@ -58,14 +64,31 @@ def make_tiny(out: Path, texts: list[str], steps: int) -> Path:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts * 4, trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<s>", "</s>"],
-                                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))])
+    bpe.train_from_iterator(
+        texts * 4,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            special_tokens=["<pad>", "<s>", "</s>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", bpe.token_to_id("<s>"))]
+    )
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(cfg)
     if steps:
         enc = tok([t + tok.eos_token for t in texts], padding=True, return_tensors="pt")
@@ -110,11 +133,24 @@ def tiny(tmp_path_factory) -> dict:
     write_jsonl(base / "corpus" / "val.jsonl", [{"text": t} for t in val_texts()])
     write_jsonl(base / "corpus" / "train.jsonl", [{"text": t} for t in train_texts()])
     write_jsonl(base / "questions" / "test.jsonl", [dict(r, kind="fact") for r in qa_rows()])
-    wrong = [{"prompt": r["prompt"], "chosen": r["completion"],
-              "rejected": " " + COLOURS[(COLOURS.index(r["completion"].strip()) + 1) % len(COLOURS)]} for r in qa_rows()]
+    wrong = [
+        {
+            "prompt": r["prompt"],
+            "chosen": r["completion"],
+            "rejected": " " + COLOURS[(COLOURS.index(r["completion"].strip()) + 1) % len(COLOURS)],
+        }
+        for r in qa_rows()
+    ]
     write_jsonl(base / "prefs" / "test.jsonl", wrong)
-    return {"trained": trained, "untrained": untrained_twin(trained, base / "untrained"), "base": base,
-            "corpus": base / "corpus", "questions": base / "questions", "prefs": base / "prefs", "pairs": wrong}
+    return {
+        "trained": trained,
+        "untrained": untrained_twin(trained, base / "untrained"),
+        "base": base,
+        "corpus": base / "corpus",
+        "questions": base / "questions",
+        "prefs": base / "prefs",
+        "pairs": wrong,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -213,14 +249,25 @@ def test_pairwise_counts():
 
 
 def test_recipe_reports_every_key_and_compares(tiny, tmp_path):
-    res = run_skill("evaluation", tmp_path, {
-        "model": str(tiny["trained"]), "compare_model": str(tiny["untrained"]), "corpus": str(tiny["corpus"]),
-        "eval_data": str(tiny["questions"]), "preference_data": str(tiny["prefs"]), "num_samples": 2})
+    res = run_skill(
+        "evaluation",
+        tmp_path,
+        {
+            "model": str(tiny["trained"]),
+            "compare_model": str(tiny["untrained"]),
+            "corpus": str(tiny["corpus"]),
+            "eval_data": str(tiny["questions"]),
+            "preference_data": str(tiny["prefs"]),
+            "num_samples": 2,
+        },
+    )
     report = json.loads(output(res, "report").read_text())
     assert set(report) == set(ev.EVAL_REPORT_KEYS)
     assert report["perplexity"] < report["compare_perplexity"]
-    assert report["bits_per_byte"] == pytest.approx(report["val_loss"] * report["n_perplexity_tokens"] / 0.6931472
-                                                    / sum(len(t.encode()) for t in val_texts()), rel=1e-6)
+    assert report["bits_per_byte"] == pytest.approx(
+        report["val_loss"] * report["n_perplexity_tokens"] / 0.6931472 / sum(len(t.encode()) for t in val_texts()),
+        rel=1e-6,
+    )
     assert report["exact_match"] > report["compare_exact_match"]
     assert report["preference_accuracy"] == 1.0
     assert report["wins"] > report["losses"] and report["win_rate"] > 0.5 and report["win_pvalue"] < 0.01
@@ -239,8 +286,11 @@ def test_recipe_refuses_missing_model(tmp_path):
 
 def test_recipe_refuses_data_dir_without_split(tiny, tmp_path):
     with pytest.raises(ConfigError, match=r"eval_data: .* has no test.jsonl"):
-        run_skill("evaluation", tmp_path, {"model": str(tiny["trained"]), "corpus": str(tiny["corpus"]),
-                                            "eval_data": str(tiny["corpus"])})
+        run_skill(
+            "evaluation",
+            tmp_path,
+            {"model": str(tiny["trained"]), "corpus": str(tiny["corpus"]), "eval_data": str(tiny["corpus"])},
+        )
 
 
 def test_pretrained_model_beats_its_untrained_init(pretrained_model, prepared, tmp_path):
@@ -248,9 +298,16 @@ def test_pretrained_model_beats_its_untrained_init(pretrained_model, prepared, t
     from transformers import AutoTokenizer
 
     init = untrained_twin(pretrained_model, tmp_path / "init")
-    res = run_skill("evaluation", tmp_path, {"model": str(pretrained_model), "compare_model": str(init),
-                                             "preference_data": str(output(prepared, "preference_data")),
-                                             "num_samples": 1})
+    res = run_skill(
+        "evaluation",
+        tmp_path,
+        {
+            "model": str(pretrained_model),
+            "compare_model": str(init),
+            "preference_data": str(output(prepared, "preference_data")),
+            "num_samples": 1,
+        },
+    )
     report = json.loads(output(res, "report").read_text())
     vocab = len(AutoTokenizer.from_pretrained(pretrained_model))
     assert report["compare_perplexity"] > 0.3 * vocab, "a random init is about as unsure as a uniform guess"
@@ -282,8 +339,9 @@ def test_adapter_is_merged_into_the_same_numbers(tiny, loaded, tmp_path):
 
     base, tok = ev.load_model_and_tokenizer(tiny["trained"])
     torch.manual_seed(0)
-    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                           init_lora_weights=False))  # random B: the adapter changes the output
+    lora = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )  # random B: the adapter changes the output
     lora.save_pretrained(tmp_path / "adapter")
     unmerged = ev.perplexity(lora, tok, val_texts())
     merged, _ = ev.load_model_and_tokenizer(tiny["trained"], adapter=tmp_path / "adapter")

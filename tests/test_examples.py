@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from skillbook import catalog, examples, markdown
+from skillbook import catalog
+from skillbook.catalog import codeblocks, markdown
 from skillbook.cli import main
+from skillbook.run import examples
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -71,7 +73,7 @@ def test_skill_examples_run(name: str, request: pytest.FixtureRequest) -> None:
 
 def test_good_fixture_runs_every_executed_block_in_a_fresh_dir() -> None:
     skill = fixture_skill("example-demo")
-    assert examples.counts(skill) == {"executed": 3, "marked": 2, "markers": {"fragment": 1, "gpu": 1}}
+    assert codeblocks.counts(skill) == {"executed": 3, "marked": 2, "markers": {"fragment": 1, "gpu": 1}}
     results = examples.run_skill(skill, root=FIXTURES)
     assert [r.ok for r in results] == [True, True, True], "\n".join(r.message(FIXTURES) for r in results)
     # the quick-start block ran the fixture recipe through `skills run` (sum 1..3) ...
@@ -93,7 +95,7 @@ def test_broken_example_names_skill_file_and_line() -> None:
     assert py.returncode == 1 and py.error_line == line_of(skill_md, "BROKEN-PYTHON-LINE")
     msg = py.message(ROOT)
     assert "skill 'broken-example'" in msg
-    assert f"tests/fixtures/skills/broken-example/SKILL.md:{line_of(skill_md, 'json.loads')- 3}" in msg  # the fence
+    assert f"tests/fixtures/skills/broken-example/SKILL.md:{line_of(skill_md, 'json.loads') - 3}" in msg  # the fence
     assert f"SKILL.md:{py.error_line}" in msg and "AttributeError" in msg and "load_string" in msg
 
     sh = results[2]
@@ -120,7 +122,9 @@ def test_timeout_kills_the_block_and_says_so() -> None:
 
 def test_fixture_variables_reach_blocks() -> None:
     code = "import os\nprint(os.environ['SKILLBOOK_MODEL'], os.environ['HF_HUB_OFFLINE'])\n"
-    ex = examples.Example("x", FIXTURES / "skills" / "example-demo" / "SKILL.md", markdown.CodeBlock("python", (), code, 1))
+    ex = examples.Example(
+        "x", FIXTURES / "skills" / "example-demo" / "SKILL.md", markdown.CodeBlock("python", (), code, 1)
+    )
     res = examples.run_example(ex, examples.base_env({"SKILLBOOK_MODEL": "/models/tiny"}, FIXTURES))
     assert res.ok and res.stdout.split() == ["/models/tiny", "1"]
     assert ex.needs() == {"SKILLBOOK_MODEL"}
@@ -136,7 +140,7 @@ def test_marked_blocks_must_still_parse() -> None:
 
 
 def test_examples_module_does_not_import_torch() -> None:
-    code = "import sys, skillbook.examples, skillbook.versions, skillbook.agent_cli; print('torch' in sys.modules)"
+    code = "import sys, skillbook.run.examples, skillbook.catalog.versions, skillbook.cli.agent; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -144,8 +148,24 @@ def test_examples_module_does_not_import_torch() -> None:
 def test_ci_run_fails_on_the_broken_fixture_skill() -> None:
     """The CI test itself, pointed at tests/fixtures: the broken skill fails it with file and line."""
     env = {**os.environ, "SKILLBOOK_EXAMPLES_ROOT": str(FIXTURES)}
-    res = subprocess.run([sys.executable, "-m", "pytest", str(Path(__file__)), "-q", "-p", "no:cacheprovider",
-                          "-k", "test_skill_examples_run"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            str(Path(__file__)),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "test_skill_examples_run",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     out = res.stdout + res.stderr
     assert res.returncode == 1, out
     assert "1 failed, 2 passed" in out

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from conftest import output, run_skill
-
 from skillbook.errors import ConfigError
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install -e '.[export]')")
@@ -26,15 +25,22 @@ def test_onnx_logits_match_torch_on_real_text(exported, pretrained_model, prepar
 
     onnx_dir = output(exported, "onnx")
     tok = AutoTokenizer.from_pretrained(onnx_dir)  # the tokenizer travels with the graph
-    texts = [json.loads(line)["text"][:300] for line in (output(prepared, "corpus") / "val.jsonl").read_text().splitlines()[:3]]
+    texts = [
+        json.loads(line)["text"][:300]
+        for line in (output(prepared, "corpus") / "val.jsonl").read_text().splitlines()[:3]
+    ]
     tok.padding_side = "right"
     batch = tok(texts, return_tensors="np", padding=True)
     sess = ort.InferenceSession(str(onnx_dir / "model.onnx"), providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"input_ids": batch["input_ids"].astype(np.int64),
-                                "attention_mask": batch["attention_mask"].astype(np.int64)})[0]
+    got = sess.run(
+        ["logits"],
+        {"input_ids": batch["input_ids"].astype(np.int64), "attention_mask": batch["attention_mask"].astype(np.int64)},
+    )[0]
     model = AutoModelForCausalLM.from_pretrained(pretrained_model, dtype=torch.float32).eval()
     with torch.inference_mode():
-        ref = model(input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"])).logits.numpy()
+        ref = model(
+            input_ids=torch.tensor(batch["input_ids"]), attention_mask=torch.tensor(batch["attention_mask"])
+        ).logits.numpy()
     valid = batch["attention_mask"].astype(bool)
     # fp32 on both sides, different kernels: differences are rounding (~1e-5), far below 1e-3
     assert np.abs(got - ref)[valid].max() < 1e-3

@@ -7,7 +7,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skillbook import frontmatter, lint, scaffold
+from skillbook import lint
+from skillbook.catalog import frontmatter, scaffold
 
 
 def make_repo(tmp_path: Path) -> Path:
@@ -70,7 +71,9 @@ def test_unknown_keys_flow_lists_and_metadata_types(tmp_path):
 def test_description_limits_and_missing(tmp_path):
     assert any(p.code == "SB107" for p in frontmatter.check({"name": "a"}))
     assert any(p.code == "SB107" for p in frontmatter.check({"name": "a", "description": "x" * 1025}))
-    assert any(p.code == "SB108" for p in frontmatter.check({"name": "a", "description": "d", "compatibility": "c" * 501}))
+    assert any(
+        p.code == "SB108" for p in frontmatter.check({"name": "a", "description": "d", "compatibility": "c" * 501})
+    )
 
 
 def test_links_resolve_case_sensitively(tmp_path):

@@ -19,15 +19,22 @@ torch = pytest.importorskip("torch", reason="grpo needs torch, trl and peft (the
 @pytest.fixture(scope="module")
 def runs(prepared, pretrained_model, session_runs) -> dict:
     sft_model = output(sft_result(prepared, pretrained_model, session_runs), "model")
-    grpo = run_skill("grpo", session_runs, {"model": str(sft_model), "data": str(output(prepared, "sft_data")),
-                                            "eval_data": str(output(prepared, "eval_data"))})
+    grpo = run_skill(
+        "grpo",
+        session_runs,
+        {
+            "model": str(sft_model),
+            "data": str(output(prepared, "sft_data")),
+            "eval_data": str(output(prepared, "eval_data")),
+        },
+    )
     return {"sft_model": sft_model, "grpo": grpo}
 
 
 def test_grpo_raises_mean_reward(runs, prepared):
-    from skillbook import recipe
     from skillbook.ml.evaluate import load_model_and_tokenizer, read_jsonl
     from skillbook.ml.posttrain import mean_sampled_reward
+    from skillbook.run import recipe
 
     cfg = recipe.resolve(recipe.load(ROOT / "skills" / "grpo"), overrides={"model": "/x"})
     rows = read_jsonl(output(prepared, "sft_data") / "train.jsonl")[: cfg.train_limit]

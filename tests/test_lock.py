@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from conftest import ROOT
-
-from skillbook import catalog, versions
+from skillbook import catalog
+from skillbook.catalog import versions
 
 
 def locked() -> dict[str, str]:
@@ -24,6 +24,8 @@ def test_lock_pins_every_line_exactly():
 
 def test_tested_with_versions_are_the_locked_ones():
     lock = locked()
-    drift = {s.name: {p: (v, lock[p]) for p, v in versions.recorded(s).items() if p in lock and v != lock[p]}
-             for s in catalog.load_all(ROOT)}
+    drift = {
+        s.name: {p: (v, lock[p]) for p, v in versions.recorded(s).items() if p in lock and v != lock[p]}
+        for s in catalog.load_all(ROOT)
+    }
     assert not {k: v for k, v in drift.items() if v}, "run `make lock` (or `skills doctor --update --no-run NAME`)"

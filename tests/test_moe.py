@@ -13,12 +13,20 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, dtype_tolerance, output, run_skill
-from skillbook import recipe as recipe_mod
 from skillbook.errors import ConfigError, SkillbookError
+from skillbook.run import recipe as recipe_mod
 
 # Collapse shows from the first step, so its run can be smaller and shorter than the default one.
-TINY = {"hidden_size": 64, "expert_intermediate_size": 128, "num_heads": 4, "batch_size": 8, "seq_len": 32,
-        "steps": 30, "eval_interval": 15, "eval_windows": 8}
+TINY = {
+    "hidden_size": 64,
+    "expert_intermediate_size": 128,
+    "num_heads": 4,
+    "batch_size": 8,
+    "seq_len": 32,
+    "steps": 30,
+    "eval_interval": 15,
+    "eval_windows": 8,
+}
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +34,11 @@ def moe_runs(tmp_path_factory, prepared, tokenizer_dir) -> dict:
     """The default (CPU-tiny) run, and a smaller one with no aux loss and a router biased to expert 0."""
     runs = tmp_path_factory.mktemp("moe_runs")
     data = {"corpus": str(output(prepared, "corpus")), "tokenizer": str(tokenizer_dir)}
-    return {"balanced": run_skill("moe", runs, data),
-            "collapsed": run_skill("moe", runs, {**data, **TINY, "aux_loss_coef": 0.0, "router_init_expert": 0}),
-            "corpus": Path(data["corpus"])}
+    return {
+        "balanced": run_skill("moe", runs, data),
+        "collapsed": run_skill("moe", runs, {**data, **TINY, "aux_loss_coef": 0.0, "router_init_expert": 0}),
+        "corpus": Path(data["corpus"]),
+    }
 
 
 def own_routing_counts(model_dir: Path, corpus: Path):
@@ -48,6 +58,7 @@ def own_routing_counts(model_dir: Path, corpus: Path):
         def fn(module, args, out):
             top_k_index = out[2][real]  # padding positions are not tokens
             counts[layer] += torch.bincount(top_k_index.reshape(-1), minlength=n_experts).float()
+
         return fn
 
     handles = [layer.mlp.gate.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
@@ -114,10 +125,27 @@ def test_saved_model_reloads_and_generates(moe_runs):
 def small_dense(tmp_path_factory, prepared, tokenizer_dir) -> Path:
     """A 2 x 64 Llama pretrained for 20 steps: any trained dense model shows upcycling is exact, and this one
     trains in seconds even under bf16 autocast on a CPU without native bf16 (CI's forced-bf16 pass)."""
-    res = run_skill("pretraining", tmp_path_factory.mktemp("dense"), {
-        "corpus": str(output(prepared, "corpus")), "tokenizer": str(tokenizer_dir), "n_layer": 2, "d_model": 64,
-        "n_head": 2, "seq_len": 32, "total_batch_tokens": 256, "batch_size": 8, "max_steps": 20, "warmup_steps": 2,
-        "eval_interval": 1000, "eval_windows": 4, "peak_flops": 1e11, "sample_prompts": ["Mira"], "sample_tokens": 2})
+    res = run_skill(
+        "pretraining",
+        tmp_path_factory.mktemp("dense"),
+        {
+            "corpus": str(output(prepared, "corpus")),
+            "tokenizer": str(tokenizer_dir),
+            "n_layer": 2,
+            "d_model": 64,
+            "n_head": 2,
+            "seq_len": 32,
+            "total_batch_tokens": 256,
+            "batch_size": 8,
+            "max_steps": 20,
+            "warmup_steps": 2,
+            "eval_interval": 1000,
+            "eval_windows": 4,
+            "peak_flops": 1e11,
+            "sample_prompts": ["Mira"],
+            "sample_tokens": 2,
+        },
+    )
     return output(res, "model")
 
 
@@ -128,9 +156,20 @@ def test_upcycled_model_starts_at_the_dense_loss(small_dense, prepared, tmp_path
 
     from skillbook.ml import moe
 
-    res = run_skill("moe", tmp_path, {"init": "upcycle", "dense_model": str(small_dense), "steps": 2,
-                                      "eval_interval": 1, "seq_len": 32, "batch_size": 2, "eval_windows": 4,
-                                      "corpus": str(output(prepared, "corpus"))})
+    res = run_skill(
+        "moe",
+        tmp_path,
+        {
+            "init": "upcycle",
+            "dense_model": str(small_dense),
+            "steps": 2,
+            "eval_interval": 1,
+            "seq_len": 32,
+            "batch_size": 2,
+            "eval_windows": 4,
+            "corpus": str(output(prepared, "corpus")),
+        },
+    )
     # Same function, so fp32 agrees to rounding; bf16 autocast rounds the experts' sum differently (2.8e-4 on
     # a native-bf16 Xeon), so its bound is bf16's relative precision on a loss near 1.
     assert res["summary"]["upcycle_step0_gap"] < dtype_tolerance(res["summary"], fp32=1e-4, bf16=4e-3)

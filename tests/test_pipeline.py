@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from skillbook import pipeline
 from skillbook.cli import main
 from skillbook.errors import ConfigError
+from skillbook.run import pipeline
 
-MAKER = '''
+MAKER = """
 import json, os, time
 from pathlib import Path
 from pydantic import Field
-from skillbook.recipe import RecipeConfig
+from skillbook.run.recipe import RecipeConfig
 OUTPUTS = {"corpus": "corpus"}
 class Config(RecipeConfig):
     n: int = Field(3, ge=1, description="How many lines.")
@@ -32,13 +32,13 @@ def run(cfg, ctx):
         ctx.log(step=i, loss=1.0 / (i + 1))
     ctx.summary["lines"] = cfg.n
     return {"corpus": out}
-'''
+"""
 
-COUNTER = '''
+COUNTER = """
 import os, time
 from pathlib import Path
 from pydantic import Field
-from skillbook.recipe import RecipeConfig
+from skillbook.run.recipe import RecipeConfig
 OUTPUTS = {"report": "eval-report"}
 INPUTS = {"corpus": "corpus"}
 class Config(RecipeConfig):
@@ -52,7 +52,7 @@ def run(cfg, ctx):
     out.write_text(f'{{"exact_match": {lines * cfg.scale / 100}}}')
     ctx.summary["exact_match"] = lines * cfg.scale / 100
     return {"report": out}
-'''
+"""
 
 PIPE = """name: chain
 description: Makes a corpus, then counts it twice.
@@ -78,7 +78,9 @@ steps:
 def add_skill(root: Path, name: str, source: str) -> None:
     path = root / "skills" / name
     path.mkdir(parents=True)
-    (path / "SKILL.md").write_text(f"---\nname: {name}\ndescription: Test skill. Use in tests.\n---\n\n```bash\necho ok\n```\n")
+    (path / "SKILL.md").write_text(
+        f"---\nname: {name}\ndescription: Test skill. Use in tests.\n---\n\n```bash\necho ok\n```\n"
+    )
     (path / "recipe.py").write_text(source)
     (path / "recipe.yaml").write_text(f"# yaml-language-server: $schema=../../schemas/{name}.schema.json\n")
 
@@ -139,9 +141,14 @@ def test_report_puts_stages_side_by_side(repo, tmp_path):
 
 
 def test_validation_lists_every_problem_and_runs_nothing(repo, tmp_path):
-    bad = PIPE.replace("${steps.make.corpus}\n      scale: 2", "${steps.make.nope}\n      scale: two") \
-              .replace("skill: maker", "skill: makr").replace("label: first\n    config:\n      corpus: ${steps.make.corpus}",
-                                                             "config:\n      corpus: ${steps.count2.report}")
+    bad = (
+        PIPE.replace("${steps.make.corpus}\n      scale: 2", "${steps.make.nope}\n      scale: two")
+        .replace("skill: maker", "skill: makr")
+        .replace(
+            "label: first\n    config:\n      corpus: ${steps.make.corpus}",
+            "config:\n      corpus: ${steps.count2.report}",
+        )
+    )
     (repo / "recipes" / "bad.yaml").write_text(bad.replace("name: chain", "name: bad"))
     runs = tmp_path / "runs"
     res = CliRunner().invoke(main, ["run", "bad", "--runs-dir", str(runs)])
@@ -155,11 +162,17 @@ def test_validation_lists_every_problem_and_runs_nothing(repo, tmp_path):
 
 
 def test_kind_mismatch_is_reported(repo):
-    spec = pipeline.PipelineSpec.model_validate({
-        "name": "k", "description": "d", "steps": [
-            {"id": "a", "skill": "maker"},
-            {"id": "b", "skill": "counter", "config": {"corpus": "${steps.a.corpus}"}},
-            {"id": "c", "skill": "counter", "config": {"corpus": "${steps.b.report}"}}]})
+    spec = pipeline.PipelineSpec.model_validate(
+        {
+            "name": "k",
+            "description": "d",
+            "steps": [
+                {"id": "a", "skill": "maker"},
+                {"id": "b", "skill": "counter", "config": {"corpus": "${steps.a.corpus}"}},
+                {"id": "c", "skill": "counter", "config": {"corpus": "${steps.b.report}"}},
+            ],
+        }
+    )
     problems = pipeline.validate(spec, repo)
     assert len(problems) == 1 and "wants a corpus but ${steps.b.report} is a eval-report" in problems[0]
 
@@ -167,8 +180,12 @@ def test_kind_mismatch_is_reported(repo):
 def test_killed_pipeline_resumes_at_the_unfinished_step(repo, tmp_path):
     runs = tmp_path / "runs"
     env = {**os.environ, "SLOW_STEP": "counter", "SKILLBOOK_ROOT": str(repo)}
-    proc = subprocess.Popen([sys.executable, "-m", "skillbook.cli", "run", "chain", "--runs-dir", str(runs)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "skillbook.cli", "run", "chain", "--runs-dir", str(runs)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while not list((runs / "cache" / "counter").glob("*/config.yaml")) and time.time() < deadline:
@@ -195,24 +212,38 @@ def test_runs_lists_and_gc_prunes_unreferenced_entries(repo, tmp_path):
 def test_cache_key_covers_the_shared_helpers_a_recipe_imports():
     """A step's cache key must change when a skillbook.ml helper it runs changes, or a fixed data
     generator would keep serving the stale cached step."""
-    from skillbook import recipe as recipe_mod
     from skillbook.catalog import find
+    from skillbook.run import recipe as recipe_mod
 
     sft = recipe_mod.load(find("sft").path)
     text = sft.code_text()
-    ml = Path(recipe_mod.__file__).parent / "ml"
-    for module in ("posttrain", "evaluate", "synthetic"):   # synthetic only through posttrain: transitive
+    ml = Path(recipe_mod.__file__).parents[1] / "ml"
+    for module in ("posttrain", "evaluate", "synthetic"):  # synthetic only through posttrain: transitive
         assert (ml / f"{module}.py").read_text() in text, module
-    assert (ml / "serve_app.py").read_text() not in text   # unrelated helpers do not invalidate it
-    assert recipe_mod.ml_imports("from skillbook.ml import lm_data, training as tr\n", in_ml=False) == \
-        {"lm_data", "training"}
+    assert (ml / "serve_app.py").read_text() not in text  # unrelated helpers do not invalidate it
+    assert recipe_mod.ml_imports("from skillbook.ml import lm_data, training as tr\n", in_ml=False) == {
+        "lm_data",
+        "training",
+    }
     assert recipe_mod.ml_imports("from ..errors import X\nfrom .evaluate import y\n", in_ml=True) == {"evaluate"}
-    assert recipe_mod.ml_imports("def f():\n    from skillbook.ml import (evaluate,  # metrics\n"
-                                 "        posttrain as pt)\n    from skillbook.ml.moe import x\n", in_ml=False) == \
-        {"evaluate", "posttrain", "moe"}
+    assert recipe_mod.ml_imports(
+        "def f():\n    from skillbook.ml import (evaluate,  # metrics\n"
+        "        posttrain as pt)\n    from skillbook.ml.moe import x\n",
+        in_ml=False,
+    ) == {"evaluate", "posttrain", "moe"}
     # the same in every process: set order follows PYTHONHASHSEED, the key must not
-    probe = ("import hashlib, sys; from skillbook import recipe; from skillbook.catalog import find; "
-             "print(hashlib.sha256(recipe.load(find('sft').path).code_text().encode()).hexdigest())")
-    digests = {subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                              env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    probe = (
+        "import hashlib, sys; from skillbook.run import recipe; from skillbook.catalog import find; "
+        "print(hashlib.sha256(recipe.load(find('sft').path).code_text().encode()).hexdigest())"
+    )
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": seed},
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
     assert len(digests) == 1, digests

@@ -13,14 +13,25 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, dtype_tolerance, output, run_skill
-from skillbook import recipe
 from skillbook.errors import ConfigError, SkillbookError
+from skillbook.run import recipe
 
 # A model small enough that a 2-process CPU run and a killed-and-resumed run each take seconds. Its dtype is
 # left at auto, so CI's SKILLBOOK_AUTO_DTYPE=bfloat16 pass checks resume and DDP parity under bf16 too.
-SMALL = {"n_layer": 2, "d_model": 64, "n_head": 2, "seq_len": 32, "total_batch_tokens": 256, "batch_size": 8,
-         "eval_interval": 1000, "eval_windows": 8, "peak_flops": 1e11, "compile": False,
-         "sample_prompts": ["Mira"], "sample_tokens": 4}
+SMALL = {
+    "n_layer": 2,
+    "d_model": 64,
+    "n_head": 2,
+    "seq_len": 32,
+    "total_batch_tokens": 256,
+    "batch_size": 8,
+    "eval_interval": 1000,
+    "eval_windows": 8,
+    "peak_flops": 1e11,
+    "compile": False,
+    "sample_prompts": ["Mira"],
+    "sample_tokens": 4,
+}
 
 
 def small(prepared, tokenizer_dir, **over) -> dict:
@@ -43,6 +54,7 @@ def sets(values: dict) -> list[str]:
 
 
 # ---- the tiny default (session fixture: trained once for the whole suite) ---------------------------
+
 
 def test_tiny_default_loss_falls(pretrained):
     s = pretrained["summary"]
@@ -84,14 +96,15 @@ def test_default_model_learns_the_facts_not_just_the_grammar(pretrained_model):
     Measured on the default (300 steps): 0.99 on the held-out (eval) facts; 0.65 on the old 150-step 3.4M model."""
     import random
 
-    from skillbook.ml import evaluate as ev, synthetic
+    from skillbook.ml import evaluate as ev
+    from skillbook.ml import synthetic
 
     world, rng = synthetic.make_world(0), random.Random(5)
     names = {"owner": [p["name"] for p in world.people], "pet_name": [p["pet"] for p in world.people]}
     prefixes, right, wrong = [], [], []
     for fact in world.facts_in("eval"):
         template = next((t for t in synthetic.STATEMENTS[fact.attribute] if t.endswith("{v}.")), None)
-        if template is None:   # arithmetic states the sum as {z}
+        if template is None:  # arithmetic states the sum as {z}
             continue
         sentence = fact.fill(template)
         prefixes.append(sentence[: sentence.rindex(fact.answer)].rstrip())
@@ -112,14 +125,16 @@ def pretrained_cfg(result: dict) -> dict:
 
 # ---- resume: SIGKILL mid-run, then resume=auto, ends exactly where an uninterrupted run ends ---------
 
+
 @pytest.mark.autocast
 def test_sigkill_then_resume_matches_uninterrupted(prepared, tokenizer_dir, tmp_path):
     values = small(prepared, tokenizer_dir, max_steps=300, checkpoint_interval=20, keep_checkpoints=2)
     straight = run_skill("pretraining", tmp_path / "straight", values)
 
     runs = tmp_path / "killed"
-    proc = subprocess.Popen(cli("--runs-dir", str(runs), *sets(values)), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cli("--runs-dir", str(runs), *sets(values)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     while not list(runs.glob("pretraining/*/checkpoints/step_*.pt")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -139,13 +154,27 @@ def test_sigkill_then_resume_matches_uninterrupted(prepared, tokenizer_dir, tmp_
 
 # ---- DDP: 2 gloo processes x 1 micro-step == 1 process x 2 accumulation steps ----------------------
 
+
 @pytest.mark.autocast
 def test_torchrun_two_processes_follow_one_process_curve(prepared, tokenizer_dir, tmp_path):
     values = small(prepared, tokenizer_dir, max_steps=30, batch_size=4, checkpoint_interval=1000)
     one = run_skill("pretraining", tmp_path / "one", values)
     assert one["summary"]["grad_accum"] == 2 and one["summary"]["world_size"] == 1
-    res = subprocess.run(cli("--runs-dir", str(tmp_path / "two"), "--launcher", "torchrun", "--nproc-per-node", "2",
-                             "--json", *sets(values)), capture_output=True, text=True, timeout=600)
+    res = subprocess.run(
+        cli(
+            "--runs-dir",
+            str(tmp_path / "two"),
+            "--launcher",
+            "torchrun",
+            "--nproc-per-node",
+            "2",
+            "--json",
+            *sets(values),
+        ),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     two = json.loads(res.stdout)
     assert two["summary"]["world_size"] == 2 and two["summary"]["grad_accum"] == 1
@@ -162,7 +191,10 @@ def test_torchrun_two_processes_follow_one_process_curve(prepared, tokenizer_dir
 
 # ---- presets are the sizes their names say (meta device: no memory, no time) -------------------------
 
-@pytest.mark.parametrize("preset,millions", [("tiny", 0.98), ("small-25m", 25), ("medium-117m", 117), ("large-350m", 350)])
+
+@pytest.mark.parametrize(
+    "preset,millions", [("tiny", 0.98), ("small-25m", 25), ("medium-117m", 117), ("large-350m", 350)]
+)
 def test_presets_have_the_size_in_their_name(preset, millions):
     import torch
     from transformers import LlamaForCausalLM
@@ -180,6 +212,7 @@ def rec_module(rec):
 
 
 # ---- bad input: one clear message, before any training -------------------------------------------------
+
 
 def test_missing_corpus_fails_before_training(tmp_path):
     with pytest.raises(ConfigError, match="corpus: .*does-not-exist does not exist"):
@@ -210,6 +243,7 @@ def test_batch_that_does_not_split_over_processes_is_refused(prepared, tokenizer
 
 
 # ---- the pieces: schedule, sampler position, checkpoint rotation ----------------------------------------
+
 
 def test_lr_schedule_warms_up_then_decays_to_min():
     from skillbook.ml.training import lr_at

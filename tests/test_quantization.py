@@ -104,7 +104,10 @@ def test_llama_cpp_tokenizer_matches_hf(sharp_model, prepared, tmp_path):
     val = output(prepared, "corpus") / "val.jsonl"
     texts = [json.loads(line)["text"] for line in val.read_text().splitlines()[:20]]
     for text in texts:
-        assert llm.tokenize(text.encode(), add_bos=False, special=False) == tok(text, add_special_tokens=False)["input_ids"]
+        assert (
+            llm.tokenize(text.encode(), add_bos=False, special=False)
+            == tok(text, add_special_tokens=False)["input_ids"]
+        )
     assert llm.token_bos() == tok.bos_token_id and llm.token_eos() == tok.eos_token_id
 
 
@@ -118,8 +121,16 @@ def test_q8_0_greedy_decoding_agrees_with_f32(pretrained_model, tmp_path):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(pretrained_model)
-    prompts = ["Question: What colour is Mira's kite?\nAnswer:", "Mira lives in", "The baker of Ashby",
-               "3 + 4 =", "Tobin has a pet", "Question: What is Lena's job?\nAnswer:", "In Calder,", "Ada likes"]
+    prompts = [
+        "Question: What colour is Mira's kite?\nAnswer:",
+        "Mira lives in",
+        "The baker of Ashby",
+        "3 + 4 =",
+        "Tobin has a pet",
+        "Question: What is Lena's job?\nAnswer:",
+        "In Calder,",
+        "Ada likes",
+    ]
     for ftype in ("F32", "Q8_0"):
         gx.write_gguf(pretrained_model, tmp_path / f"{ftype}.gguf", ftype)
     f32 = gx.load_gguf(tmp_path / "F32.gguf", n_ctx=128)
@@ -132,16 +143,25 @@ def test_q8_0_greedy_decoding_agrees_with_f32(pretrained_model, tmp_path):
             gen.append(t)
             if len(gen) == 24:
                 break
-        picks = np.argmax(gx.gguf_logits(q8, ids + gen), axis=-1)[len(ids) - 1: len(ids) + len(gen) - 1]
+        picks = np.argmax(gx.gguf_logits(q8, ids + gen), axis=-1)[len(ids) - 1 : len(ids) + len(gen) - 1]
         same += int(sum(int(a) == b for a, b in zip(picks, gen)))
         total += len(gen)
     assert total == 24 * len(prompts) and same / total >= 0.95, f"{same}/{total}"
 
 
 def test_quantization_recipe_reports_every_type(pretrained_model, prepared, tmp_path):
-    res = run_skill("quantization", tmp_path, {
-        "model": str(pretrained_model), "corpus": str(output(prepared, "corpus")),
-        "types": ["F32", "Q8_0", "Q4_K_M"], "eval_docs": 8, "decode_tokens": 24, "torch_int8": True})
+    res = run_skill(
+        "quantization",
+        tmp_path,
+        {
+            "model": str(pretrained_model),
+            "corpus": str(output(prepared, "corpus")),
+            "types": ["F32", "Q8_0", "Q4_K_M"],
+            "eval_docs": 8,
+            "decode_tokens": 24,
+            "torch_int8": True,
+        },
+    )
     s = res["summary"]
     gguf_path = output(res, "gguf")
     assert gguf_path.suffix == ".gguf" and "Q8_0" in gguf_path.name
@@ -149,9 +169,9 @@ def test_quantization_recipe_reports_every_type(pretrained_model, prepared, tmp_
     assert llm.n_vocab() > 0
     rows = {r["name"]: r for r in json.loads((Path(res["run_dir"]) / "quantization.json").read_text())}
     base = rows["transformers fp32"]["perplexity"]
-    assert abs(rows["GGUF F32"]["perplexity"] - base) / base < 1e-3   # same weights, same numbers
-    assert abs(s["ppl_delta"]) / base < 0.02                          # Q8_0 is near-lossless
-    assert 8.0 < s["bits_per_weight"] < 9.0                            # 34 bytes per 32 weights + F32 norms
+    assert abs(rows["GGUF F32"]["perplexity"] - base) / base < 1e-3  # same weights, same numbers
+    assert abs(s["ppl_delta"]) / base < 0.02  # Q8_0 is near-lossless
+    assert 8.0 < s["bits_per_weight"] < 9.0  # 34 bytes per 32 weights + F32 norms
     assert rows["GGUF F32"]["size_bytes"] > rows["GGUF Q8_0"]["size_bytes"] > rows["GGUF Q4_K_M"]["size_bytes"]
     assert rows["torch dynamic int8"]["perplexity"] < base * 1.1
     assert all(r["decode_tokens_per_s"] > 0 for r in rows.values())

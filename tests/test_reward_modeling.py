@@ -20,8 +20,9 @@ torch = pytest.importorskip("torch", reason="reward-modeling needs torch and trl
 @pytest.fixture(scope="module")
 def rm_run(prepared, pretrained_model, session_runs) -> dict:
     sft_model = output(sft_result(prepared, pretrained_model, session_runs), "model")
-    return run_skill("reward-modeling", session_runs,
-                     {"model": str(sft_model), "data": str(output(prepared, "preference_data"))})
+    return run_skill(
+        "reward-modeling", session_runs, {"model": str(sft_model), "data": str(output(prepared, "preference_data"))}
+    )
 
 
 def test_reward_model_ranks_held_out_pairs_above_chance(rm_run, prepared):
@@ -51,7 +52,9 @@ def test_reward_model_ranks_held_out_pairs_above_chance(rm_run, prepared):
 def test_missing_rejected_column_fails_before_model_load(tmp_path):
     bad = tmp_path / "prefs"
     bad.mkdir()
-    (bad / "train.jsonl").write_text(json.dumps({"prompt": "Question: Who owns Pip?\nAnswer:", "chosen": " Mira"}) + "\n")
+    (bad / "train.jsonl").write_text(
+        json.dumps({"prompt": "Question: Who owns Pip?\nAnswer:", "chosen": " Mira"}) + "\n"
+    )
     empty_model = tmp_path / "model"
     empty_model.mkdir()
     with pytest.raises(ConfigError) as info:
@@ -59,4 +62,4 @@ def test_missing_rejected_column_fails_before_model_load(tmp_path):
     assert str(bad / "train.jsonl") in str(info.value) and "'rejected'" in str(info.value)
 
 
-THRESHOLD = 0.7   # measured 0.745-0.787 on 282 held-out pairs (0.39-0.52 with the untrained head)
+THRESHOLD = 0.7  # measured 0.745-0.787 on 282 held-out pairs (0.39-0.52 with the untrained head)

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, run_skill
-
 from skillbook.errors import ConfigError
 from skillbook.ml import serve_app, serve_backends
 
@@ -68,6 +67,7 @@ def post(url: str, body: bytes, key: str | None = "sekret") -> tuple[int, dict]:
 
 # ---- the official client: completions, chat, streaming, sampling parameters --------------------
 
+
 @pytest.mark.parametrize("which", ["hf_server", "gguf_server"])
 def test_openai_client_completion_chat_and_stream(which, request):
     srv = request.getfixturevalue(which)
@@ -79,8 +79,10 @@ def test_openai_client_completion_chat_and_stream(which, request):
     msgs = [{"role": "user", "content": "What colour is Mira's kite?"}]
     chat = c.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0)
     assert chat.choices[0].message.role == "assistant"
-    parts = [ch.choices[0].delta.content or "" for ch in
-             c.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0, stream=True)]
+    parts = [
+        ch.choices[0].delta.content or ""
+        for ch in c.chat.completions.create(model=model, messages=msgs, max_tokens=12, temperature=0, stream=True)
+    ]
     assert len(parts) > 1 and "".join(parts) == chat.choices[0].message.content  # greedy: stream == non-stream
 
 
@@ -90,12 +92,11 @@ def test_sampling_parameters_are_honoured(which, request):
     model = c.models.list().data[0].id
     kw = dict(model=model, prompt="Mira", max_tokens=12, temperature=1.5, top_p=0.95, extra_body={"top_k": 50})
     a = c.completions.create(seed=7, **kw).choices[0].text
-    assert a == c.completions.create(seed=7, **kw).choices[0].text          # seed makes sampling repeatable
+    assert a == c.completions.create(seed=7, **kw).choices[0].text  # seed makes sampling repeatable
     texts = {c.completions.create(seed=s, **kw).choices[0].text for s in range(4)}
-    assert len(texts) > 1                                                   # temperature actually samples
+    assert len(texts) > 1  # temperature actually samples
     # stop: the same seeded sample with a stop string taken from its middle ends right before it
-    seed, text = next((sd, t) for sd in range(20)
-                      if len(t := c.completions.create(seed=sd, **kw).choices[0].text) >= 4)
+    seed, text = next((sd, t) for sd in range(20) if len(t := c.completions.create(seed=sd, **kw).choices[0].text) >= 4)
     stop = text[2:4]
     stopped = c.completions.create(seed=seed, stop=[stop], **kw)
     assert stopped.choices[0].text == text[: text.index(stop)] and stopped.choices[0].finish_reason == "stop"
@@ -108,12 +109,17 @@ def test_gguf_chat_prompt_equals_transformers_chat_template(gguf_file, pretraine
 
     tok = AutoTokenizer.from_pretrained(pretrained_model)
     backend = serve_backends.LlamaCppBackend(gguf_file, n_ctx=128)
-    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "What colour is Mira's kite?"}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "What colour is Mira's kite?"},
+    ]
     assert backend.chat_prompt(msgs) == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
 
 
 # ---- bad requests: clear 4xx, and the server keeps serving ----------------------------------------
+
 
 def test_bad_requests_get_4xx_and_server_survives(hf_server):
     url = f"{hf_server.url}/v1/completions"
@@ -122,7 +128,11 @@ def test_bad_requests_get_4xx_and_server_survives(hf_server):
     code, body = post(url, json.dumps({"model": "gpt-9", "prompt": "hi"}).encode())
     assert code == 404 and "gpt-9" in body["error"]["message"] and "tiny" in body["error"]["message"]
     code, body = post(url, json.dumps({"model": "tiny", "prompt": "Mira " * 5000, "max_tokens": 4}).encode())
-    assert code == 400 and body["error"]["code"] == "context_length_exceeded" and "maximum context length" in body["error"]["message"]
+    assert (
+        code == 400
+        and body["error"]["code"] == "context_length_exceeded"
+        and "maximum context length" in body["error"]["message"]
+    )
     code, body = post(url, json.dumps({"model": "tiny", "prompt": "hi", "temperature": 9}).encode())
     assert code == 400 and "temperature" in body["error"]["message"]
     code, body = post(url, json.dumps({"model": "tiny", "prompt": "hi"}).encode(), key="wrong")
@@ -141,29 +151,47 @@ def test_sixteen_concurrent_clients_all_succeed(gguf_server):
 
 # ---- the recipe: smoke mode, backend choice, vLLM command, clean shutdown on SIGTERM ---------------
 
+
 def test_smoke_run_writes_report(gguf_file, tmp_path):
-    res = run_skill("serving", tmp_path, {"model": str(gguf_file), "smoke": True, "port": 0, "load_clients": 4,
-                                          "prompt": PROSE})
+    res = run_skill(
+        "serving", tmp_path, {"model": str(gguf_file), "smoke": True, "port": 0, "load_clients": 4, "prompt": PROSE}
+    )
     report = json.loads(Path(res["outputs"]["report"]["path"]).read_text())
     assert report["backend"] == "llama-cpp" and report["smoke"]["ok"] is True
     assert res["summary"]["smoke_ok"] is True and res["summary"]["load_failed"] == 0
 
 
 def test_vllm_command_line():
-    argv = serve_backends.vllm_argv("/models/llama-8b", 8001, tensor_parallel_size=4, gpu_memory_utilization=0.85,
-                                    max_model_len=8192, quantization="awq", served_model_name="llama", api_key="k")
+    argv = serve_backends.vllm_argv(
+        "/models/llama-8b",
+        8001,
+        tensor_parallel_size=4,
+        gpu_memory_utilization=0.85,
+        max_model_len=8192,
+        quantization="awq",
+        served_model_name="llama",
+        api_key="k",
+    )
     assert argv[:3] == ["vllm", "serve", "/models/llama-8b"]
     pairs = dict(zip(argv[3::2], argv[4::2]))
-    assert pairs == {"--host": "127.0.0.1", "--port": "8001", "--tensor-parallel-size": "4", "--gpu-memory-utilization": "0.85",
-                     "--dtype": "auto", "--max-model-len": "8192", "--quantization": "awq", "--served-model-name": "llama",
-                     "--api-key": "k"}
+    assert pairs == {
+        "--host": "127.0.0.1",
+        "--port": "8001",
+        "--tensor-parallel-size": "4",
+        "--gpu-memory-utilization": "0.85",
+        "--dtype": "auto",
+        "--max-model-len": "8192",
+        "--quantization": "awq",
+        "--served-model-name": "llama",
+        "--api-key": "k",
+    }
     assert "--quantization" not in serve_backends.vllm_argv("m", 1)
 
 
 def test_backend_choice_and_refusals(gguf_file, pretrained_model, tmp_path):
     import torch
 
-    rec_mod = __import__("skillbook.recipe", fromlist=["load"])
+    rec_mod = __import__("skillbook.run.recipe", fromlist=["load"])
     serving = rec_mod.load(ROOT / "skills" / "serving")
     cfg = lambda **kw: rec_mod.resolve(serving, overrides=kw)  # noqa: E731
     mod = sys.modules["skillbook_recipes.serving"]
@@ -184,8 +212,21 @@ def test_sigterm_stops_the_server_cleanly(gguf_file, tmp_path):
 
     port = serve_app.free_port()
     env = {**os.environ, "SKILLBOOK_RUNS": str(tmp_path)}
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "skills"), "run", "serving", "--set", f"model={gguf_file}",
-                             "--set", f"port={port}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "skills"),
+            "run",
+            "serving",
+            "--set",
+            f"model={gguf_file}",
+            "--set",
+            f"port={port}",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines, ready = [], threading.Event()
 
     def read_stderr() -> None:

@@ -21,8 +21,11 @@ torch = pytest.importorskip("torch", reason="sft needs torch, trl and peft (the 
 
 def sft_result(prepared: dict, pretrained_model: Path, session_runs: Path) -> dict:
     """The default sft run on the session's pretrained model, run once and shared by test_dpo/test_grpo."""
-    sets = {"model": str(pretrained_model), "data": str(output(prepared, "sft_data")),
-            "eval_data": str(output(prepared, "eval_data"))}
+    sets = {
+        "model": str(pretrained_model),
+        "data": str(output(prepared, "sft_data")),
+        "eval_data": str(output(prepared, "eval_data")),
+    }
     for done in sorted((session_runs / "sft").glob("*/outputs.json")):
         result = json.loads(done.read_text())
         config = (done.parent / "config.yaml").read_text()
@@ -103,7 +106,7 @@ def test_sft_data_missing_completion_fails_before_model_load(tmp_path):
 
 
 def test_presets_validate_and_tiny_default_has_no_checkpointing():
-    from skillbook import recipe
+    from skillbook.run import recipe
 
     rec = recipe.load(ROOT / "skills" / "sft")
     cfg = recipe.resolve(rec, overrides={"model": "/x"})

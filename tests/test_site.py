@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import textwrap
 from html.parser import HTMLParser
 from pathlib import Path
@@ -11,8 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from skillbook import catalog, site, site_data, site_links
+from skillbook import catalog
 from skillbook.errors import SkillbookError
+from skillbook.site import build as site
+from skillbook.site import data as site_data
+from skillbook.site import links as site_links
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,8 +24,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from skillbook.recipe import RecipeConfig
-from skillbook.runner import RunContext
+from skillbook.run.recipe import RecipeConfig
+from skillbook.run.runner import RunContext
 
 OUTPUTS = {{"{output}": "{kind}"}}
 INPUTS = {{}}
@@ -54,16 +56,22 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
 
 
 def skill_md(name: str, description: str, stage: str, body: str, extra_meta: str = "") -> str:
-    return (f"---\nname: {name}\ndescription: {description}\nlicense: Apache-2.0\nmetadata:\n  stage: {stage}\n"
-            f"  recipe: recipe.py\n{extra_meta}---\n\n{textwrap.dedent(body).strip()}\n")
+    return (
+        f"---\nname: {name}\ndescription: {description}\nlicense: Apache-2.0\nmetadata:\n  stage: {stage}\n"
+        f"  recipe: recipe.py\n{extra_meta}---\n\n{textwrap.dedent(body).strip()}\n"
+    )
 
 
 def make_repo(root: Path) -> Path:
     """Two skills with references, recipes and a preset, a pipeline, a contributing guide, a benchmark."""
     data = root / "skills" / "toy-data"
     (data / "references").mkdir(parents=True)
-    (data / "SKILL.md").write_text(skill_md(
-        "toy-data", "Builds a tiny zebra corpus for tests. Use when a pipeline needs text to train on.", "data", """
+    (data / "SKILL.md").write_text(
+        skill_md(
+            "toy-data",
+            "Builds a tiny zebra corpus for tests. Use when a pipeline needs text to train on.",
+            "data",
+            """
         # Toy data
 
         Makes text. See [the guide](references/guide.md), its [knobs](references/guide.md#the-knobs-that-matter),
@@ -88,19 +96,27 @@ def make_repo(root: Path) -> Path:
         ## Notes
 
         A second heading with the same text gets its own anchor.
-        """, '  tested-with: "torch==2.13.0 transformers==5.23.0"\n'))
+        """,
+            '  tested-with: "torch==2.13.0 transformers==5.23.0"\n',
+        )
+    )
     (data / "references" / "guide.md").write_text(
         "# Guide\n\nWhy the defaults are what they are.\n\n## The knobs that matter\n\nBack to [the skill](../SKILL.md#notes-1).\n\n"
         "![the data flow](flow.svg)\n\n"
-        "```python fragment\nsteps = 10\n```\n")
+        "```python fragment\nsteps = 10\n```\n"
+    )
     (data / "references" / "flow.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>')
     (data / "recipe.py").write_text(RECIPE.format(output="corpus", kind="corpus"))
     (data / "recipe.yaml").write_text("# yaml-language-server: $schema=../../schemas/toy-data.schema.json\nsteps: 5\n")
     train = root / "skills" / "toy-train"
     (train / "references").mkdir(parents=True)
     (train / "configs").mkdir()
-    (train / "SKILL.md").write_text(skill_md(
-        "toy-train", "Trains a quokka model on the toy corpus. Use when testing training.", "post-training", """
+    (train / "SKILL.md").write_text(
+        skill_md(
+            "toy-train",
+            "Trains a quokka model on the toy corpus. Use when testing training.",
+            "post-training",
+            """
         # Toy train
 
         Needs [toy data](../toy-data/SKILL.md) first; the [reference](references/scale.md).
@@ -108,13 +124,16 @@ def make_repo(root: Path) -> Path:
         ## Defaults that work
 
         `steps: 10`.
-        """))
+        """,
+        )
+    )
     (train / "references" / "scale.md").write_text("# Scaling up\n\nUse a GPU.\n")
     (train / "recipe.py").write_text(RECIPE.format(output="model", kind="hf-model"))
     (train / "recipe.yaml").write_text("# yaml-language-server: $schema=../../schemas/toy-train.schema.json\n")
     (train / "configs" / "big.yaml").write_text("# GPU-scale: 1000 steps\nsteps: 1000\n")
     (root / "recipes").mkdir()
-    (root / "recipes" / "toyrun.yaml").write_text(textwrap.dedent("""\
+    (root / "recipes" / "toyrun.yaml").write_text(
+        textwrap.dedent("""\
         name: toyrun
         description: Data, then training, then a second data pass that reads both.
         steps:
@@ -128,10 +147,15 @@ def make_repo(root: Path) -> Path:
             skill: toy-data
             config:
               corpus: "${steps.data.corpus} ${steps.train.model}"
-        """))
-    (root / "CONTRIBUTING.md").write_text("# Contributing\n\nStart from [toy data](skills/toy-data/SKILL.md).\n\n## Checks\n\nRun lint.\n")
+        """)
+    )
+    (root / "CONTRIBUTING.md").write_text(
+        "# Contributing\n\nStart from [toy data](skills/toy-data/SKILL.md).\n\n## Checks\n\nRun lint.\n"
+    )
     (root / "benchmarks" / "results").mkdir(parents=True)
-    (root / "benchmarks" / "results" / "toy-data.json").write_text(json.dumps({"docs_per_s": 1234.5, "meta": {"n": 3}, "name": "x"}))
+    (root / "benchmarks" / "results" / "toy-data.json").write_text(
+        json.dumps({"docs_per_s": 1234.5, "meta": {"n": 3}, "name": "x"})
+    )
     for stamp, summary in (("20260101-000000-aaaa", {"old_metric": 1}), ("20260102-000000-bbbb", {"final_loss": 2.25})):
         run = root / "runs" / "toy-data" / stamp
         run.mkdir(parents=True)
@@ -148,8 +172,12 @@ def tiny_png() -> bytes:
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\x00\x40\x80\xc0")) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b"\x00\x40\x80\xc0"))
+        + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -200,8 +228,15 @@ def test_every_skill_reference_and_pipeline_gets_a_page(built, repo):
     assert (out / "skills/toy-data/references/guide.html").is_file()
     assert (out / "skills/toy-train/references/scale.html").is_file()
     assert (out / "pipelines/toyrun.html").is_file()
-    for page in ("index.html", "search.html", "contributing.html", "catalog.html", "files/skills/toy-data/recipe.py.html",
-                 "files/skills/toy-train/configs/big.yaml.html", "skills/toy-data/SKILL.md"):
+    for page in (
+        "index.html",
+        "search.html",
+        "contributing.html",
+        "catalog.html",
+        "files/skills/toy-data/recipe.py.html",
+        "files/skills/toy-train/configs/big.yaml.html",
+        "skills/toy-data/SKILL.md",
+    ):
         assert (out / page).is_file(), page
     home = (out / "index.html").read_text()
     assert "Builds a tiny zebra corpus" in home and "Post-training" in home
@@ -227,11 +262,15 @@ def test_every_internal_link_and_anchor_resolves(built):
 
 def test_checker_reports_missing_files_and_anchors(tmp_path):
     (tmp_path / "a").mkdir()
-    (tmp_path / "index.html").write_text('<h2 id="x">x</h2><a href="#x">ok</a><a href="#nope">bad</a>'
-                                         '<a href="a/b.html">gone</a><a href="https://example.org/">ext</a>')
+    (tmp_path / "index.html").write_text(
+        '<h2 id="x">x</h2><a href="#x">ok</a><a href="#nope">bad</a>'
+        '<a href="a/b.html">gone</a><a href="https://example.org/">ext</a>'
+    )
     broken = site_links.check(tmp_path)
-    assert {(b.href, b.reason) for b in broken} == {("#nope", "no anchor #nope in index.html"),
-                                                    ("a/b.html", "a/b.html does not exist")}
+    assert {(b.href, b.reason) for b in broken} == {
+        ("#nope", "no anchor #nope in index.html"),
+        ("a/b.html", "a/b.html does not exist"),
+    }
 
 
 def test_search_index_contains_every_skill_with_its_headings(built):
@@ -250,7 +289,7 @@ def test_search_index_contains_every_skill_with_its_headings(built):
 
 
 def test_config_table_matches_the_schema(built, repo):
-    from skillbook import recipe
+    from skillbook.run import recipe
 
     out, _ = built
     schema = recipe.load(repo / "skills" / "toy-data").Config.model_json_schema()
@@ -293,7 +332,7 @@ def test_skill_page_shows_run_command_presets_tested_with_and_results(built):
 def test_pipeline_page_draws_the_step_graph(built):
     out, _ = built
     page = (out / "pipelines/toyrun.html").read_text()
-    svg = page[page.index("<svg"): page.index("</svg>")]
+    svg = page[page.index("<svg") : page.index("</svg>")]
     for step in ("data", "train", "again"):
         assert f'id="node-{step}"' in svg
     assert svg.count('class="dag-edge"') == 3  # data→train, data→again, train→again
@@ -304,12 +343,19 @@ def test_pipeline_page_draws_the_step_graph(built):
 
 
 def test_edges_and_layers_follow_references():
-    from skillbook import site_graph
+    from skillbook.site import graph as site_graph
 
-    steps = [{"id": "a", "skill": "x", "config": {}}, {"id": "b", "skill": "y", "config": {"m": "${steps.a.corpus}"}},
-             {"id": "c", "skill": "z", "config": {"n": ["${steps.b.model}", {"k": "${steps.a.tokenizer}"}]}}]
+    steps = [
+        {"id": "a", "skill": "x", "config": {}},
+        {"id": "b", "skill": "y", "config": {"m": "${steps.a.corpus}"}},
+        {"id": "c", "skill": "z", "config": {"n": ["${steps.b.model}", {"k": "${steps.a.tokenizer}"}]}},
+    ]
     edges = site_graph.edges(steps)
-    assert [(e.src, e.dst, e.outputs) for e in edges] == [("a", "b", ["corpus"]), ("b", "c", ["model"]), ("a", "c", ["tokenizer"])]
+    assert [(e.src, e.dst, e.outputs) for e in edges] == [
+        ("a", "b", ["corpus"]),
+        ("b", "c", ["model"]),
+        ("a", "c", ["tokenizer"]),
+    ]
     assert site_graph.layers(steps, edges) == {"a": 0, "b": 1, "c": 2}
 
 
@@ -322,18 +368,28 @@ def test_agent_catalog_downloads_list_every_skill_without_local_paths(built, rep
     assert str(repo) not in xml and str(repo) not in json.dumps(data)
 
 
-@pytest.mark.parametrize("link, message", [
-    ("[gone](references/missing.md)", "skills/toy-data/SKILL.md:{line}: link 'references/missing.md': "
-                                      "skills/toy-data/references/missing.md does not exist"),
-    ("[case](references/Guide.md)", "skills/toy-data/SKILL.md:{line}: link 'references/Guide.md'"),
-    ("[anchor](references/guide.md#no-such-heading)", "skills/toy-data/SKILL.md:{line}: link "
-                                                      "'references/guide.md#no-such-heading': no anchor #no-such-heading"),
-    ("[here](#nowhere)", "skills/toy-data/SKILL.md:{line}: link '#nowhere': no anchor #nowhere"),
-])
+@pytest.mark.parametrize(
+    "link, message",
+    [
+        (
+            "[gone](references/missing.md)",
+            "skills/toy-data/SKILL.md:{line}: link 'references/missing.md': "
+            "skills/toy-data/references/missing.md does not exist",
+        ),
+        ("[case](references/Guide.md)", "skills/toy-data/SKILL.md:{line}: link 'references/Guide.md'"),
+        (
+            "[anchor](references/guide.md#no-such-heading)",
+            "skills/toy-data/SKILL.md:{line}: link 'references/guide.md#no-such-heading': no anchor #no-such-heading",
+        ),
+        ("[here](#nowhere)", "skills/toy-data/SKILL.md:{line}: link '#nowhere': no anchor #nowhere"),
+    ],
+)
 def test_unresolvable_link_fails_the_build_with_file_and_line(tmp_path, link, message):
     repo = make_repo(tmp_path / "repo")
     md = repo / "skills/toy-data/SKILL.md"
-    text = md.read_text().replace("Back to [the start](#quick-start).", f"Back to [the start](#quick-start).\nAnd {link} too.")
+    text = md.read_text().replace(
+        "Back to [the start](#quick-start).", f"Back to [the start](#quick-start).\nAnd {link} too."
+    )
     md.write_text(text)
     line = text.splitlines().index(f"And {link} too.") + 1
     with pytest.raises(SkillbookError) as exc:
@@ -405,7 +461,7 @@ def test_pipeline_with_an_unknown_skill_or_bad_yaml_fails_the_build(tmp_path):
 
 
 def test_a_rebuild_from_the_highlight_cache_is_byte_identical(tmp_path, repo):
-    from skillbook import site_md
+    from skillbook.site import markdown as site_md
 
     first = site.build(tmp_path / "a", root=repo)
     assert (repo / ".skillbook-cache" / "site-highlight.json").is_file()

@@ -12,12 +12,25 @@ from pathlib import Path
 
 import pytest
 
-from skillbook import catalog, site
+from skillbook import catalog
+from skillbook.site import build as site
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed; `make browser` installs it")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars"]
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="headless Chromium is not installed; `make browser` installs it"
+)
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+    "--hide-scrollbars",
+]
 
 
 class Quiet(SimpleHTTPRequestHandler):
@@ -50,7 +63,9 @@ def _serve(out: Path):
 def chromium(tmp: Path, *args: str) -> str:
     profile = tmp / "chromium-profile"
     profile.mkdir(exist_ok=True)
-    proc = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
@@ -75,7 +90,9 @@ def test_pages_render_and_search_finds_a_skill_by_a_description_word(server, tmp
     phone = screenshot(tmp_path, f"{server}/skills/toy-data/index.html", "skill-phone", size="390,1200")
     searched = screenshot(tmp_path, f"{server}/search.html?q=zebra", "search")
     # a rendered page is far bigger than a blank one (a blank 1280x1600 PNG is a few KB)
-    assert all(p.stat().st_size > 20_000 for p in (home, skill, searched)), [p.stat().st_size for p in (home, skill, searched)]
+    assert all(p.stat().st_size > 20_000 for p in (home, skill, searched)), [
+        p.stat().st_size for p in (home, skill, searched)
+    ]
     assert phone.stat().st_size > 10_000
     # "zebra" appears only in toy-data's description; "quokka" only in toy-train's
     assert search_hits(tmp_path, f"{server}/search.html?q=zebra") == ["toy-data"]

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from skillbook import threads
+from skillbook.run import threads
 
 
 def test_user_setting_wins():
@@ -44,8 +44,7 @@ def test_a_spinning_process_is_measured_as_busy():
 
 def test_the_run_log_says_what_was_chosen(tmp_path):
     from conftest import ROOT
-
-    from skillbook import recipe, runner
+    from skillbook.run import recipe, runner
 
     rec = recipe.load(ROOT / "tests" / "fixtures" / "skills" / "example-demo")
     result = runner.run(rec, recipe.resolve(rec), runs_dir=tmp_path, quiet=True)

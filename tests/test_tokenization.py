@@ -9,14 +9,15 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import ROOT, output, run_skill
-from skillbook import recipe
 from skillbook.cli import main
 from skillbook.errors import ConfigError
 from skillbook.ml import bpe
 from skillbook.ml import tokenizer_utils as tu
+from skillbook.run import recipe
 
-ODD_TEXT = ("Zürich's naïve café  —  costs €12,345.67!\n\n\tTabs,  double  spaces, emoji 🙂 and 日本語; "
-            "it'll be DONE'd?   ")
+ODD_TEXT = (
+    "Zürich's naïve café  —  costs €12,345.67!\n\n\tTabs,  double  spaces, emoji 🙂 and 日本語; it'll be DONE'd?   "
+)
 
 
 def val_docs(prepared: dict) -> list[str]:
@@ -55,7 +56,7 @@ def test_reloads_with_special_ids_and_chat_template(tok, tokenizer_dir):
     head = tok.apply_chat_template(chat[:1], tokenize=True, return_dict=True, add_generation_prompt=True)["input_ids"]
     assert full.count(tok.bos_token_id) == 1  # no double BOS: the template's BOS is the only one
     assert full[-1] == tok.eos_token_id  # the model is trained to emit EOS after every answer
-    assert full[:len(head)] == head and tok.decode(full[len(head):]) == "red" + tu.EOS  # prompt is a prefix
+    assert full[: len(head)] == head and tok.decode(full[len(head) :]) == "red" + tu.EOS  # prompt is a prefix
 
     import jinja2  # the template is plain Jinja: tools without transformers' extensions can render it
 
@@ -84,8 +85,11 @@ def test_run_summary_and_report(tokenizer_dir):
 def test_sentencepiece_unigram_loads_via_autotokenizer(prepared, tmp_path):
     from transformers import AutoTokenizer
 
-    res = run_skill("tokenization", tmp_path, {"corpus": str(output(prepared, "corpus")),
-                                              "algorithm": "sentencepiece-unigram", "max_train_docs": 1500})
+    res = run_skill(
+        "tokenization",
+        tmp_path,
+        {"corpus": str(output(prepared, "corpus")), "algorithm": "sentencepiece-unigram", "max_train_docs": 1500},
+    )
     spm_tok = AutoTokenizer.from_pretrained(str(output(res, "tokenizer")))
     assert (spm_tok.unk_token_id, spm_tok.bos_token_id, spm_tok.eos_token_id, spm_tok.pad_token_id) == (0, 1, 2, 3)
     # The converted tokenizer splits exactly as sentencepiece does, and nothing is lost on the way back.
@@ -93,8 +97,10 @@ def test_sentencepiece_unigram_loads_via_autotokenizer(prepared, tmp_path):
     docs = val_docs(prepared)
     assert all(spm_tok.decode(spm_tok.encode(d, add_special_tokens=False)) == d for d in docs[:50])
     assert res["summary"]["bytes_per_token"] > 1.5
-    assert spm_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                       add_generation_prompt=True) == "<|bos|><|user|>\nhi\n<|assistant|>\n"
+    assert (
+        spm_tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+        == "<|bos|><|user|>\nhi\n<|assistant|>\n"
+    )
 
 
 def test_from_scratch_bpe_learns_the_same_merges_as_hf(prepared):
@@ -105,8 +111,12 @@ def test_from_scratch_bpe_learns_the_same_merges_as_hf(prepared):
 
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=700, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=700, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        ),
+    )
     model = json.loads(hf.to_str())["model"]
     hf_merges = [tuple(m) for m in model["merges"]]
 
@@ -130,8 +140,9 @@ def test_typo_in_field_fails_with_one_message_and_no_run_dir(tmp_path):
 
 def test_missing_corpus_fails_with_a_clear_message(tmp_path):
     missing = tmp_path / "no-such-corpus"
-    res = CliRunner().invoke(main, ["run", "tokenization", "--set", f"corpus={missing}",
-                                    "--runs-dir", str(tmp_path / "runs")])
+    res = CliRunner().invoke(
+        main, ["run", "tokenization", "--set", f"corpus={missing}", "--runs-dir", str(tmp_path / "runs")]
+    )
     assert res.exit_code != 0 and res.output.count("error:") == 1
     assert "corpus" in res.output and "does not exist" in res.output and str(missing) in res.output
     (tmp_path / "empty").mkdir()
@@ -154,5 +165,8 @@ def test_special_tokens_must_be_distinct_and_sentencepiece_too_small_vocab_is_ex
     with pytest.raises(ConfigError, match="distinct"):
         recipe.resolve(rec, sets=[f"special_tokens.pad={tu.EOS}"])
     with pytest.raises(ConfigError, match="vocab_size=300: sentencepiece refused it"):
-        run_skill("tokenization", tmp_path, {"corpus": str(output(prepared, "corpus")),
-                                            "algorithm": "sentencepiece-bpe", "vocab_size": 300})
+        run_skill(
+            "tokenization",
+            tmp_path,
+            {"corpus": str(output(prepared, "corpus")), "algorithm": "sentencepiece-bpe", "vocab_size": 300},
+        )

@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import Field
 
 from skillbook.ml import posttrain as pt
-from skillbook.recipe import RecipeConfig
-from skillbook.runner import RunContext
+from skillbook.run.recipe import RecipeConfig
+from skillbook.run.runner import RunContext
 
 OUTPUTS = {"adapter": "adapter", "model": "hf-model"}
 INPUTS = {"model": "hf-model", "data": "preference-data", "eval_data": "sft-data"}
@@ -24,41 +24,69 @@ PAIR = ("prompt", "chosen", "rejected")
 
 class Config(RecipeConfig):
     # --- inputs -------------------------------------------------------------------------------
-    model: str = Field(..., description="Policy to start from, normally the sft run's merged 'model' output "
-                                        "(a local hf-model directory with its tokenizer, or a hub id when online).")
-    data: str | None = Field(None, description="preference-data directory: train.jsonl and test.jsonl rows "
-                                               "{prompt, chosen, rejected}; None = the embedded synthetic pairs.")
-    eval_data: str | None = Field(None, description="Held-out sft-data directory (test.jsonl) for exact match "
-                                                    "before/after; None = the embedded eval set when data is None, "
-                                                    "else skipped.")
+    model: str = Field(
+        ...,
+        description="Policy to start from, normally the sft run's merged 'model' output "
+        "(a local hf-model directory with its tokenizer, or a hub id when online).",
+    )
+    data: str | None = Field(
+        None,
+        description="preference-data directory: train.jsonl and test.jsonl rows "
+        "{prompt, chosen, rejected}; None = the embedded synthetic pairs.",
+    )
+    eval_data: str | None = Field(
+        None,
+        description="Held-out sft-data directory (test.jsonl) for exact match "
+        "before/after; None = the embedded eval set when data is None, "
+        "else skipped.",
+    )
     # --- DPO ----------------------------------------------------------------------------------
-    beta: float = Field(0.1, gt=0, description="Strength of the KL anchor to the reference: small = move far from "
-                                               "the SFT model, large = stay close. 0.1 is the paper's default.")
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="Strength of the KL anchor to the reference: small = move far from "
+        "the SFT model, large = stay close. 0.1 is the paper's default.",
+    )
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust", "sigmoid_norm", "apo_zero"] = Field(
-        "sigmoid", description="sigmoid = the DPO paper's loss; ipo = squared loss, robust to noisy/over-fitted "
-                               "preferences (use beta 0.5-1.0 with it); hinge = SLiC.")
-    sft_weight: float = Field(1.0, ge=0, description="Weight of an NLL loss on the chosen answer added to the DPO "
-                                                     "loss (RPO; TRL loss_type 'sft'). Plain DPO lowers the chosen "
-                                                     "answer's likelihood along with the rejected one's and greedy "
-                                                     "answers get worse; 1.0 keeps them; 0 = plain DPO.")
-    method: Literal["lora", "qlora"] = Field("lora", description="lora: adapter on the frozen policy, whose "
-                                                                 "adapter-free self is the reference (no second "
-                                                                 "copy in memory); qlora: the same on a 4-bit base.")
+        "sigmoid",
+        description="sigmoid = the DPO paper's loss; ipo = squared loss, robust to noisy/over-fitted "
+        "preferences (use beta 0.5-1.0 with it); hinge = SLiC.",
+    )
+    sft_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of an NLL loss on the chosen answer added to the DPO "
+        "loss (RPO; TRL loss_type 'sft'). Plain DPO lowers the chosen "
+        "answer's likelihood along with the rejected one's and greedy "
+        "answers get worse; 1.0 keeps them; 0 = plain DPO.",
+    )
+    method: Literal["lora", "qlora"] = Field(
+        "lora",
+        description="lora: adapter on the frozen policy, whose "
+        "adapter-free self is the reference (no second "
+        "copy in memory); qlora: the same on a 4-bit base.",
+    )
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (update scaled by alpha/r).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    lora_targets: list[str] = Field(default_factory=lambda: list(pt.LLAMA_LORA_TARGETS),
-                                    description="Module-name suffixes that get adapters.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: list(pt.LLAMA_LORA_TARGETS), description="Module-name suffixes that get adapters."
+    )
     # --- optimisation -------------------------------------------------------------------------
     steps: int = Field(80, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Preference pairs per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(2e-3, gt=0, description="Peak learning rate. Tiny model + LoRA: 5e-4..2e-3; 7B + LoRA: 5e-6..5e-5; "
-                                              "7B full: 5e-7..1e-6 (TRL's default 1e-6).")
+    lr: float = Field(
+        2e-3,
+        gt=0,
+        description="Peak learning rate. Tiny model + LoRA: 5e-4..2e-3; 7B + LoRA: 5e-6..5e-5; "
+        "7B full: 5e-7..1e-6 (TRL's default 1e-6).",
+    )
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming the LR up.")
     max_length: int = Field(128, ge=8, description="Token budget for prompt + answer.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (GPU memory saver; "
-                                                            "slower, off for tiny CPU runs).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in backward (GPU memory saver; slower, off for tiny CPU runs)."
+    )
     seed: int = Field(0, description="Random seed.")
     # --- evaluation ---------------------------------------------------------------------------
     eval_limit: int = Field(500, ge=1, description="At most this many held-out pairs / questions per metric.")
@@ -76,7 +104,9 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     train_rows = pt.read_split(data_dir, "train", PAIR, "data")
     test_rows = pt.read_split(data_dir, "test", PAIR, "data")[: cfg.eval_limit]
     eval_dir = cfg.eval_data or (pt.default_data(ctx, "eval_data") if cfg.data is None else None)
-    qa_rows = pt.read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit] if eval_dir else []
+    qa_rows = (
+        pt.read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit] if eval_dir else []
+    )
     model_ref = pt.resolve_model(cfg.model)
 
     # ---- policy (and, through LoRA, reference) model ----------------------------------------
@@ -84,27 +114,47 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     tok = pt.load_tokenizer(model_ref)
     model = pt.load_causal_lm(model_ref, quantization="4bit" if cfg.method == "qlora" else "none")
     model.generation_config.pad_token_id = tok.pad_token_id
-    ctx.info(f"policy {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
-             f"{len(train_rows)} train pairs, {len(test_rows)} held-out pairs")
+    ctx.info(
+        f"policy {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
+        f"{len(train_rows)} train pairs, {len(test_rows)} held-out pairs"
+    )
 
     pref_before = preference_accuracy(model, tok, test_rows)
     em_before = exact_match(model, tok, qa_rows, cfg.max_new_tokens)["exact_match"] if qa_rows else None
-    ctx.info(f"held-out preference accuracy before DPO: {pref_before['preference_accuracy']:.3f} "
-             f"(mean margin {pref_before['mean_margin']:.2f} nats)")
+    ctx.info(
+        f"held-out preference accuracy before DPO: {pref_before['preference_accuracy']:.3f} "
+        f"(mean margin {pref_before['mean_margin']:.2f} nats)"
+    )
 
     # ---- trainer: no ref_model -> with a peft_config TRL uses the base with adapters disabled --
     # RPO: TRL sums the listed losses; an NLL term on the chosen answer keeps greedy answers from degrading
     losses, weights = [cfg.loss_type], [1.0]
     if cfg.sft_weight:
         losses, weights = losses + ["sft"], weights + [cfg.sft_weight]
-    args = DPOConfig(**pt.trl_args(
-        ctx.out_dir / "trainer", steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-        lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
-        beta=cfg.beta, max_length=cfg.max_length, loss_type=losses, loss_weights=weights))
-    trainer = DPOTrainer(model=model, args=args, processing_class=tok,
-                         train_dataset=pt.to_dataset(train_rows, PAIR),
-                         peft_config=pt.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
-                         callbacks=[pt.log_callback(ctx, cfg.steps)])
+    args = DPOConfig(
+        **pt.trl_args(
+            ctx.out_dir / "trainer",
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            lr=cfg.lr,
+            warmup_ratio=cfg.warmup_ratio,
+            seed=cfg.seed,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            beta=cfg.beta,
+            max_length=cfg.max_length,
+            loss_type=losses,
+            loss_weights=weights,
+        )
+    )
+    trainer = DPOTrainer(
+        model=model,
+        args=args,
+        processing_class=tok,
+        train_dataset=pt.to_dataset(train_rows, PAIR),
+        peft_config=pt.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
+        callbacks=[pt.log_callback(ctx, cfg.steps)],
+    )
     pt.quiet_trainer(trainer)
     trainable, total = pt.count_params(trainer.model)
     ctx.info(f"training {trainable:,} of {total:,} parameters; beta={cfg.beta}, loss={cfg.loss_type}")
@@ -128,20 +178,25 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     # ---- measure again on the merged model --------------------------------------------------
     merged = pt.load_causal_lm(str(model_dir))
     pref_after = preference_accuracy(merged, tok, test_rows)
-    ctx.info(f"held-out preference accuracy after DPO: {pref_after['preference_accuracy']:.3f} "
-             f"(before {pref_before['preference_accuracy']:.3f}); mean margin {pref_after['mean_margin']:.2f} nats")
-    ctx.summary.update(preference_accuracy_before=pref_before["preference_accuracy"],
-                       preference_accuracy_after=pref_after["preference_accuracy"],
-                       preference_margin_before=pref_before["mean_margin"],
-                       preference_margin_after=pref_after["mean_margin"],
-                       train_reward_margin_last=margins[-1] if margins else float("nan"),
-                       train_reward_accuracy_last=accuracies[-1] if accuracies else float("nan"),
-                       train_loss_first=losses[0] if losses else float("nan"),
-                       train_loss_last=losses[-1] if losses else float("nan"),
-                       merge_max_logit_diff=merge_diff)
+    ctx.info(
+        f"held-out preference accuracy after DPO: {pref_after['preference_accuracy']:.3f} "
+        f"(before {pref_before['preference_accuracy']:.3f}); mean margin {pref_after['mean_margin']:.2f} nats"
+    )
+    ctx.summary.update(
+        preference_accuracy_before=pref_before["preference_accuracy"],
+        preference_accuracy_after=pref_after["preference_accuracy"],
+        preference_margin_before=pref_before["mean_margin"],
+        preference_margin_after=pref_after["mean_margin"],
+        train_reward_margin_last=margins[-1] if margins else float("nan"),
+        train_reward_accuracy_last=accuracies[-1] if accuracies else float("nan"),
+        train_loss_first=losses[0] if losses else float("nan"),
+        train_loss_last=losses[-1] if losses else float("nan"),
+        merge_max_logit_diff=merge_diff,
+    )
     if qa_rows:
         em_after = exact_match(merged, tok, qa_rows, cfg.max_new_tokens)["exact_match"]
         ctx.summary.update(exact_match_before=em_before, exact_match_after=em_after)
-    ctx.report(pt.report_md("DPO", f"{cfg.method}, beta={cfg.beta}, loss={cfg.loss_type}", model_ref,
-                            ctx.summary, losses))
+    ctx.report(
+        pt.report_md("DPO", f"{cfg.method}, beta={cfg.beta}, loss={cfg.loss_type}", model_ref, ctx.summary, losses)
+    )
     return {"adapter": adapter_dir, "model": model_dir}

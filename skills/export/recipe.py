@@ -19,8 +19,8 @@ from typing import Literal
 from pydantic import Field
 
 from skillbook.errors import ConfigError
-from skillbook.recipe import RecipeConfig, artifact_path
-from skillbook.runner import RunContext
+from skillbook.run.recipe import RecipeConfig, artifact_path
+from skillbook.run.runner import RunContext
 
 OUTPUTS = {"onnx": "onnx", "model": "hf-model"}
 INPUTS = {"model": "hf-model"}
@@ -29,14 +29,30 @@ INPUTS = {"model": "hf-model"}
 class Config(RecipeConfig):
     model: str = Field(..., description="hf-model directory (tokenizer inside) to export, e.g. the sft or dpo output.")
     exporter: Literal["dynamo", "torchscript"] = Field(
-        "dynamo", description="dynamo: torch.export + onnxscript, the maintained path (~30-50 s here); torchscript: the legacy tracer, frozen but ~20x faster to run (~2 s).")
-    opset: int = Field(18, ge=17, le=23, description="ONNX opset. 18 is what the dynamo exporter targets and onnxruntime >= 1.16 runs.")
-    max_seq_len: int | None = Field(None, ge=2, description="Upper bound of the dynamic sequence axis; None = the model's max_position_embeddings.")
-    parity_tolerance: float = Field(1e-3, gt=0, description="Max |logit difference| torch vs onnxruntime (fp32) before the run fails. Observed: ~1e-5.")
-    parity_batches: int = Field(3, ge=1, description="Random batches (different shapes, one left-padded) in the parity check.")
-    repo_id: str = Field("your-name/skillbook-tiny-llama", description="Hub repo id written into the model card's usage snippet.")
+        "dynamo",
+        description="dynamo: torch.export + onnxscript, the maintained path (~30-50 s here); torchscript: the legacy tracer, frozen but ~20x faster to run (~2 s).",
+    )
+    opset: int = Field(
+        18, ge=17, le=23, description="ONNX opset. 18 is what the dynamo exporter targets and onnxruntime >= 1.16 runs."
+    )
+    max_seq_len: int | None = Field(
+        None, ge=2, description="Upper bound of the dynamic sequence axis; None = the model's max_position_embeddings."
+    )
+    parity_tolerance: float = Field(
+        1e-3,
+        gt=0,
+        description="Max |logit difference| torch vs onnxruntime (fp32) before the run fails. Observed: ~1e-5.",
+    )
+    parity_batches: int = Field(
+        3, ge=1, description="Random batches (different shapes, one left-padded) in the parity check."
+    )
+    repo_id: str = Field(
+        "your-name/skillbook-tiny-llama", description="Hub repo id written into the model card's usage snippet."
+    )
     license: str = Field("apache-2.0", description="License identifier in the model card metadata.")
-    base_model: str | None = Field(None, description="Hub id of the base model this was fine-tuned from, for the card's base_model field.")
+    base_model: str | None = Field(
+        None, description="Hub id of the base model this was fine-tuned from, for the card's base_model field."
+    )
     language: Literal["en"] = Field("en", description="Language tag in the model card metadata.")
     seed: int = Field(0, description="Seed for the parity-check inputs.")
 
@@ -82,14 +98,27 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     names = dict(input_names=["input_ids", "attention_mask"], output_names=["logits"])
     with contextlib.redirect_stdout(sys.stderr):  # the exporter prints progress; keep stdout for --json
         if cfg.exporter == "dynamo":
-            torch.onnx.export(wrapped, (ex_ids, torch.ones_like(ex_ids)), str(onnx_path), dynamo=True, opset_version=cfg.opset,
-                              external_data=False, dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
-                              **names)
+            torch.onnx.export(
+                wrapped,
+                (ex_ids, torch.ones_like(ex_ids)),
+                str(onnx_path),
+                dynamo=True,
+                opset_version=cfg.opset,
+                external_data=False,
+                dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                **names,
+            )
         else:
             axes = {"batch": 0, "sequence": 1}
-            torch.onnx.export(wrapped, (ex_ids, torch.ones_like(ex_ids)), str(onnx_path), dynamo=False, opset_version=cfg.opset,
-                              dynamic_axes={n: {v: k for k, v in axes.items()} for n in ("input_ids", "attention_mask", "logits")},
-                              **names)
+            torch.onnx.export(
+                wrapped,
+                (ex_ids, torch.ones_like(ex_ids)),
+                str(onnx_path),
+                dynamo=False,
+                opset_version=cfg.opset,
+                dynamic_axes={n: {v: k for k, v in axes.items()} for n in ("input_ids", "attention_mask", "logits")},
+                **names,
+            )
     ctx.log(step=1, stage="onnx export", onnx_bytes=onnx_path.stat().st_size)
 
     # ---- parity: onnxruntime vs torch on unseen shapes; padded positions are excluded ------------
@@ -115,10 +144,14 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         checks.append({"shape": [b, s], "max_abs_diff": diff, "argmax_agreement": same_argmax})
         worst = max(worst, diff)
     ctx.log(step=2, stage="parity", max_abs_diff=worst)
-    (onnx_dir / "parity.json").write_text(json.dumps({"tolerance": cfg.parity_tolerance, "checks": checks}, indent=2) + "\n")
+    (onnx_dir / "parity.json").write_text(
+        json.dumps({"tolerance": cfg.parity_tolerance, "checks": checks}, indent=2) + "\n"
+    )
     if worst > cfg.parity_tolerance:
-        raise ConfigError(f"parity_tolerance: onnxruntime logits differ from torch by {worst:.2e} > {cfg.parity_tolerance:.0e}; "
-                          f"see {onnx_dir / 'parity.json'}")
+        raise ConfigError(
+            f"parity_tolerance: onnxruntime logits differ from torch by {worst:.2e} > {cfg.parity_tolerance:.0e}; "
+            f"see {onnx_dir / 'parity.json'}"
+        )
     tok.save_pretrained(onnx_dir)  # the tokenizer travels with the graph
     model.config.save_pretrained(onnx_dir)
 
@@ -133,15 +166,28 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     (hub / "README.md").write_text(model_card(cfg, model, n_params, summary, worst))
     ctx.log(step=3, stage="hub folder")
 
-    ctx.summary.update(onnx_bytes=onnx_path.stat().st_size, onnx_max_abs_diff=worst,
-                       onnx_argmax_agreement=min(c["argmax_agreement"] for c in checks), n_params=n_params)
-    ctx.report("\n".join([
-        f"# export: {model_dir.name}", "",
-        f"- ONNX: `{onnx_path}` ({onnx_path.stat().st_size / 1e6:.2f} MB, {cfg.exporter} exporter, opset {cfg.opset}, dynamic batch × sequence ≤ {max_len})",
-        f"- parity vs torch (fp32, onnxruntime CPU): max |Δlogit| = {worst:.2e} (tolerance {cfg.parity_tolerance:.0e})",
-        f"- hub folder: `{hub}` (safetensors, tokenizer, README.md model card)", "",
-        "| shape | max abs diff | argmax agreement |", "|---|---:|---:|",
-        *[f"| {c['shape']} | {c['max_abs_diff']:.2e} | {c['argmax_agreement']:.3f} |" for c in checks]]) + "\n")
+    ctx.summary.update(
+        onnx_bytes=onnx_path.stat().st_size,
+        onnx_max_abs_diff=worst,
+        onnx_argmax_agreement=min(c["argmax_agreement"] for c in checks),
+        n_params=n_params,
+    )
+    ctx.report(
+        "\n".join(
+            [
+                f"# export: {model_dir.name}",
+                "",
+                f"- ONNX: `{onnx_path}` ({onnx_path.stat().st_size / 1e6:.2f} MB, {cfg.exporter} exporter, opset {cfg.opset}, dynamic batch × sequence ≤ {max_len})",
+                f"- parity vs torch (fp32, onnxruntime CPU): max |Δlogit| = {worst:.2e} (tolerance {cfg.parity_tolerance:.0e})",
+                f"- hub folder: `{hub}` (safetensors, tokenizer, README.md model card)",
+                "",
+                "| shape | max abs diff | argmax agreement |",
+                "|---|---:|---:|",
+                *[f"| {c['shape']} | {c['max_abs_diff']:.2e} | {c['argmax_agreement']:.3f} |" for c in checks],
+            ]
+        )
+        + "\n"
+    )
     return {"onnx": onnx_dir, "model": hub}
 
 
@@ -161,16 +207,27 @@ def model_card(cfg: Config, model, n_params: int, summary: dict, onnx_diff: floa
     from huggingface_hub import ModelCardData
 
     c = model.config
-    data = ModelCardData(language=cfg.language, license=cfg.license, library_name="transformers",
-                         pipeline_tag="text-generation", tags=["skillbook", c.model_type, "causal-lm"],
-                         base_model=cfg.base_model)
-    metrics = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                        for k, v in summary.items() if isinstance(v, (int, float))) or "| (none recorded) | |"
+    data = ModelCardData(
+        language=cfg.language,
+        license=cfg.license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["skillbook", c.model_type, "causal-lm"],
+        base_model=cfg.base_model,
+    )
+    metrics = (
+        "\n".join(
+            f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in summary.items()
+            if isinstance(v, (int, float))
+        )
+        or "| (none recorded) | |"
+    )
     return f"""---
 {data.to_yaml()}
 ---
 
-# {cfg.repo_id.split('/')[-1]}
+# {cfg.repo_id.split("/")[-1]}
 
 A {n_params / 1e6:.2f} M-parameter {c.model_type} causal language model built with
 [Skillbook](https://github.com/skillbook/skillbook) recipes on its embedded synthetic dataset.

@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from skillbook.ml import posttrain as pt
-from skillbook.recipe import RecipeConfig
-from skillbook.runner import RunContext
+from skillbook.run.recipe import RecipeConfig
+from skillbook.run.runner import RunContext
 
 OUTPUTS = {"adapter": "adapter", "model": "hf-model"}
 INPUTS = {"model": "hf-model", "data": "sft-data", "eval_data": "sft-data"}
@@ -23,49 +23,86 @@ INPUTS = {"model": "hf-model", "data": "sft-data", "eval_data": "sft-data"}
 
 class Config(RecipeConfig):
     # --- inputs -------------------------------------------------------------------------------
-    model: str = Field(..., description="Policy to start from, normally the sft run's merged 'model' output: GRPO "
-                                        "only learns from questions the model sometimes answers right.")
-    data: str | None = Field(None, description="sft-data directory: train.jsonl rows {prompt, completion}; the "
-                                               "completion is the verifiable answer. None = the embedded world.")
-    eval_data: str | None = Field(None, description="Held-out sft-data directory (test.jsonl) for mean reward "
-                                                    "before/after; None = the embedded eval set, or <data>/test.jsonl.")
+    model: str = Field(
+        ...,
+        description="Policy to start from, normally the sft run's merged 'model' output: GRPO "
+        "only learns from questions the model sometimes answers right.",
+    )
+    data: str | None = Field(
+        None,
+        description="sft-data directory: train.jsonl rows {prompt, completion}; the "
+        "completion is the verifiable answer. None = the embedded world.",
+    )
+    eval_data: str | None = Field(
+        None,
+        description="Held-out sft-data directory (test.jsonl) for mean reward "
+        "before/after; None = the embedded eval set, or <data>/test.jsonl.",
+    )
     # --- GRPO ---------------------------------------------------------------------------------
-    num_generations: int = Field(8, ge=2, description="Group size G: answers sampled per question; the advantage is "
-                                                      "each answer's reward minus its group's mean (over the std).")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature for the groups (and the mean-reward "
-                                                      "measurement); diversity inside a group is the learning signal.")
+    num_generations: int = Field(
+        8,
+        ge=2,
+        description="Group size G: answers sampled per question; the advantage is "
+        "each answer's reward minus its group's mean (over the std).",
+    )
+    temperature: float = Field(
+        1.0,
+        gt=0,
+        description="Sampling temperature for the groups (and the mean-reward "
+        "measurement); diversity inside a group is the learning signal.",
+    )
     max_completion_length: int = Field(8, ge=1, description="Tokens sampled per answer.")
-    beta: float = Field(0.0, ge=0, description="KL penalty to the reference (0 = none, TRL's default; 0.001-0.04 "
-                                               "keeps long runs near the SFT model).")
+    beta: float = Field(
+        0.0,
+        ge=0,
+        description="KL penalty to the reference (0 = none, TRL's default; 0.001-0.04 "
+        "keeps long runs near the SFT model).",
+    )
     loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo"] = Field(
-        "dapo", description="How token losses are averaged; dapo (TRL default) removes the length bias of grpo.")
+        "dapo", description="How token losses are averaged; dapo (TRL default) removes the length bias of grpo."
+    )
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (update scaled by alpha/r).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    lora_targets: list[str] = Field(default_factory=lambda: list(pt.LLAMA_LORA_TARGETS),
-                                    description="Module-name suffixes that get adapters.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: list(pt.LLAMA_LORA_TARGETS), description="Module-name suffixes that get adapters."
+    )
     # --- optimisation -------------------------------------------------------------------------
     steps: int = Field(40, ge=1, description="Optimizer steps (one group batch sampled per step).")
-    batch_size: int = Field(32, ge=1, description="Completions per device per step (= questions x num_generations); "
-                                                  "must be a multiple of num_generations.")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Completions per device per step (= questions x num_generations); "
+        "must be a multiple of num_generations.",
+    )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(1e-3, gt=0, description="Peak learning rate. Tiny model + LoRA: 5e-4..2e-3; 7B + LoRA: 1e-5..5e-5; "
-                                              "7B full: 1e-6 (TRL's default).")
+    lr: float = Field(
+        1e-3,
+        gt=0,
+        description="Peak learning rate. Tiny model + LoRA: 5e-4..2e-3; 7B + LoRA: 1e-5..5e-5; "
+        "7B full: 1e-6 (TRL's default).",
+    )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming the LR up.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (GPU memory saver).")
     use_vllm: bool = Field(False, description="Generate the groups with vLLM (GPU only, colocated with training).")
     seed: int = Field(0, description="Random seed (sampling, data order).")
     # --- evaluation ---------------------------------------------------------------------------
-    train_limit: int | None = Field(64, ge=1, description="Train on the first N questions only (None = all): a tiny "
-                                                         "policy needs to see each question several times to move.")
+    train_limit: int | None = Field(
+        64,
+        ge=1,
+        description="Train on the first N questions only (None = all): a tiny "
+        "policy needs to see each question several times to move.",
+    )
     eval_limit: int = Field(500, ge=1, description="At most this many held-out questions.")
     eval_samples: int = Field(4, ge=1, description="Sampled answers per held-out question for the mean reward.")
 
     @model_validator(mode="after")
-    def _groups_fill_the_batch(self) -> "Config":
+    def _groups_fill_the_batch(self) -> Config:
         if (self.batch_size * self.grad_accum) % self.num_generations:
-            raise ValueError(f"batch_size x grad_accum ({self.batch_size * self.grad_accum}) must be a multiple of "
-                             f"num_generations ({self.num_generations}), so every group is complete")
+            raise ValueError(
+                f"batch_size x grad_accum ({self.batch_size * self.grad_accum}) must be a multiple of "
+                f"num_generations ({self.num_generations}), so every group is complete"
+            )
         return self
 
 
@@ -91,36 +128,69 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     tok.padding_side = "left"  # generation continues from the right end of every prompt
     model = pt.load_causal_lm(model_ref)
     model.generation_config.pad_token_id = tok.pad_token_id
-    ctx.info(f"policy {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
-             f"{len(train_rows)} train questions, {len(eval_rows)} held-out questions")
+    ctx.info(
+        f"policy {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
+        f"{len(train_rows)} train questions, {len(eval_rows)} held-out questions"
+    )
+
     def measure(policy) -> dict[str, float]:
         """Mean sampled reward on the training questions (GRPO's objective) and on held-out ones, greedy EM."""
-        kw = dict(samples=cfg.eval_samples, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                  seed=cfg.seed)
-        return {"mean_reward": pt.mean_sampled_reward(policy, tok, train_rows, **kw),
-                "heldout_mean_reward": pt.mean_sampled_reward(policy, tok, eval_rows, **kw),
-                "heldout_exact_match": exact_match(policy, tok, eval_rows, cfg.max_completion_length)["exact_match"]}
+        kw = dict(
+            samples=cfg.eval_samples,
+            max_new_tokens=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            seed=cfg.seed,
+        )
+        return {
+            "mean_reward": pt.mean_sampled_reward(policy, tok, train_rows, **kw),
+            "heldout_mean_reward": pt.mean_sampled_reward(policy, tok, eval_rows, **kw),
+            "heldout_exact_match": exact_match(policy, tok, eval_rows, cfg.max_completion_length)["exact_match"],
+        }
 
     before = measure(model)
-    ctx.info(f"before GRPO: mean reward {before['mean_reward']:.3f} on the training questions, "
-             f"{before['heldout_mean_reward']:.3f} held out (greedy exact match {before['heldout_exact_match']:.3f})")
+    ctx.info(
+        f"before GRPO: mean reward {before['mean_reward']:.3f} on the training questions, "
+        f"{before['heldout_mean_reward']:.3f} held out (greedy exact match {before['heldout_exact_match']:.3f})"
+    )
 
     # ---- trainer: sample G answers per question, reward, group-normalised advantages ---------
-    dataset = pt.to_dataset([{"prompt": r["prompt"], "answer": r["completion"]} for r in train_rows],
-                            ("prompt", "answer"))
-    args = GRPOConfig(**pt.trl_args(
-        ctx.out_dir / "trainer", steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-        lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=2, num_generations=cfg.num_generations, max_completion_length=cfg.max_completion_length,
-        temperature=cfg.temperature, beta=cfg.beta, loss_type=cfg.loss_type, use_vllm=cfg.use_vllm))
-    trainer = GRPOTrainer(model=model, reward_funcs=exact_match_reward, args=args, train_dataset=dataset,
-                          processing_class=tok,
-                          peft_config=pt.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
-                          callbacks=[pt.log_callback(ctx, cfg.steps)])
+    dataset = pt.to_dataset(
+        [{"prompt": r["prompt"], "answer": r["completion"]} for r in train_rows], ("prompt", "answer")
+    )
+    args = GRPOConfig(
+        **pt.trl_args(
+            ctx.out_dir / "trainer",
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            lr=cfg.lr,
+            warmup_ratio=cfg.warmup_ratio,
+            seed=cfg.seed,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            logging_steps=2,
+            num_generations=cfg.num_generations,
+            max_completion_length=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            beta=cfg.beta,
+            loss_type=cfg.loss_type,
+            use_vllm=cfg.use_vllm,
+        )
+    )
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=exact_match_reward,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=pt.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
+        callbacks=[pt.log_callback(ctx, cfg.steps)],
+    )
     pt.quiet_trainer(trainer)
     trainable, total = pt.count_params(trainer.model)
-    ctx.info(f"training {trainable:,} of {total:,} parameters; {cfg.batch_size // cfg.num_generations} questions "
-             f"x {cfg.num_generations} samples per step")
+    ctx.info(
+        f"training {trainable:,} of {total:,} parameters; {cfg.batch_size // cfg.num_generations} questions "
+        f"x {cfg.num_generations} samples per step"
+    )
     trainer.train()
     train_rewards = pt.metric_history(trainer, "reward")
 
@@ -131,19 +201,32 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     trainer.model.save_pretrained(adapter_dir)
     tok.padding_side = "right"
     tok.save_pretrained(adapter_dir)
-    merge_diff = pt.merge_and_save(trainer.model, tok, model_dir, [r["prompt"] + r["completion"] for r in eval_rows[:4]])
+    merge_diff = pt.merge_and_save(
+        trainer.model, tok, model_dir, [r["prompt"] + r["completion"] for r in eval_rows[:4]]
+    )
 
     # ---- measure again on the merged model --------------------------------------------------
     merged = pt.load_causal_lm(str(model_dir))
     after = measure(merged)
-    ctx.info(f"after GRPO: mean reward {after['mean_reward']:.3f} on the training questions (before "
-             f"{before['mean_reward']:.3f}), {after['heldout_mean_reward']:.3f} held out (before "
-             f"{before['heldout_mean_reward']:.3f})")
+    ctx.info(
+        f"after GRPO: mean reward {after['mean_reward']:.3f} on the training questions (before "
+        f"{before['mean_reward']:.3f}), {after['heldout_mean_reward']:.3f} held out (before "
+        f"{before['heldout_mean_reward']:.3f})"
+    )
     for key in before:
         ctx.summary[f"{key}_before"], ctx.summary[f"{key}_after"] = before[key], after[key]
-    ctx.summary.update(train_reward_first=train_rewards[0] if train_rewards else float("nan"),
-                       train_reward_last=train_rewards[-1] if train_rewards else float("nan"),
-                       merge_max_logit_diff=merge_diff)
-    ctx.report(pt.report_md("GRPO", f"LoRA, G={cfg.num_generations}, loss={cfg.loss_type}", model_ref,
-                            ctx.summary, pt.metric_history(trainer, "loss")))
+    ctx.summary.update(
+        train_reward_first=train_rewards[0] if train_rewards else float("nan"),
+        train_reward_last=train_rewards[-1] if train_rewards else float("nan"),
+        merge_max_logit_diff=merge_diff,
+    )
+    ctx.report(
+        pt.report_md(
+            "GRPO",
+            f"LoRA, G={cfg.num_generations}, loss={cfg.loss_type}",
+            model_ref,
+            ctx.summary,
+            pt.metric_history(trainer, "loss"),
+        )
+    )
     return {"adapter": adapter_dir, "model": model_dir}

@@ -21,8 +21,8 @@ from pydantic import Field, model_validator
 from skillbook.ml import lm_data, training
 from skillbook.ml import moe as moe_lib
 from skillbook.ml import tokenizer_utils as tu
-from skillbook.recipe import RecipeConfig, artifact_path
-from skillbook.runner import RunContext
+from skillbook.run.recipe import RecipeConfig, artifact_path
+from skillbook.run.runner import RunContext
 
 OUTPUTS = {"model": "hf-model"}
 INPUTS = {"corpus": "corpus", "tokenizer": "tokenizer", "dense_model": "hf-model"}
@@ -30,10 +30,20 @@ INPUTS = {"corpus": "corpus", "tokenizer": "tokenizer", "dense_model": "hf-model
 
 class Config(RecipeConfig):
     # --- inputs -------------------------------------------------------------------------------
-    corpus: str | None = Field(None, description="Corpus directory (train.jsonl, val.jsonl of {\"text\"}); None = the embedded synthetic world.")
-    tokenizer: str | None = Field(None, description="HF tokenizer directory; None = the dense model's own tokenizer when upcycling, else a byte-level BPE trained here on the corpus.")
-    dense_model: str | None = Field(None, description="Dense Llama hf-model to upcycle (init=upcycle), e.g. the pretraining run's 'model' output.")
-    init: Literal["scratch", "upcycle"] = Field("scratch", description="scratch: a fresh Mixtral of the shape below; upcycle: copy dense_model and turn each MLP into num_experts identical experts.")
+    corpus: str | None = Field(
+        None, description='Corpus directory (train.jsonl, val.jsonl of {"text"}); None = the embedded synthetic world.'
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="HF tokenizer directory; None = the dense model's own tokenizer when upcycling, else a byte-level BPE trained here on the corpus.",
+    )
+    dense_model: str | None = Field(
+        None, description="Dense Llama hf-model to upcycle (init=upcycle), e.g. the pretraining run's 'model' output."
+    )
+    init: Literal["scratch", "upcycle"] = Field(
+        "scratch",
+        description="scratch: a fresh Mixtral of the shape below; upcycle: copy dense_model and turn each MLP into num_experts identical experts.",
+    )
     vocab_size: int = Field(1024, ge=300, description="Vocabulary of the tokenizer trained here when none is given.")
     # --- model shape (scratch only; upcycling takes the dense model's shape) ------------------
     hidden_size: int = Field(128, ge=16, description="Model width d.")
@@ -43,40 +53,87 @@ class Config(RecipeConfig):
     # --- routing ------------------------------------------------------------------------------
     num_experts: int = Field(4, ge=2, description="Experts per MoE layer (Mixtral 8, OLMoE 64, DeepSeek-V3 256).")
     top_k: int = Field(2, ge=1, description="Experts each token is sent to; the rest are skipped (Mixtral 2, OLMoE 8).")
-    aux_loss_coef: float = Field(0.01, ge=0.0, description="Weight of the Switch load-balancing loss (transformers' aux_loss, which is top_k at perfect balance). 0.01 = Switch/OLMoE; Mixtral's config default is 0.001; 0 = no balancing.")
-    z_loss_coef: float = Field(0.0, ge=0.0, description="Weight of the ST-MoE router z-loss (mean logsumexp(logits)^2); 0.001 is typical for large runs, where router logits blow up in bf16.")
-    router_jitter: float = Field(0.0, ge=0.0, lt=1.0, description="Multiplicative uniform noise on router inputs during training (Mixtral's router_jitter_noise); 0.01 was used by Switch.")
-    capacity_factor: float = Field(1.25, gt=0.0, description="For reporting only: share of assignments a capacity-limited router (Switch, DeepSpeed-MoE) would drop at this factor. Mixtral in transformers is dropless.")
-    router_lr_scale: float = Field(1.0, gt=0.0, description="Router learning rate = lr x this (routers get no weight decay). Below 1 steadies routing when small routers flip between experts every step.")
-    router_init_expert: int | None = Field(None, ge=0, description="Initialise every router to favour this expert for all tokens (demonstrates collapse; pair with aux_loss_coef=0). None = normal init.")
-    router_init_scale: float = Field(10.0, gt=0.0, description="Strength of router_init_expert's preference (router weight on the shared channel).")
+    aux_loss_coef: float = Field(
+        0.01,
+        ge=0.0,
+        description="Weight of the Switch load-balancing loss (transformers' aux_loss, which is top_k at perfect balance). 0.01 = Switch/OLMoE; Mixtral's config default is 0.001; 0 = no balancing.",
+    )
+    z_loss_coef: float = Field(
+        0.0,
+        ge=0.0,
+        description="Weight of the ST-MoE router z-loss (mean logsumexp(logits)^2); 0.001 is typical for large runs, where router logits blow up in bf16.",
+    )
+    router_jitter: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Multiplicative uniform noise on router inputs during training (Mixtral's router_jitter_noise); 0.01 was used by Switch.",
+    )
+    capacity_factor: float = Field(
+        1.25,
+        gt=0.0,
+        description="For reporting only: share of assignments a capacity-limited router (Switch, DeepSpeed-MoE) would drop at this factor. Mixtral in transformers is dropless.",
+    )
+    router_lr_scale: float = Field(
+        1.0,
+        gt=0.0,
+        description="Router learning rate = lr x this (routers get no weight decay). Below 1 steadies routing when small routers flip between experts every step.",
+    )
+    router_init_expert: int | None = Field(
+        None,
+        ge=0,
+        description="Initialise every router to favour this expert for all tokens (demonstrates collapse; pair with aux_loss_coef=0). None = normal init.",
+    )
+    router_init_scale: float = Field(
+        10.0, gt=0.0, description="Strength of router_init_expert's preference (router weight on the shared channel)."
+    )
     # --- baseline and optimisation ------------------------------------------------------------
-    baseline: bool = Field(True, description="Train a dense Llama twin on the same batches: from scratch with intermediate size top_k x expert size (equal active MLP parameters); when upcycling, the dense model itself, continued.")
-    steps: int = Field(200, ge=1, description="Optimizer steps (each trains the MoE and, if baseline, the dense twin on the same batch).")
+    baseline: bool = Field(
+        True,
+        description="Train a dense Llama twin on the same batches: from scratch with intermediate size top_k x expert size (equal active MLP parameters); when upcycling, the dense model itself, continued.",
+    )
+    steps: int = Field(
+        200,
+        ge=1,
+        description="Optimizer steps (each trains the MoE and, if baseline, the dense twin on the same batch).",
+    )
     batch_size: int = Field(8, ge=1, description="Sequences per step (per rank under torchrun).")
     seq_len: int = Field(64, ge=8, description="Tokens per sequence.")
-    lr: float = Field(3e-3, gt=0.0, description="Peak learning rate (linear warmup, cosine decay to lr/10). Upcycling real models: about the dense run's final lr.")
+    lr: float = Field(
+        3e-3,
+        gt=0.0,
+        description="Peak learning rate (linear warmup, cosine decay to lr/10). Upcycling real models: about the dense run's final lr.",
+    )
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay on matrices.")
     grad_clip: float = Field(1.0, gt=0.0, description="Clip the global gradient norm to this.")
-    eval_interval: int = Field(50, ge=1, description="Validation loss of both models every this many steps (and at step 0).")
+    eval_interval: int = Field(
+        50, ge=1, description="Validation loss of both models every this many steps (and at step 0)."
+    )
     eval_windows: int = Field(16, ge=1, description="Validation windows of seq_len tokens per evaluation.")
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Autocast dtype; auto = bf16 on bf16 GPUs and on native-bf16 CPUs for models of 5M+ params, else fp32; SKILLBOOK_AUTO_DTYPE overrides auto.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Autocast dtype; auto = bf16 on bf16 GPUs and on native-bf16 CPUs for models of 5M+ params, else fp32; SKILLBOOK_AUTO_DTYPE overrides auto.",
+    )
     seed: int = Field(0, description="Seed for data order, initialisation and the default data.")
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Config":
+    def _consistent(self) -> Config:
         """Refuse impossible combinations before anything runs."""
         if self.top_k > self.num_experts:
-            raise ValueError(f"top_k={self.top_k} is larger than num_experts={self.num_experts}: a token cannot "
-                             f"visit more experts than exist; lower top_k or raise num_experts")
+            raise ValueError(
+                f"top_k={self.top_k} is larger than num_experts={self.num_experts}: a token cannot "
+                f"visit more experts than exist; lower top_k or raise num_experts"
+            )
         if self.init == "upcycle" and not self.dense_model:
             raise ValueError("init=upcycle needs dense_model: the dense Llama hf-model whose MLPs become the experts")
         if self.init == "scratch" and self.dense_model:
             raise ValueError("dense_model is only used with init=upcycle; set init=upcycle or drop dense_model")
         if self.router_init_expert is not None and self.router_init_expert >= self.num_experts:
-            raise ValueError(f"router_init_expert={self.router_init_expert} must be below num_experts={self.num_experts}")
+            raise ValueError(
+                f"router_init_expert={self.router_init_expert} must be below num_experts={self.num_experts}"
+            )
         if self.hidden_size % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads} must divide hidden_size={self.hidden_size}")
         return self
@@ -85,6 +142,7 @@ class Config(RecipeConfig):
 # ---------------------------------------------------------------------------------------------
 # Data and tokenizer
 # ---------------------------------------------------------------------------------------------
+
 
 def corpus_and_tokenizer(cfg: Config, ctx: RunContext, dense_dir: Path | None, dist):
     """The corpus dir and a tokenizer: given, the dense model's own, or a byte BPE trained here."""
@@ -100,17 +158,20 @@ def corpus_and_tokenizer(cfg: Config, ctx: RunContext, dense_dir: Path | None, d
     if cfg.tokenizer or dense_dir:
         return corpus, tu.load_tokenizer(artifact_path(cfg.tokenizer, "tokenizer") if cfg.tokenizer else dense_dir)
     # The tokenization skill's own trainer, so the vocabulary matches what its recipe would produce.
-    from skillbook.recipe import import_module
+    from skillbook.run.recipe import import_module
 
     tok_mod = import_module(Path(__file__).resolve().parents[1] / "tokenization" / "recipe.py", "tokenization")
     specials = [tu.UNK, tu.BOS, tu.EOS, tu.PAD, *tu.ROLE_TOKENS]
-    backend = tok_mod.train_byte_bpe(tok_mod.Config(vocab_size=cfg.vocab_size), tu.read_texts(corpus / "train.jsonl"), specials)
+    backend = tok_mod.train_byte_bpe(
+        tok_mod.Config(vocab_size=cfg.vocab_size), tu.read_texts(corpus / "train.jsonl"), specials
+    )
     return corpus, tu.wrap(backend)
 
 
 # ---------------------------------------------------------------------------------------------
 # Models: the MoE and its dense twin with the same active parameters
 # ---------------------------------------------------------------------------------------------
+
 
 def build_models(cfg: Config, tok, dense_dir: Path | None):
     """(moe, dense or None): a fresh Mixtral + Llama pair, or an upcycled Llama + the Llama itself."""
@@ -125,20 +186,42 @@ def build_models(cfg: Config, tok, dense_dir: Path | None):
         moe = moe_lib.upcycle(dense, cfg.num_experts, cfg.top_k, seed=cfg.seed, **router)
         return moe, (copy.deepcopy(dense) if cfg.baseline else None)
     vocab = -(-len(tok) // 64) * 64  # round up to a multiple of 64: tensor-core friendly, spare rows unused
-    shape = dict(vocab_size=vocab, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                 num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_heads, max_position_embeddings=cfg.seq_len * 4,
-                 tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    shape = dict(
+        vocab_size=vocab,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.seq_len * 4,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     torch.manual_seed(cfg.seed)
-    moe = MixtralForCausalLM(MixtralConfig(**shape, intermediate_size=cfg.expert_intermediate_size, num_local_experts=cfg.num_experts,
-                                           num_experts_per_tok=cfg.top_k, sliding_window=None, **router))
+    moe = MixtralForCausalLM(
+        MixtralConfig(
+            **shape,
+            intermediate_size=cfg.expert_intermediate_size,
+            num_local_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.top_k,
+            sliding_window=None,
+            **router,
+        )
+    )
     # Equal active compute: the dense MLP is as wide as the top_k experts a token visits, combined.
-    dense = LlamaForCausalLM(LlamaConfig(**shape, intermediate_size=cfg.top_k * cfg.expert_intermediate_size)) if cfg.baseline else None
+    dense = (
+        LlamaForCausalLM(LlamaConfig(**shape, intermediate_size=cfg.top_k * cfg.expert_intermediate_size))
+        if cfg.baseline
+        else None
+    )
     return moe, dense
 
 
 # ---------------------------------------------------------------------------------------------
 # Losses and evaluation
 # ---------------------------------------------------------------------------------------------
+
 
 def losses(model, x, y, cfg: Config, is_moe: bool):
     """(total to backprop, cross-entropy, aux loss / top_k (1.0 = balanced), z-loss)."""
@@ -186,6 +269,7 @@ def evaluate(model, val, device: str, dtype: str) -> float:
 # The run
 # ---------------------------------------------------------------------------------------------
 
+
 def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     """Build, train MoE and dense twin on the same batches, record routing, save, reload, generate, report."""
     import torch
@@ -206,8 +290,11 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     if cfg.router_init_expert is not None:
         moe_lib.favour_expert(moe, cfg.router_init_expert, cfg.router_init_scale)
     counts = {"moe": moe_lib.param_counts(moe), **({"dense": moe_lib.param_counts(dense)} if dense else {})}
-    ctx.info(f"{cfg.init} MoE: {cfg.num_experts} experts, top-{cfg.top_k}, {counts['moe']['total']:,} params, "
-             f"{counts['moe']['active']:,} active per token" + (f"; dense twin {counts['dense']['total']:,}" if dense else ""))
+    ctx.info(
+        f"{cfg.init} MoE: {cfg.num_experts} experts, top-{cfg.top_k}, {counts['moe']['total']:,} params, "
+        f"{counts['moe']['active']:,} active per token"
+        + (f"; dense twin {counts['dense']['total']:,}" if dense else "")
+    )
     dtype, dtype_reason = training.choose_dtype(cfg.dtype, device, counts["moe"]["total"])
     ctx.info(f"dtype {dtype} ({dtype_reason})")
     ctx.summary.update(dtype=dtype, dtype_reason=dtype_reason)
@@ -229,7 +316,9 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     with moe_lib.RoutingCounter(moe) as counter:
         for step in range(1, cfg.steps + 1):
             idx = sampler.take(cfg.batch_size * dist.world_size)
-            x, y = sampler.windows(idx[dist.rank * cfg.batch_size:(dist.rank + 1) * cfg.batch_size])  # this rank's rows
+            x, y = sampler.windows(
+                idx[dist.rank * cfg.batch_size : (dist.rank + 1) * cfg.batch_size]
+            )  # this rank's rows
             x, y = x.to(device), y.to(device)
             lr = training.lr_at(step - 1, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr / 10)
             record = {"lr": lr}
@@ -261,9 +350,13 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         plots = plot(ctx.out_dir, history, evals, cfg)
         final = moe_lib.final_loads(history["loads"])  # mean load over the last 10% of steps
         utils = [moe_lib.utilization(row) for row in final]
-        ctx.summary.update(moe_val_loss=evals["moe"][-1][1], utilization_min=min(utils),
-                           max_load_ratio=max(max(r) * len(r) for r in final), total_params=counts["moe"]["total"],
-                           active_params=counts["moe"]["active"])
+        ctx.summary.update(
+            moe_val_loss=evals["moe"][-1][1],
+            utilization_min=min(utils),
+            max_load_ratio=max(max(r) * len(r) for r in final),
+            total_params=counts["moe"]["total"],
+            active_params=counts["moe"]["active"],
+        )
         if dense is not None:
             ctx.summary["dense_val_loss"] = evals["dense"][-1][1]
         ctx.report(moe_lib.render_report(cfg.model_dump(), counts, evals, final, sample, plots, out))
@@ -285,8 +378,12 @@ def reload_and_generate(path: Path) -> str:
 
 def plot(out_dir: Path, history: dict, evals: dict, cfg: Config) -> dict[str, str]:
     """expert_load.png (heat map per layer over training) and loss.png (MoE vs dense, same steps)."""
-    moe_lib.plot_load_heatmap(history["steps"], history["loads"], out_dir / "expert_load.png",
-                              f"Expert load per layer (top-{cfg.top_k} of {cfg.num_experts}, aux coef {cfg.aux_loss_coef:g})")
+    moe_lib.plot_load_heatmap(
+        history["steps"],
+        history["loads"],
+        out_dir / "expert_load.png",
+        f"Expert load per layer (top-{cfg.top_k} of {cfg.num_experts}, aux coef {cfg.aux_loss_coef:g})",
+    )
     curves = {f"{k} (val)": ([s for s, _ in v], [l for _, l in v]) for k, v in evals.items()}
     moe_lib.plot_loss_curves(curves, out_dir / "loss.png", "validation loss")
     return {"heatmap": "expert_load.png", "loss": "loss.png"}

@@ -19,64 +19,127 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from skillbook.errors import ConfigError
-from skillbook.ml import lm_data, training as tr
-from skillbook.recipe import RecipeConfig, artifact_path
-from skillbook.runner import RunContext
+from skillbook.ml import lm_data
+from skillbook.ml import training as tr
+from skillbook.run.recipe import RecipeConfig, artifact_path
+from skillbook.run.runner import RunContext
 
 OUTPUTS = {"model": "hf-model"}
 INPUTS = {"corpus": "corpus", "tokenizer": "tokenizer"}
 
 
 class Config(RecipeConfig):
-    corpus: str | None = Field(None, description="Corpus dir (train.jsonl, val.jsonl of {\"text\"}); None = the embedded synthetic world.")
-    tokenizer: str | None = Field(None, description="HF tokenizer dir (or an hf-model dir); None = train one with the tokenization skill's defaults.")
+    corpus: str | None = Field(
+        None, description='Corpus dir (train.jsonl, val.jsonl of {"text"}); None = the embedded synthetic world.'
+    )
+    tokenizer: str | None = Field(
+        None,
+        description="HF tokenizer dir (or an hf-model dir); None = train one with the tokenization skill's defaults.",
+    )
     # ---- model: a LlamaConfig --------------------------------------------------------------------
     n_layer: int = Field(4, ge=1, description="Decoder blocks (num_hidden_layers).")
     d_model: int = Field(128, ge=16, description="Hidden size; must be n_head x an even head_dim.")
     n_head: int = Field(2, ge=1, description="Attention heads; head_dim = d_model / n_head (64-128 on GPUs).")
-    n_kv_head: int | None = Field(None, ge=1, description="Key/value heads; None = n_head (multi-head), fewer = grouped-query attention.")
-    ffn_hidden: int | None = Field(None, ge=16, description="SwiGLU hidden size; None = 8/3 x d_model rounded up to a multiple of 64.")
+    n_kv_head: int | None = Field(
+        None, ge=1, description="Key/value heads; None = n_head (multi-head), fewer = grouped-query attention."
+    )
+    ffn_hidden: int | None = Field(
+        None, ge=16, description="SwiGLU hidden size; None = 8/3 x d_model rounded up to a multiple of 64."
+    )
     seq_len: int = Field(128, ge=8, description="Training context length in tokens (also max_position_embeddings).")
-    vocab_size: int | None = Field(None, ge=8, description="Expected tokenizer size; None = len(tokenizer). A mismatch fails before training.")
-    pad_vocab_to: int = Field(1, ge=1, description="Round embedding rows up to a multiple of this (64 or 128 on GPUs: faster matmuls).")
-    tie_embeddings: bool = Field(True, description="Share the input embedding with the output head (saves vocab x d_model params).")
+    vocab_size: int | None = Field(
+        None, ge=8, description="Expected tokenizer size; None = len(tokenizer). A mismatch fails before training."
+    )
+    pad_vocab_to: int = Field(
+        1, ge=1, description="Round embedding rows up to a multiple of this (64 or 128 on GPUs: faster matmuls)."
+    )
+    tie_embeddings: bool = Field(
+        True, description="Share the input embedding with the output head (saves vocab x d_model params)."
+    )
     rope_theta: float = Field(10000.0, gt=0, description="RoPE base; raise it (500000 in Llama 3) for long contexts.")
     # ---- optimisation ----------------------------------------------------------------------------
     max_steps: int = Field(300, ge=1, description="Optimizer steps; tokens seen = max_steps x total_batch_tokens.")
-    total_batch_tokens: int = Field(2048, ge=8, description="Tokens per optimizer step over all processes and accumulation steps (kept when the process count changes).")
-    batch_size: int = Field(16, ge=1, description="Largest micro-batch (sequences per process per forward); accumulation makes up the rest.")
-    lr: float = Field(6e-3, gt=0, description="Peak learning rate (~6e-3 at 1M params, 3e-3 for 3-10M, 6e-4 at 125M, 3e-4 at 350M-1B).")
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Cosine decay ends at lr x min_lr_ratio (0.1 for long runs; the tiny default keeps 0.5: its 300 steps learn facts fastest at a high LR).")
-    warmup_steps: int = Field(30, ge=0, description="Linear warmup steps (~1-10% of max_steps; Adam's second moments need them).")
-    weight_decay: float = Field(0.1, ge=0, description="Decoupled AdamW weight decay on 2-D weights only (not norms or biases).")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas; beta2=0.95 is steadier than 0.999 for LM pretraining.")
-    grad_clip: float = Field(1.0, ge=0, description="Clip the global gradient norm to this; 0 = no clipping (the norm is still logged).")
+    total_batch_tokens: int = Field(
+        2048,
+        ge=8,
+        description="Tokens per optimizer step over all processes and accumulation steps (kept when the process count changes).",
+    )
+    batch_size: int = Field(
+        16, ge=1, description="Largest micro-batch (sequences per process per forward); accumulation makes up the rest."
+    )
+    lr: float = Field(
+        6e-3,
+        gt=0,
+        description="Peak learning rate (~6e-3 at 1M params, 3e-3 for 3-10M, 6e-4 at 125M, 3e-4 at 350M-1B).",
+    )
+    min_lr_ratio: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Cosine decay ends at lr x min_lr_ratio (0.1 for long runs; the tiny default keeps 0.5: its 300 steps learn facts fastest at a high LR).",
+    )
+    warmup_steps: int = Field(
+        30, ge=0, description="Linear warmup steps (~1-10% of max_steps; Adam's second moments need them)."
+    )
+    weight_decay: float = Field(
+        0.1, ge=0, description="Decoupled AdamW weight decay on 2-D weights only (not norms or biases)."
+    )
+    betas: tuple[float, float] = Field(
+        (0.9, 0.95), description="AdamW betas; beta2=0.95 is steadier than 0.999 for LM pretraining."
+    )
+    grad_clip: float = Field(
+        1.0, ge=0, description="Clip the global gradient norm to this; 0 = no clipping (the norm is still logged)."
+    )
     # ---- systems ---------------------------------------------------------------------------------
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when a GPU is visible, else cpu.")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="Autocast dtype; auto = bf16 on bf16 GPUs and on native-bf16 CPUs (AVX512-BF16/AMX) for models of 5M+ params, else fp32; SKILLBOOK_AUTO_DTYPE overrides auto.")
-    compile: bool | Literal["auto"] = Field("auto", description="torch.compile the model; auto = on for CUDA, off on CPU (compiled CPU runs were not bit-reproducible; eager is, at ~1.4x the step time on the tiny model).")
-    fused_adamw: bool = Field(True, description="Fused AdamW kernel (same update as the default, fewer kernel launches).")
-    parallel: Literal["ddp", "fsdp"] = Field("ddp", description="Under torchrun: ddp = full replicas, fsdp = FSDP2 sharding per block (GPUs, big models).")
-    peak_flops: float | None = Field(None, gt=0, description="Peak FLOP/s per process for MFU (e.g. 989e12 for H100 bf16 dense); None = measure with a matmul probe.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="Autocast dtype; auto = bf16 on bf16 GPUs and on native-bf16 CPUs (AVX512-BF16/AMX) for models of 5M+ params, else fp32; SKILLBOOK_AUTO_DTYPE overrides auto.",
+    )
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile the model; auto = on for CUDA, off on CPU (compiled CPU runs were not bit-reproducible; eager is, at ~1.4x the step time on the tiny model).",
+    )
+    fused_adamw: bool = Field(
+        True, description="Fused AdamW kernel (same update as the default, fewer kernel launches)."
+    )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Under torchrun: ddp = full replicas, fsdp = FSDP2 sharding per block (GPUs, big models)."
+    )
+    peak_flops: float | None = Field(
+        None,
+        gt=0,
+        description="Peak FLOP/s per process for MFU (e.g. 989e12 for H100 bf16 dense); None = measure with a matmul probe.",
+    )
     # ---- evaluation, checkpoints, samples --------------------------------------------------------
-    eval_interval: int = Field(50, ge=1, description="Validation loss every this many steps (and at the start and the end).")
+    eval_interval: int = Field(
+        50, ge=1, description="Validation loss every this many steps (and at the start and the end)."
+    )
     eval_windows: int = Field(32, ge=1, description="Validation windows of seq_len tokens per evaluation.")
     checkpoint_interval: int = Field(50, ge=1, description="Save a checkpoint every this many steps (and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Keep only the newest K checkpoints.")
-    resume: Literal["auto", "never"] = Field("never", description="auto = continue the unfinished run with the same config from its latest checkpoint.")
-    sample_prompts: list[str] | None = Field(None, description="Prompts for greedy samples in report.md; None = openings of validation documents.")
+    resume: Literal["auto", "never"] = Field(
+        "never", description="auto = continue the unfinished run with the same config from its latest checkpoint."
+    )
+    sample_prompts: list[str] | None = Field(
+        None, description="Prompts for greedy samples in report.md; None = openings of validation documents."
+    )
     sample_tokens: int = Field(24, ge=1, description="New tokens per sample.")
     seed: int = Field(0, description="Seed for init, data order and the default data.")
 
     @model_validator(mode="after")
-    def _shapes(self) -> "Config":
+    def _shapes(self) -> Config:
         kv = self.n_kv_head or self.n_head
         if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
-            raise ValueError(f"d_model ({self.d_model}) must be n_head ({self.n_head}) x an even head_dim (RoPE rotates pairs)")
+            raise ValueError(
+                f"d_model ({self.d_model}) must be n_head ({self.n_head}) x an even head_dim (RoPE rotates pairs)"
+            )
         if self.n_head % kv:
             raise ValueError(f"n_head ({self.n_head}) must be a multiple of n_kv_head ({kv})")
         if self.total_batch_tokens % self.seq_len:
-            raise ValueError(f"total_batch_tokens ({self.total_batch_tokens}) must be a multiple of seq_len ({self.seq_len})")
+            raise ValueError(
+                f"total_batch_tokens ({self.total_batch_tokens}) must be a multiple of seq_len ({self.seq_len})"
+            )
         return self
 
 
@@ -85,17 +148,29 @@ def llama_config(cfg: Config, vocab: int, bos: int | None = None, eos: int | Non
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-        num_key_value_heads=cfg.n_kv_head or cfg.n_head, intermediate_size=cfg.ffn_hidden or math.ceil(8 * cfg.d_model / 3 / 64) * 64,
-        max_position_embeddings=cfg.seq_len, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        tie_word_embeddings=cfg.tie_embeddings, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad, use_cache=False)
+        vocab_size=vocab,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head or cfg.n_head,
+        intermediate_size=cfg.ffn_hidden or math.ceil(8 * cfg.d_model / 3 / 64) * 64,
+        max_position_embeddings=cfg.seq_len,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        tie_word_embeddings=cfg.tie_embeddings,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        use_cache=False,
+    )
 
 
 def check_vocab(cfg: Config, tok, where):
     """The tokenizer, if its size matches an explicit `vocab_size` (None = take len(tokenizer))."""
     if cfg.vocab_size is not None and cfg.vocab_size != len(tok):
-        raise ConfigError(f"vocab_size: the config says {cfg.vocab_size} but the tokenizer at {where} has {len(tok)} "
-                          f"tokens; drop vocab_size (it defaults to len(tokenizer)) or pass the matching tokenizer")
+        raise ConfigError(
+            f"vocab_size: the config says {cfg.vocab_size} but the tokenizer at {where} has {len(tok)} "
+            f"tokens; drop vocab_size (it defaults to len(tokenizer)) or pass the matching tokenizer"
+        )
     return tok
 
 
@@ -109,10 +184,20 @@ def get_inputs(cfg: Config, ctx: RunContext, dist: tr.Dist) -> tuple[Path, Path]
         write_default_data(ctx.out_dir / "data", cfg.seed)
         ctx.info(f"no corpus given: wrote the embedded synthetic world to {corpus}")
     if dist.is_main and cfg.tokenizer is None and not (tok_dir.parent / "outputs.json").is_file():
-        from skillbook import recipe as recipe_mod, runner  # the tokenization skill with its defaults, on our corpus
+        from skillbook.run import (
+            recipe as recipe_mod,
+        )  # the tokenization skill with its defaults, on our corpus
+        from skillbook.run import (
+            runner,
+        )
 
         rec = recipe_mod.load(Path(__file__).resolve().parent.parent / "tokenization")
-        runner.run(rec, recipe_mod.resolve(rec, overrides={"corpus": str(corpus), "seed": cfg.seed}), run_dir=tok_dir.parent, quiet=True)
+        runner.run(
+            rec,
+            recipe_mod.resolve(rec, overrides={"corpus": str(corpus), "seed": cfg.seed}),
+            run_dir=tok_dir.parent,
+            quiet=True,
+        )
         ctx.info(f"no tokenizer given: trained one with the tokenization skill into {tok_dir}")
     tr.barrier(dist)
     return corpus, tok_dir
@@ -134,8 +219,10 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     # micro-batch x accumulation x processes = total_batch_tokens / seq_len, for any process count
     seqs_per_rank, rem = divmod(cfg.total_batch_tokens // cfg.seq_len, ctx.world_size)
     if rem or seqs_per_rank == 0:
-        raise ConfigError(f"total_batch_tokens: {cfg.total_batch_tokens // cfg.seq_len} sequences per step do not split over "
-                          f"{ctx.world_size} processes; make total_batch_tokens / seq_len a multiple of the process count")
+        raise ConfigError(
+            f"total_batch_tokens: {cfg.total_batch_tokens // cfg.seq_len} sequences per step do not split over "
+            f"{ctx.world_size} processes; make total_batch_tokens / seq_len a multiple of the process count"
+        )
     micro = max(b for b in range(1, min(cfg.batch_size, seqs_per_rank) + 1) if seqs_per_rank % b == 0)
     accum = seqs_per_rank // micro
 
@@ -163,14 +250,18 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     optimizer = tr.adamw(raw, cfg.lr, cfg.weight_decay, cfg.betas, fused=cfg.fused_adamw)
     fpt = tr.flops_per_token(n_params, cfg.n_layer, cfg.d_model, cfg.seq_len)
     peak = cfg.peak_flops or tr.measure_peak_flops(device, dtype)
-    ctx.info(f"{n_params / 1e6:.2f}M params, vocab {vocab}, {cfg.n_layer}x{cfg.d_model}, {len(data['train'])} train tokens; "
-             f"step = {dist.world_size} proc x {accum} accum x {micro} seq x {cfg.seq_len} = {cfg.total_batch_tokens} tokens; "
-             f"{device} {dtype} ({dtype_reason}), compile={use_compile}, {fpt / 1e6:.1f} MFLOP/token, peak {peak / 1e9:.0f} GFLOP/s")
+    ctx.info(
+        f"{n_params / 1e6:.2f}M params, vocab {vocab}, {cfg.n_layer}x{cfg.d_model}, {len(data['train'])} train tokens; "
+        f"step = {dist.world_size} proc x {accum} accum x {micro} seq x {cfg.seq_len} = {cfg.total_batch_tokens} tokens; "
+        f"{device} {dtype} ({dtype_reason}), compile={use_compile}, {fpt / 1e6:.1f} MFLOP/token, peak {peak / 1e9:.0f} GFLOP/s"
+    )
 
     # ---- resume: model, optimizer, data position and RNG from the newest checkpoint ----------------
     sampler = lm_data.WindowSampler(data["train"], cfg.seq_len, cfg.seed)
     ckpt_dir, start = ctx.out_dir / "checkpoints", 0
-    latest = tr.broadcast_object(tr.latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else None, dist)  # rank 0 decides
+    latest = tr.broadcast_object(
+        tr.latest_checkpoint(ckpt_dir) if cfg.resume == "auto" else None, dist
+    )  # rank 0 decides
     if latest is not None:
         ck = tr.load_checkpoint(latest)
         tr.load_full_state(raw, optimizer, ck["model"], ck["optimizer"])
@@ -182,8 +273,18 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     def checkpoint(step: int) -> None:
         model_sd, optim_sd = tr.full_state(raw, optimizer)  # a collective under FSDP: every rank calls it
         if dist.is_main:
-            tr.save_checkpoint({"model": model_sd, "optimizer": optim_sd, "step": step, "sampler": sampler.state_dict(),
-                                "rng": tr.rng_state()}, ckpt_dir, step, cfg.keep_checkpoints)
+            tr.save_checkpoint(
+                {
+                    "model": model_sd,
+                    "optimizer": optim_sd,
+                    "step": step,
+                    "sampler": sampler.state_dict(),
+                    "rng": tr.rng_state(),
+                },
+                ckpt_dir,
+                step,
+                cfg.keep_checkpoints,
+            )
 
     vx, vy = lm_data.eval_windows(data["val"], cfg.seq_len, cfg.eval_windows)
 
@@ -193,7 +294,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         raw.eval()  # the uncompiled model: an eval graph would cost a second compilation for a few batches
         total = torch.zeros(2, device=device)
         for i in range(dist.rank * micro, len(vx), micro * dist.world_size):
-            x, y = vx[i:i + micro].to(device), vy[i:i + micro].to(device)
+            x, y = vx[i : i + micro].to(device), vy[i : i + micro].to(device)
             with tr.autocast(device, dtype):
                 logits = raw(input_ids=x).logits
             total[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
@@ -233,7 +334,14 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         hist["loss"].append((step + 1, loss_val))
         hist["tps"].append(tps)
         hist["mfu"].append(mfu)
-        ctx.log(step=step + 1, loss=loss_val, lr=lr, grad_norm=float(grad_norm), tokens_per_s=round(tps, 1), mfu=round(mfu, 4))
+        ctx.log(
+            step=step + 1,
+            loss=loss_val,
+            lr=lr,
+            grad_norm=float(grad_norm),
+            tokens_per_s=round(tps, 1),
+            mfu=round(mfu, 4),
+        )
         last = step + 1 == cfg.max_steps
         if (step + 1) % cfg.eval_interval == 0 or last:
             hist["val"].append((step + 1, evaluate()))
@@ -249,8 +357,13 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         raw.config.use_cache = True  # off while training (no KV cache needed); users generate with it
         raw.save_pretrained(out, state_dict=model_sd)
         tok.save_pretrained(out)
-        GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                         do_sample=False, max_new_tokens=64).save_pretrained(out)
+        GenerationConfig(
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            do_sample=False,
+            max_new_tokens=64,
+        ).save_pretrained(out)
     tr.barrier(dist)
     tr.teardown_distributed(dist)
     if not dist.is_main:
@@ -258,20 +371,34 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
 
     # ---- samples (from the saved model, as a user loads it), summary, report ----------------------------
     samples = greedy_samples(out, cfg.sample_prompts, lm_data.read_corpus_split(corpus, "val"), cfg.sample_tokens)
-    steady = hist["tps"][len(hist["tps"]) // 4:] or [0.0]  # skip the first steps: warm-up, compile
+    steady = hist["tps"][len(hist["tps"]) // 4 :] or [0.0]  # skip the first steps: warm-up, compile
     ctx.summary.update(
-        params=n_params, initial_val_loss=round(hist["val"][0][1], 4) if start == 0 else None,
+        params=n_params,
+        initial_val_loss=round(hist["val"][0][1], 4) if start == 0 else None,
         final_val_loss=round(hist["val"][-1][1], 4) if hist["val"] else None,
-        final_train_loss=hist["loss"][-1][1] if hist["loss"] else None, tokens_per_s=round(statistics.median(steady), 1),
-        mfu=round(fpt * statistics.median(steady) / (peak * dist.world_size), 4), peak_flops=peak, dtype=dtype, dtype_reason=dtype_reason,
-        compile=use_compile, world_size=dist.world_size, grad_accum=accum, micro_batch=micro, flops_per_token=fpt,
-        tokens_seen=cfg.max_steps * cfg.total_batch_tokens, epochs=round(sampler.epochs_done, 3),
-        train_seconds=round(train_s, 2), resumed_from_step=start)
+        final_train_loss=hist["loss"][-1][1] if hist["loss"] else None,
+        tokens_per_s=round(statistics.median(steady), 1),
+        mfu=round(fpt * statistics.median(steady) / (peak * dist.world_size), 4),
+        peak_flops=peak,
+        dtype=dtype,
+        dtype_reason=dtype_reason,
+        compile=use_compile,
+        world_size=dist.world_size,
+        grad_accum=accum,
+        micro_batch=micro,
+        flops_per_token=fpt,
+        tokens_seen=cfg.max_steps * cfg.total_batch_tokens,
+        epochs=round(sampler.epochs_done, 3),
+        train_seconds=round(train_s, 2),
+        resumed_from_step=start,
+    )
     ctx.report(report(cfg, ctx.summary, hist, samples, out, ctx.out_dir))
     return {"model": out}
 
 
-def greedy_samples(model_dir: Path, prompts: list[str] | None, val_texts: list[str], n_tokens: int) -> list[tuple[str, str]]:
+def greedy_samples(
+    model_dir: Path, prompts: list[str] | None, val_texts: list[str], n_tokens: int
+) -> list[tuple[str, str]]:
     """Greedy continuations from the saved model, reloaded with AutoModelForCausalLM as a user would."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -283,21 +410,42 @@ def greedy_samples(model_dir: Path, prompts: list[str] | None, val_texts: list[s
         ids = tok(prompt, return_tensors="pt")
         with torch.no_grad():
             gen = model.generate(**ids, max_new_tokens=n_tokens, do_sample=False)
-        out.append((prompt, tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)))
+        out.append((prompt, tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)))
     return out
 
 
 def report(cfg: Config, s: dict, hist: dict, samples: list[tuple[str, str]], out: Path, run_dir: Path) -> str:
     """report.md: derived settings, losses, throughput, the loss plot and the samples."""
-    rows = [("parameters", f"{s['params'] / 1e6:.2f}M ({cfg.n_layer} layers x {cfg.d_model}, {cfg.n_head} heads, seq {cfg.seq_len})"),
-            ("global batch", f"{cfg.total_batch_tokens} tokens = {s['world_size']} proc x {s['grad_accum']} accum x {s['micro_batch']} seq"),
-            ("tokens seen (epochs)", f"{s['tokens_seen']} ({s['epochs']})"), ("val loss start -> end", f"{s['initial_val_loss']} -> {s['final_val_loss']}"),
-            ("tokens/s, MFU (median)", f"{s['tokens_per_s']:.0f}, {s['mfu']:.1%} of {s['peak_flops'] / 1e9:.0f} GFLOP/s"),
-            ("dtype / compile", f"{s['dtype']} / {s['compile']}"), ("train seconds", f"{s['train_seconds']}")]
+    rows = [
+        (
+            "parameters",
+            f"{s['params'] / 1e6:.2f}M ({cfg.n_layer} layers x {cfg.d_model}, {cfg.n_head} heads, seq {cfg.seq_len})",
+        ),
+        (
+            "global batch",
+            f"{cfg.total_batch_tokens} tokens = {s['world_size']} proc x {s['grad_accum']} accum x {s['micro_batch']} seq",
+        ),
+        ("tokens seen (epochs)", f"{s['tokens_seen']} ({s['epochs']})"),
+        ("val loss start -> end", f"{s['initial_val_loss']} -> {s['final_val_loss']}"),
+        ("tokens/s, MFU (median)", f"{s['tokens_per_s']:.0f}, {s['mfu']:.1%} of {s['peak_flops'] / 1e9:.0f} GFLOP/s"),
+        ("dtype / compile", f"{s['dtype']} / {s['compile']}"),
+        ("train seconds", f"{s['train_seconds']}"),
+    ]
     lines = ["# Pretraining run", "", "| measure | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
     if tr.plot_losses({"train": hist["loss"], "validation": hist["val"]}, run_dir / "loss.png"):
         lines += ["![loss curve](loss.png)", ""]
-    lines += ["## Greedy samples", "", *[f"- `{p}` -> `{c.strip()}`" for p, c in samples], "", "Load it:", "", "```python",
-              "from transformers import AutoModelForCausalLM, AutoTokenizer", f"model = AutoModelForCausalLM.from_pretrained({str(out)!r})",
-              f"tok = AutoTokenizer.from_pretrained({str(out)!r})", "```", ""]
+    lines += [
+        "## Greedy samples",
+        "",
+        *[f"- `{p}` -> `{c.strip()}`" for p, c in samples],
+        "",
+        "Load it:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"model = AutoModelForCausalLM.from_pretrained({str(out)!r})",
+        f"tok = AutoTokenizer.from_pretrained({str(out)!r})",
+        "```",
+        "",
+    ]
     return "\n".join(lines)

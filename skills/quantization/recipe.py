@@ -16,8 +16,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from skillbook.errors import ConfigError
-from skillbook.recipe import RecipeConfig, artifact_path
-from skillbook.runner import RunContext
+from skillbook.run.recipe import RecipeConfig, artifact_path
+from skillbook.run.runner import RunContext
 
 OUTPUTS = {"gguf": "gguf"}
 INPUTS = {"model": "hf-model", "corpus": "corpus"}
@@ -26,21 +26,49 @@ GGUFType = Literal["F32", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
 
 
 class Config(RecipeConfig):
-    model: str = Field(..., description="hf-model directory (Llama architecture, tokenizer inside), e.g. the pretraining or sft output.")
-    type: GGUFType = Field("Q8_0", description="The GGUF type returned as the `gguf` output. Q8_0: ~8.5 bits/weight, near-lossless; Q4_K_M: ~4.8 bits, the usual laptop choice.")
-    types: list[GGUFType] = Field(default_factory=lambda: ["F32", "F16", "Q8_0", "Q4_K_M"],
-                                  description="Further GGUF types to write and measure in the same run (the report compares them all).")
-    corpus: str | None = Field(None, description="Corpus directory whose val.jsonl is the held-out perplexity set; None = the embedded synthetic world.")
-    eval_docs: int = Field(24, ge=1, description="How many val.jsonl documents the perplexity is computed on (all runs use the same token ids).")
-    decode_tokens: int = Field(96, ge=2, description="New tokens generated per decode-speed measurement (greedy, prefill excluded).")
-    threads: int = Field(1, ge=1, description="CPU threads for llama.cpp and torch; pass it explicitly (llama.cpp defaults to half the cores). 1 for tiny models, whose ops are too small to split; physical cores for real ones.")
-    torch_int8: bool = Field(True, description="Also measure PyTorch dynamic int8 (torch.ao quantize_dynamic on nn.Linear, CPU inference).")
-    bnb_4bit: bool = Field(False, description="Also load the model in bitsandbytes NF4 4-bit and measure it (needs a CUDA GPU and the `gpu` extra).")
-    name: str | None = Field(None, description="general.name written into the GGUF metadata; None = the model folder's name.")
+    model: str = Field(
+        ...,
+        description="hf-model directory (Llama architecture, tokenizer inside), e.g. the pretraining or sft output.",
+    )
+    type: GGUFType = Field(
+        "Q8_0",
+        description="The GGUF type returned as the `gguf` output. Q8_0: ~8.5 bits/weight, near-lossless; Q4_K_M: ~4.8 bits, the usual laptop choice.",
+    )
+    types: list[GGUFType] = Field(
+        default_factory=lambda: ["F32", "F16", "Q8_0", "Q4_K_M"],
+        description="Further GGUF types to write and measure in the same run (the report compares them all).",
+    )
+    corpus: str | None = Field(
+        None,
+        description="Corpus directory whose val.jsonl is the held-out perplexity set; None = the embedded synthetic world.",
+    )
+    eval_docs: int = Field(
+        24,
+        ge=1,
+        description="How many val.jsonl documents the perplexity is computed on (all runs use the same token ids).",
+    )
+    decode_tokens: int = Field(
+        96, ge=2, description="New tokens generated per decode-speed measurement (greedy, prefill excluded)."
+    )
+    threads: int = Field(
+        1,
+        ge=1,
+        description="CPU threads for llama.cpp and torch; pass it explicitly (llama.cpp defaults to half the cores). 1 for tiny models, whose ops are too small to split; physical cores for real ones.",
+    )
+    torch_int8: bool = Field(
+        True, description="Also measure PyTorch dynamic int8 (torch.ao quantize_dynamic on nn.Linear, CPU inference)."
+    )
+    bnb_4bit: bool = Field(
+        False,
+        description="Also load the model in bitsandbytes NF4 4-bit and measure it (needs a CUDA GPU and the `gpu` extra).",
+    )
+    name: str | None = Field(
+        None, description="general.name written into the GGUF metadata; None = the model folder's name."
+    )
     seed: int = Field(0, description="Seed for the default data.")
 
     @model_validator(mode="after")
-    def _type_listed(self) -> "Config":
+    def _type_listed(self) -> Config:
         if self.type not in self.types:  # the returned file is always measured
             self.types = [*self.types, self.type]
         return self
@@ -50,10 +78,12 @@ class Config(RecipeConfig):
 # Inputs: the model, the held-out documents and one decode prompt, all as token ids
 # ---------------------------------------------------------------------------------------------
 
+
 def held_out_docs(cfg: Config, ctx: RunContext, tok, n_ctx: int) -> list[list[int]]:
     """First `eval_docs` val.jsonl documents, tokenized with BOS and cut to the context."""
     if cfg.corpus is None:
         from skillbook.ml.synthetic import write_default_data
+
         corpus = write_default_data(ctx.out_dir / "data", seed=cfg.seed)["corpus"]
     else:
         corpus = artifact_path(cfg.corpus, "corpus")
@@ -73,7 +103,9 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
 
     model_dir = artifact_path(cfg.model, "model")
     if not (model_dir / "config.json").is_file() or not (model_dir / "tokenizer.json").is_file():
-        raise ConfigError(f"model: {model_dir} needs config.json and tokenizer.json (an hf-model dir with its tokenizer)")
+        raise ConfigError(
+            f"model: {model_dir} needs config.json and tokenizer.json (an hf-model dir with its tokenizer)"
+        )
     arch = AutoConfig.from_pretrained(model_dir).model_type
     if arch != "llama":
         raise ConfigError(f"model: architecture {arch!r} is not supported; the GGUF writer handles Llama models")
@@ -86,16 +118,24 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     docs = held_out_docs(cfg, ctx, tok, n_ctx)
     prompt = docs[0][: max(2, min(16, n_ctx - cfg.decode_tokens - 1))]
     new_tokens = min(cfg.decode_tokens, n_ctx - len(prompt) - 1)
-    ctx.info(f"model {model_dir.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
-             f"context {n_ctx}; perplexity on {len(docs)} held-out docs ({sum(map(len, docs))} tokens)")
+    ctx.info(
+        f"model {model_dir.name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, "
+        f"context {n_ctx}; perplexity on {len(docs)} held-out docs ({sum(map(len, docs))} tokens)"
+    )
 
     # ---- baseline: the unquantized model in transformers (fp32) -------------------------------
     rows = []
     base_ppl = gx.torch_perplexity(model, docs)
     # parameters() counts a tied embedding/lm_head once, as the GGUF stores it
-    rows.append({"name": "transformers fp32", "size_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-                 "bits_per_weight": 32.0, "perplexity": base_ppl,
-                 "decode_tokens_per_s": gx.torch_decode_speed(model, prompt, new_tokens)})
+    rows.append(
+        {
+            "name": "transformers fp32",
+            "size_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+            "bits_per_weight": 32.0,
+            "perplexity": base_ppl,
+            "decode_tokens_per_s": gx.torch_decode_speed(model, prompt, new_tokens),
+        }
+    )
     ctx.info(f"fp32 baseline: perplexity {base_ppl:.4f}, decode {rows[0]['decode_tokens_per_s']:.0f} tok/s")
 
     # ---- GGUF files: direct types first, K-quants from the F16 file ----------------------------
@@ -124,8 +164,16 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         speed = gx.gguf_decode_speed(llm, prompt, new_tokens)
         del llm
         paths[qtype] = path
-        rows.append({"name": f"GGUF {qtype}", "size_bytes": path.stat().st_size, "bits_per_weight": gx.gguf_bits_per_weight(path),
-                     "perplexity": ppl, "decode_tokens_per_s": speed, "tensor_types": types})
+        rows.append(
+            {
+                "name": f"GGUF {qtype}",
+                "size_bytes": path.stat().st_size,
+                "bits_per_weight": gx.gguf_bits_per_weight(path),
+                "perplexity": ppl,
+                "decode_tokens_per_s": speed,
+                "tensor_types": types,
+            }
+        )
         ctx.log(step=i, type=qtype, perplexity=ppl, decode_tokens_per_s=speed)
 
     # ---- PyTorch dynamic int8: Linear weights int8, activations quantized on the fly (CPU) ------
@@ -139,20 +187,36 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         buf = io.BytesIO()
         torch.save(qmodel.state_dict(), buf)
         n_params = sum(p.numel() for p in model.parameters())
-        rows.append({"name": "torch dynamic int8", "size_bytes": buf.tell(), "bits_per_weight": 8 * buf.tell() / n_params,
-                     "perplexity": gx.torch_perplexity(qmodel, docs),
-                     "decode_tokens_per_s": gx.torch_decode_speed(qmodel, prompt, new_tokens)})
+        rows.append(
+            {
+                "name": "torch dynamic int8",
+                "size_bytes": buf.tell(),
+                "bits_per_weight": 8 * buf.tell() / n_params,
+                "perplexity": gx.torch_perplexity(qmodel, docs),
+                "decode_tokens_per_s": gx.torch_decode_speed(qmodel, prompt, new_tokens),
+            }
+        )
 
     # ---- bitsandbytes NF4 (GPU only): the QLoRA storage format --------------------------------
     if cfg.bnb_4bit:
         from transformers import BitsAndBytesConfig
 
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                                 bnb_4bit_use_double_quant=True)
+        bnb = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=True,
+        )
         qmodel = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, device_map={"": 0})
-        rows.append({"name": "bitsandbytes nf4", "size_bytes": qmodel.get_memory_footprint(),
-                     "bits_per_weight": 8 * qmodel.get_memory_footprint() / sum(p.numel() for p in model.parameters()),
-                     "perplexity": _cuda_perplexity(qmodel, docs), "decode_tokens_per_s": None})
+        rows.append(
+            {
+                "name": "bitsandbytes nf4",
+                "size_bytes": qmodel.get_memory_footprint(),
+                "bits_per_weight": 8 * qmodel.get_memory_footprint() / sum(p.numel() for p in model.parameters()),
+                "perplexity": _cuda_perplexity(qmodel, docs),
+                "decode_tokens_per_s": None,
+            }
+        )
 
     # ---- report -------------------------------------------------------------------------------
     for r in rows:
@@ -160,17 +224,30 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         r["speedup_vs_fp32"] = (r["decode_tokens_per_s"] or 0) / rows[0]["decode_tokens_per_s"]
     (ctx.out_dir / "quantization.json").write_text(json.dumps(rows, indent=2) + "\n")
     main = next(r for r in rows if r["name"] == f"GGUF {cfg.type}")
-    ctx.summary.update(type=cfg.type, gguf_size_bytes=main["size_bytes"], bits_per_weight=round(main["bits_per_weight"], 3),
-                       perplexity=round(main["perplexity"], 4), base_perplexity=round(base_ppl, 4),
-                       ppl_delta=round(main["ppl_delta"], 4), decode_tokens_per_s=round(main["decode_tokens_per_s"], 1),
-                       speedup_vs_fp32=round(main["speedup_vs_fp32"], 2))
-    lines = [f"# quantization: {model_dir.name}", "",
-             f"Perplexity on {len(docs)} held-out documents; decode = greedy, {new_tokens} new tokens, {cfg.threads} threads.", "",
-             "| format | file size | bits/weight | perplexity | Δ ppl | decode tok/s | × fp32 |", "|---|---:|---:|---:|---:|---:|---:|"]
+    ctx.summary.update(
+        type=cfg.type,
+        gguf_size_bytes=main["size_bytes"],
+        bits_per_weight=round(main["bits_per_weight"], 3),
+        perplexity=round(main["perplexity"], 4),
+        base_perplexity=round(base_ppl, 4),
+        ppl_delta=round(main["ppl_delta"], 4),
+        decode_tokens_per_s=round(main["decode_tokens_per_s"], 1),
+        speedup_vs_fp32=round(main["speedup_vs_fp32"], 2),
+    )
+    lines = [
+        f"# quantization: {model_dir.name}",
+        "",
+        f"Perplexity on {len(docs)} held-out documents; decode = greedy, {new_tokens} new tokens, {cfg.threads} threads.",
+        "",
+        "| format | file size | bits/weight | perplexity | Δ ppl | decode tok/s | × fp32 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         tps = f"{r['decode_tokens_per_s']:.0f}" if r["decode_tokens_per_s"] else "n/a"
-        lines.append(f"| {r['name']} | {r['size_bytes'] / 1e6:.2f} MB | {r['bits_per_weight']:.2f} | {r['perplexity']:.4f} | "
-                     f"{r['ppl_delta']:+.4f} | {tps} | {r['speedup_vs_fp32']:.1f} |")
+        lines.append(
+            f"| {r['name']} | {r['size_bytes'] / 1e6:.2f} MB | {r['bits_per_weight']:.2f} | {r['perplexity']:.4f} | "
+            f"{r['ppl_delta']:+.4f} | {tps} | {r['speedup_vs_fp32']:.1f} |"
+        )
     ctx.report("\n".join(lines) + "\n")
     ctx.info("\n".join(lines[4:]))
     return {"gguf": paths[cfg.type]}
@@ -190,4 +267,3 @@ def _cuda_perplexity(model, docs: list[list[int]]) -> float:
             nll += out.loss.item() * (len(ids) - 1)
             n += len(ids) - 1
     return math.exp(nll / n)
-

@@ -14,8 +14,8 @@ from typing import Literal
 from pydantic import Field
 
 from skillbook.ml import posttrain as pt
-from skillbook.recipe import RecipeConfig
-from skillbook.runner import RunContext
+from skillbook.run.recipe import RecipeConfig
+from skillbook.run.runner import RunContext
 
 OUTPUTS = {"model": "hf-model"}
 INPUTS = {"model": "hf-model", "data": "preference-data"}
@@ -24,27 +24,42 @@ PAIR = ("prompt", "chosen", "rejected")
 
 class Config(RecipeConfig):
     # --- inputs -------------------------------------------------------------------------------
-    model: str = Field(..., description="Backbone: a local hf-model directory (normally the sft model, which "
-                                        "already reads the prompt format) or a hub id when online.")
-    data: str | None = Field(None, description="preference-data directory: train.jsonl and test.jsonl rows "
-                                               "{prompt, chosen, rejected}; None = the embedded synthetic pairs.")
+    model: str = Field(
+        ...,
+        description="Backbone: a local hf-model directory (normally the sft model, which "
+        "already reads the prompt format) or a hub id when online.",
+    )
+    data: str | None = Field(
+        None,
+        description="preference-data directory: train.jsonl and test.jsonl rows "
+        "{prompt, chosen, rejected}; None = the embedded synthetic pairs.",
+    )
     # --- method -------------------------------------------------------------------------------
     method: Literal["full", "lora"] = Field(
-        "full", description="full: train every weight (best for small backbones); lora: adapters + a fully "
-                            "trained score head (the way to fit 7B+ reward models).")
+        "full",
+        description="full: train every weight (best for small backbones); lora: adapters + a fully "
+        "trained score head (the way to fit 7B+ reward models).",
+    )
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank (method: lora).")
     lora_alpha: int = Field(32, ge=1, description="LoRA alpha (method: lora).")
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input (method: lora).")
-    lora_targets: list[str] = Field(default_factory=lambda: list(pt.LLAMA_LORA_TARGETS),
-                                    description="Module-name suffixes that get adapters (method: lora).")
-    center_rewards: float | None = Field(0.01, ge=0, description="Weight of the penalty that keeps mean reward near "
-                                                                 "0 (TRL's center_rewards_coefficient); None = off.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: list(pt.LLAMA_LORA_TARGETS),
+        description="Module-name suffixes that get adapters (method: lora).",
+    )
+    center_rewards: float | None = Field(
+        0.01,
+        ge=0,
+        description="Weight of the penalty that keeps mean reward near "
+        "0 (TRL's center_rewards_coefficient); None = off.",
+    )
     # --- optimisation -------------------------------------------------------------------------
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Preference pairs per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(5e-4, gt=0, description="Peak learning rate. Tiny full: 3e-4..1e-3; 7B full: 5e-6..1e-5; "
-                                              "7B LoRA: 5e-5..2e-4.")
+    lr: float = Field(
+        5e-4, gt=0, description="Peak learning rate. Tiny full: 3e-4..1e-3; 7B full: 5e-6..1e-5; 7B LoRA: 5e-5..2e-4."
+    )
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming the LR up.")
     max_length: int = Field(128, ge=8, description="Token budget for prompt + answer.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (GPU memory saver).")
@@ -69,21 +84,41 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     model = AutoModelForSequenceClassification.from_pretrained(model_ref, num_labels=1, dtype=torch.float32)
     # The classifier reads the last non-pad token, so the model must know which id is padding.
     model.config.pad_token_id = tok.pad_token_id
-    ctx.info(f"reward model on {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
-             f"{len(train_rows)} train pairs, {len(test_rows)} held-out pairs")
+    ctx.info(
+        f"reward model on {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
+        f"{len(train_rows)} train pairs, {len(test_rows)} held-out pairs"
+    )
     acc_before, _ = pt.pairwise_accuracy(model, tok, test_rows)
     ctx.info(f"held-out pairwise accuracy with the untrained head: {acc_before:.3f}")
 
     # ---- trainer: Bradley-Terry loss on (prompt+chosen, prompt+rejected) ---------------------
-    peft_config = None if cfg.method == "full" else pt.lora_config(
-        cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type="SEQ_CLS")
-    args = RewardConfig(**pt.trl_args(
-        ctx.out_dir / "trainer", steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-        lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
-        max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards))
-    trainer = RewardTrainer(model=model, args=args, processing_class=tok, peft_config=peft_config,
-                            train_dataset=pt.to_dataset(train_rows, PAIR),
-                            callbacks=[pt.log_callback(ctx, cfg.steps)])
+    peft_config = (
+        None
+        if cfg.method == "full"
+        else pt.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type="SEQ_CLS")
+    )
+    args = RewardConfig(
+        **pt.trl_args(
+            ctx.out_dir / "trainer",
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            lr=cfg.lr,
+            warmup_ratio=cfg.warmup_ratio,
+            seed=cfg.seed,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            max_length=cfg.max_length,
+            center_rewards_coefficient=cfg.center_rewards,
+        )
+    )
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        processing_class=tok,
+        peft_config=peft_config,
+        train_dataset=pt.to_dataset(train_rows, PAIR),
+        callbacks=[pt.log_callback(ctx, cfg.steps)],
+    )
     pt.quiet_trainer(trainer)
     trainable, total = pt.count_params(trainer.model)
     ctx.info(f"method={cfg.method}: training {trainable:,} of {total:,} parameters")
@@ -101,10 +136,17 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     # ---- reload the way users will, and measure on held-out pairs ---------------------------
     reloaded = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     acc_after, margin = pt.pairwise_accuracy(reloaded, tok, test_rows)
-    ctx.info(f"held-out pairwise accuracy: {acc_after:.3f} (untrained head {acc_before:.3f}); "
-             f"mean reward margin {margin:.2f}")
-    ctx.summary.update(pairwise_accuracy=acc_after, pairwise_accuracy_before=acc_before,
-                       mean_reward_margin=margin, train_loss_first=losses[0] if losses else float("nan"),
-                       train_loss_last=losses[-1] if losses else float("nan"), trainable_params=trainable)
+    ctx.info(
+        f"held-out pairwise accuracy: {acc_after:.3f} (untrained head {acc_before:.3f}); "
+        f"mean reward margin {margin:.2f}"
+    )
+    ctx.summary.update(
+        pairwise_accuracy=acc_after,
+        pairwise_accuracy_before=acc_before,
+        mean_reward_margin=margin,
+        train_loss_first=losses[0] if losses else float("nan"),
+        train_loss_last=losses[-1] if losses else float("nan"),
+        trainable_params=trainable,
+    )
     ctx.report(pt.report_md("Reward model", cfg.method, model_ref, ctx.summary, losses))
     return {"model": model_dir}

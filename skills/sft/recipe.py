@@ -14,8 +14,8 @@ from pydantic import Field
 
 from skillbook.errors import ConfigError
 from skillbook.ml import posttrain as pt
-from skillbook.recipe import RecipeConfig
-from skillbook.runner import RunContext
+from skillbook.run.recipe import RecipeConfig
+from skillbook.run.runner import RunContext
 
 OUTPUTS = {"adapter": "adapter", "model": "hf-model"}
 INPUTS = {"model": "hf-model", "data": "sft-data", "eval_data": "sft-data"}
@@ -23,37 +23,63 @@ INPUTS = {"model": "hf-model", "data": "sft-data", "eval_data": "sft-data"}
 
 class Config(RecipeConfig):
     # --- inputs -------------------------------------------------------------------------------
-    model: str = Field(..., description="Base model: a local hf-model directory (with its tokenizer), e.g. the "
-                                        "pretraining run's 'model' output, or a hub id when online.")
-    data: str | None = Field(None, description="sft-data directory with train.jsonl (and test.jsonl) rows "
-                                               "{prompt, completion}; None = the embedded synthetic data.")
-    eval_data: str | None = Field(None, description="Held-out sft-data directory (test.jsonl) for exact match before/"
-                                                    "after; None = the embedded eval set, or <data>/test.jsonl.")
+    model: str = Field(
+        ...,
+        description="Base model: a local hf-model directory (with its tokenizer), e.g. the "
+        "pretraining run's 'model' output, or a hub id when online.",
+    )
+    data: str | None = Field(
+        None,
+        description="sft-data directory with train.jsonl (and test.jsonl) rows "
+        "{prompt, completion}; None = the embedded synthetic data.",
+    )
+    eval_data: str | None = Field(
+        None,
+        description="Held-out sft-data directory (test.jsonl) for exact match before/"
+        "after; None = the embedded eval set, or <data>/test.jsonl.",
+    )
     # --- method -------------------------------------------------------------------------------
     method: Literal["lora", "qlora", "full"] = Field(
-        "lora", description="lora: train a LoRA adapter on a frozen base; qlora: the same on a 4-bit base "
-                            "(CUDA + bitsandbytes); full: update every weight (no adapter).")
+        "lora",
+        description="lora: train a LoRA adapter on a frozen base; qlora: the same on a 4-bit base "
+        "(CUDA + bitsandbytes); full: update every weight (no adapter).",
+    )
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank: size of the low-rank update per target matrix.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha; the update is scaled by alpha/r (2x r is a good default).")
+    lora_alpha: int = Field(
+        32, ge=1, description="LoRA alpha; the update is scaled by alpha/r (2x r is a good default)."
+    )
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input; 0.05-0.1 on real data.")
-    lora_targets: list[str] = Field(default_factory=lambda: list(pt.LLAMA_LORA_TARGETS),
-                                    description="Module-name suffixes that get adapters (all linear layers of a "
-                                                "Llama block by default).")
-    chat_template: bool = Field(False, description="Render each prompt through the tokenizer's chat template "
-                                                   "(training and the exact-match evaluation alike); false = plain "
-                                                   "'Question: ...\\nAnswer:' text, as the data is written.")
+    lora_targets: list[str] = Field(
+        default_factory=lambda: list(pt.LLAMA_LORA_TARGETS),
+        description="Module-name suffixes that get adapters (all linear layers of a Llama block by default).",
+    )
+    chat_template: bool = Field(
+        False,
+        description="Render each prompt through the tokenizer's chat template "
+        "(training and the exact-match evaluation alike); false = plain "
+        "'Question: ...\\nAnswer:' text, as the data is written.",
+    )
     # --- optimisation -------------------------------------------------------------------------
     steps: int = Field(120, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Sequences per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(2e-3, gt=0, description="Peak learning rate (cosine decay). LoRA on the tiny model: 1e-3..3e-3; "
-                                              "LoRA on 7B: 1e-4..2e-4; full fine-tuning on 7B: 1e-5..2e-5.")
+    lr: float = Field(
+        2e-3,
+        gt=0,
+        description="Peak learning rate (cosine decay). LoRA on the tiny model: 1e-3..3e-3; "
+        "LoRA on 7B: 1e-4..2e-4; full fine-tuning on 7B: 1e-5..2e-5.",
+    )
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming the LR up.")
     max_length: int = Field(128, ge=8, description="Token budget per sequence (the packed block length with packing).")
-    packing: bool = Field(False, description="Pack several examples into one max_length block (BFD, no cross-"
-                                             "contamination with flash-attention); worth it for long, varied data.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: saves memory on GPUs, "
-                                                            "costs ~30% time; off for tiny CPU runs.")
+    packing: bool = Field(
+        False,
+        description="Pack several examples into one max_length block (BFD, no cross-"
+        "contamination with flash-attention); worth it for long, varied data.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute activations in backward: saves memory on GPUs, costs ~30% time; off for tiny CPU runs.",
+    )
     seed: int = Field(0, description="Random seed (data order, adapter init).")
     # --- evaluation ---------------------------------------------------------------------------
     eval_limit: int = Field(500, ge=1, description="At most this many held-out rows for exact match.")
@@ -81,22 +107,41 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         train_rows, eval_rows = pt.render_chat(tok, train_rows), pt.render_chat(tok, eval_rows)
     model = pt.load_causal_lm(model_ref, quantization="4bit" if cfg.method == "qlora" else "none")
     model.generation_config.pad_token_id = tok.pad_token_id
-    ctx.info(f"base model {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
-             f"{len(train_rows)} train rows, {len(eval_rows)} held-out rows")
+    ctx.info(
+        f"base model {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
+        f"{len(train_rows)} train rows, {len(eval_rows)} held-out rows"
+    )
 
     em_before = exact_match(model, tok, eval_rows, cfg.max_new_tokens)["exact_match"]
     ctx.info(f"held-out exact match before SFT: {em_before:.3f}")
 
     # ---- trainer: TRL tokenizes prompt+completion, appends eos, masks the prompt out of the loss
-    peft_config = None if cfg.method == "full" else pt.lora_config(
-        cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    args = SFTConfig(**pt.trl_args(
-        ctx.out_dir / "trainer", steps=cfg.steps, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,
-        lr=cfg.lr, warmup_ratio=cfg.warmup_ratio, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing,
-        max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=True))
-    trainer = SFTTrainer(model=model, args=args, processing_class=tok, peft_config=peft_config,
-                         train_dataset=pt.to_dataset(train_rows, ("prompt", "completion")),
-                         callbacks=[pt.log_callback(ctx, cfg.steps)])
+    peft_config = (
+        None if cfg.method == "full" else pt.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+    )
+    args = SFTConfig(
+        **pt.trl_args(
+            ctx.out_dir / "trainer",
+            steps=cfg.steps,
+            batch_size=cfg.batch_size,
+            grad_accum=cfg.grad_accum,
+            lr=cfg.lr,
+            warmup_ratio=cfg.warmup_ratio,
+            seed=cfg.seed,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            max_length=cfg.max_length,
+            packing=cfg.packing,
+            completion_only_loss=True,
+        )
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        processing_class=tok,
+        peft_config=peft_config,
+        train_dataset=pt.to_dataset(train_rows, ("prompt", "completion")),
+        callbacks=[pt.log_callback(ctx, cfg.steps)],
+    )
     pt.quiet_trainer(trainer)
     trainable, total = pt.count_params(trainer.model)
     ctx.info(f"method={cfg.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
@@ -125,9 +170,13 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     merged = pt.load_causal_lm(str(model_dir))
     em_after = exact_match(merged, tok, eval_rows, cfg.max_new_tokens)["exact_match"]
     ctx.info(f"held-out exact match after SFT: {em_after:.3f} (before {em_before:.3f})")
-    ctx.summary.update(exact_match_before=em_before, exact_match_after=em_after,
-                       train_loss_first=losses[0] if losses else float("nan"),
-                       train_loss_last=losses[-1] if losses else float("nan"),
-                       merge_max_logit_diff=merge_diff, trainable_params=trainable)
+    ctx.summary.update(
+        exact_match_before=em_before,
+        exact_match_after=em_after,
+        train_loss_first=losses[0] if losses else float("nan"),
+        train_loss_last=losses[-1] if losses else float("nan"),
+        merge_max_logit_diff=merge_diff,
+        trainable_params=trainable,
+    )
     ctx.report(pt.report_md("SFT", cfg.method, model_ref, ctx.summary, losses))
     return {"adapter": adapter_dir, "model": model_dir}

@@ -11,15 +11,16 @@ from __future__ import annotations
 import io
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from skillbook.errors import ConfigError
 from skillbook.ml import tokenizer_utils as tu
-from skillbook.recipe import RecipeConfig, artifact_path
-from skillbook.runner import RunContext
+from skillbook.run.recipe import RecipeConfig, artifact_path
+from skillbook.run.runner import RunContext
 
 OUTPUTS = {"tokenizer": "tokenizer"}
 INPUTS = {"corpus": "corpus"}
@@ -29,40 +30,80 @@ class SpecialTokens(BaseModel):
     """The four special tokens; they take ids 0-3, then the role markers of the chat template follow."""
 
     model_config = ConfigDict(extra="forbid")
-    unk: str = Field(tu.UNK, description="Unknown token (id 0). Byte-level BPE never emits it; SentencePiece might without byte fallback.")
-    bos: str = Field(tu.BOS, description="Beginning of sequence (id 1): prepended by tok(text) when add_bos, and by the chat template.")
-    eos: str = Field(tu.EOS, description="End of sequence (id 2): ends every document in pretraining and every assistant turn.")
+    unk: str = Field(
+        tu.UNK,
+        description="Unknown token (id 0). Byte-level BPE never emits it; SentencePiece might without byte fallback.",
+    )
+    bos: str = Field(
+        tu.BOS,
+        description="Beginning of sequence (id 1): prepended by tok(text) when add_bos, and by the chat template.",
+    )
+    eos: str = Field(
+        tu.EOS, description="End of sequence (id 2): ends every document in pretraining and every assistant turn."
+    )
     pad: str = Field(tu.PAD, description="Padding (id 3): a token of its own, so padding is never confused with EOS.")
-    extra: list[str] = Field(default_factory=list, description="More reserved special tokens (e.g. tool-call markers), added after the role markers.")
+    extra: list[str] = Field(
+        default_factory=list,
+        description="More reserved special tokens (e.g. tool-call markers), added after the role markers.",
+    )
 
     @model_validator(mode="after")
-    def _distinct(self) -> "SpecialTokens":
+    def _distinct(self) -> SpecialTokens:
         """Every special token is a non-empty string used once (role markers included)."""
         tokens = [self.unk, self.bos, self.eos, self.pad, *tu.ROLE_TOKENS, *self.extra]
         if any(not t.strip() for t in tokens):
             raise ValueError("special tokens must be non-empty")
         if len(set(tokens)) != len(tokens):
-            raise ValueError(f"special tokens must be distinct (pad == eos hides every EOS from the loss); got {tokens}")
+            raise ValueError(
+                f"special tokens must be distinct (pad == eos hides every EOS from the loss); got {tokens}"
+            )
         return self
 
 
 class Config(RecipeConfig):
-    corpus: str | None = Field(None, description="Corpus directory with train.jsonl and val.jsonl ({\"text\": ...} per line); None = the embedded synthetic world.")
+    corpus: str | None = Field(
+        None,
+        description='Corpus directory with train.jsonl and val.jsonl ({"text": ...} per line); None = the embedded synthetic world.',
+    )
     algorithm: Literal["byte-bpe", "sentencepiece-unigram", "sentencepiece-bpe"] = Field(
-        "byte-bpe", description="byte-bpe: HF tokenizers ByteLevel BPE (GPT-2/Llama-3 style, lossless); sentencepiece-*: the sentencepiece library with byte fallback (Llama-2/T5 style).")
-    vocab_size: int = Field(1024, ge=300, le=1_048_576, description="Target vocabulary size including specials. The tiny world saturates near 950 (every word is a token); real models use 32000-262144.")
-    min_frequency: int = Field(2, ge=0, description="A pair must occur this often to be merged (byte-bpe); stops training early on small corpora.")
-    split_digits: bool = Field(False, description="Put every digit in its own pre-token (Llama-style): better arithmetic, ~10% more tokens on this corpus.")
-    add_bos: bool = Field(True, description="tok(text) prepends BOS. The chat template adds BOS itself, so tokenize rendered chats with add_special_tokens=False.")
+        "byte-bpe",
+        description="byte-bpe: HF tokenizers ByteLevel BPE (GPT-2/Llama-3 style, lossless); sentencepiece-*: the sentencepiece library with byte fallback (Llama-2/T5 style).",
+    )
+    vocab_size: int = Field(
+        1024,
+        ge=300,
+        le=1_048_576,
+        description="Target vocabulary size including specials. The tiny world saturates near 950 (every word is a token); real models use 32000-262144.",
+    )
+    min_frequency: int = Field(
+        2,
+        ge=0,
+        description="A pair must occur this often to be merged (byte-bpe); stops training early on small corpora.",
+    )
+    split_digits: bool = Field(
+        False,
+        description="Put every digit in its own pre-token (Llama-style): better arithmetic, ~10% more tokens on this corpus.",
+    )
+    add_bos: bool = Field(
+        True,
+        description="tok(text) prepends BOS. The chat template adds BOS itself, so tokenize rendered chats with add_special_tokens=False.",
+    )
     special_tokens: SpecialTokens = Field(default_factory=SpecialTokens, description="Special token strings.")
-    max_train_docs: int | None = Field(None, ge=1, description="Train on a seeded random sample of this many documents (reservoir sampling, one pass); None = every document.")
-    model_max_length: int = Field(2048, ge=16, description="Longest sequence the downstream model accepts; stored in tokenizer_config.json.")
+    max_train_docs: int | None = Field(
+        None,
+        ge=1,
+        description="Train on a seeded random sample of this many documents (reservoir sampling, one pass); None = every document.",
+    )
+    model_max_length: int = Field(
+        2048, ge=16, description="Longest sequence the downstream model accepts; stored in tokenizer_config.json."
+    )
     seed: int = Field(0, description="Seed for the default data and document sampling.")
 
 
 # ---------------------------------------------------------------------------------------------
 # Data: the documents to train on, streamed (or sampled) so large corpora never sit in memory
 # ---------------------------------------------------------------------------------------------
+
 
 def training_texts(path: Path, max_docs: int | None, seed: int) -> Iterator[str]:
     """Every document, or a uniform random sample of `max_docs` of them (reservoir sampling)."""
@@ -82,6 +123,7 @@ def training_texts(path: Path, max_docs: int | None, seed: int) -> Iterator[str]
 # Trainers: both return a `tokenizers.Tokenizer`, the object transformers wraps as a fast tokenizer
 # ---------------------------------------------------------------------------------------------
 
+
 def train_byte_bpe(cfg: Config, texts: Iterator[str], specials: list[str]):
     """GPT-2-style BPE: bytes -> 256 base tokens, GPT-2 regex pre-tokenizer, no normalizer (lossless)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -93,9 +135,12 @@ def train_byte_bpe(cfg: Config, texts: Iterator[str], specials: list[str]):
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=specials,
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # all 256 bytes, even unseen ones: no UNK ever
-        show_progress=False)
+        show_progress=False,
+    )
     tok.train_from_iterator(tu.batches(texts), trainer=trainer)
     return tok
 
@@ -111,7 +156,9 @@ def train_sentencepiece(cfg: Config, texts: Iterator[str], specials: list[str], 
     try:
         _spm_train(spm, cfg, texts, specials, model)
     except RuntimeError as exc:  # e.g. vocab_size below 256 byte pieces + specials + every character seen
-        raise ConfigError(f"vocab_size={cfg.vocab_size}: sentencepiece refused it: {str(exc).split('] ')[-1]}") from None
+        raise ConfigError(
+            f"vocab_size={cfg.vocab_size}: sentencepiece refused it: {str(exc).split('] ')[-1]}"
+        ) from None
     path = out / "sentencepiece.model"  # kept next to tokenizer.json for tools that want the original
     path.write_bytes(model.getvalue())
     proto = import_protobuf().ModelProto()
@@ -124,19 +171,37 @@ def train_sentencepiece(cfg: Config, texts: Iterator[str], specials: list[str], 
 def _spm_train(spm, cfg: Config, texts: Iterator[str], specials: list[str], model: io.BytesIO) -> None:
     """One sentencepiece training call with the settings that keep it lossless."""
     spm.SentencePieceTrainer.train(
-        sentence_iterator=texts, model_writer=model, model_type=cfg.algorithm.split("-")[1],
-        vocab_size=cfg.vocab_size, hard_vocab_limit=False,  # small corpora cannot fill a large vocab
-        character_coverage=1.0, byte_fallback=True,  # rare characters become <0xNN> byte pieces, never UNK
-        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,  # lossless
-        split_digits=cfg.split_digits, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        unk_piece=specials[0], bos_piece=specials[1], eos_piece=specials[2], pad_piece=specials[3],
-        user_defined_symbols=specials[4:], allow_whitespace_only_pieces=True, max_sentence_length=1 << 20,
-        num_threads=2, minloglevel=2)
+        sentence_iterator=texts,
+        model_writer=model,
+        model_type=cfg.algorithm.split("-")[1],
+        vocab_size=cfg.vocab_size,
+        hard_vocab_limit=False,  # small corpora cannot fill a large vocab
+        character_coverage=1.0,
+        byte_fallback=True,  # rare characters become <0xNN> byte pieces, never UNK
+        normalization_rule_name="identity",
+        add_dummy_prefix=False,
+        remove_extra_whitespaces=False,  # lossless
+        split_digits=cfg.split_digits,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_piece=specials[0],
+        bos_piece=specials[1],
+        eos_piece=specials[2],
+        pad_piece=specials[3],
+        user_defined_symbols=specials[4:],
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=1 << 20,
+        num_threads=2,
+        minloglevel=2,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
+
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     """Train, wrap with specials + chat template, save, reload with AutoTokenizer and measure."""
@@ -154,8 +219,10 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     train_file, val_file = corpus / "train.jsonl", corpus / "val.jsonl"
     for f in (train_file, val_file):
         if not f.is_file():
-            raise ConfigError(f"corpus: {corpus} has no {f.name}; a corpus is a directory with train.jsonl and "
-                              f"val.jsonl, one {{\"text\": ...}} per line (`skills run data-preparation` writes one)")
+            raise ConfigError(
+                f"corpus: {corpus} has no {f.name}; a corpus is a directory with train.jsonl and "
+                f'val.jsonl, one {{"text": ...}} per line (`skills run data-preparation` writes one)'
+            )
     ctx.log(step=1)
 
     # ---- train ----------------------------------------------------------------------------------
@@ -173,8 +240,10 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     size = backend.get_vocab_size()
     ctx.info(f"trained {cfg.algorithm} in {train_s:.1f}s: {size} tokens (asked for {cfg.vocab_size})")
     if size < cfg.vocab_size:
-        ctx.info(f"the corpus ran out of pairs worth merging at {size} tokens; a larger vocab_size changes nothing "
-                 f"here (lower min_frequency or add data)")
+        ctx.info(
+            f"the corpus ran out of pairs worth merging at {size} tokens; a larger vocab_size changes nothing "
+            f"here (lower min_frequency or add data)"
+        )
     ctx.log(step=2, vocab_size=size, train_seconds=round(train_s, 2))
 
     # ---- wrap and save: specials, BOS post-processor and chat template travel with the files ---
@@ -188,8 +257,14 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     val = list(tu.read_texts(val_file))
     bpt, n_bytes, n_tokens = tu.bytes_per_token(tok, val)
     round_trip = sum(tok.decode(tok.encode(t, add_special_tokens=False)) == t for t in val) / max(len(val), 1)
-    ctx.summary.update(vocab_size=len(tok), bytes_per_token=round(bpt, 4), round_trip=round(round_trip, 4),
-                       val_docs=len(val), val_tokens=n_tokens, train_seconds=round(train_s, 2))
+    ctx.summary.update(
+        vocab_size=len(tok),
+        bytes_per_token=round(bpt, 4),
+        round_trip=round(round_trip, 4),
+        val_docs=len(val),
+        val_tokens=n_tokens,
+        train_seconds=round(train_s, 2),
+    )
     agree = None
     if spm_path is not None:  # does the converted tokenizer split exactly like sentencepiece itself?
         import sentencepiece as spm
@@ -203,22 +278,62 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     return {"tokenizer": out}
 
 
-def report(cfg: Config, tok, val: list[str], size: int, bpt: float, n_bytes: int, n_tokens: int,
-           round_trip: float, agree: float | None, out: Path) -> str:
+def report(
+    cfg: Config,
+    tok,
+    val: list[str],
+    size: int,
+    bpt: float,
+    n_bytes: int,
+    n_tokens: int,
+    round_trip: float,
+    agree: float | None,
+    out: Path,
+) -> str:
     """report.md: the numbers, one validation document cut into tokens, and how to load it."""
     sample = val[0] if val else ""
     pieces = [tok.decode([i]) for i in tok.encode(sample, add_special_tokens=False)[:40]]
-    chat = tok.apply_chat_template([{"role": "user", "content": "What colour is Mira's kite?"}],
-                                   tokenize=False, add_generation_prompt=True)
-    rows = [("algorithm", cfg.algorithm), ("vocab size (asked / trained / with specials)",
-            f"{cfg.vocab_size} / {size} / {len(tok)}"), ("validation bytes / token", f"{bpt:.3f}"),
-            ("validation bytes, tokens", f"{n_bytes}, {n_tokens}"), ("round trip decode(encode(x)) == x", f"{round_trip:.1%}"),
-            ("special ids (unk, bos, eos, pad)", f"{tok.unk_token_id}, {tok.bos_token_id}, {tok.eos_token_id}, {tok.pad_token_id}")]
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "What colour is Mira's kite?"}], tokenize=False, add_generation_prompt=True
+    )
+    rows = [
+        ("algorithm", cfg.algorithm),
+        ("vocab size (asked / trained / with specials)", f"{cfg.vocab_size} / {size} / {len(tok)}"),
+        ("validation bytes / token", f"{bpt:.3f}"),
+        ("validation bytes, tokens", f"{n_bytes}, {n_tokens}"),
+        ("round trip decode(encode(x)) == x", f"{round_trip:.1%}"),
+        (
+            "special ids (unk, bos, eos, pad)",
+            f"{tok.unk_token_id}, {tok.bos_token_id}, {tok.eos_token_id}, {tok.pad_token_id}",
+        ),
+    ]
     if agree is not None:
         rows.append(("same ids as sentencepiece itself", f"{agree:.1%}"))
-    lines = ["# Tokenization run", "", "| measure | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
-             "A validation document, token by token (`|` marks boundaries):", "", "```text",
-             "|".join(pieces), "```", "", "The chat template renders a user turn plus generation prompt as:", "",
-             "```text", chat, "```", "", "Load it:", "", "```python",
-             "from transformers import AutoTokenizer", f"tok = AutoTokenizer.from_pretrained({str(out)!r})", "```", ""]
+    lines = [
+        "# Tokenization run",
+        "",
+        "| measure | value |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in rows],
+        "",
+        "A validation document, token by token (`|` marks boundaries):",
+        "",
+        "```text",
+        "|".join(pieces),
+        "```",
+        "",
+        "The chat template renders a user turn plus generation prompt as:",
+        "",
+        "```text",
+        chat,
+        "```",
+        "",
+        "Load it:",
+        "",
+        "```python",
+        "from transformers import AutoTokenizer",
+        f"tok = AutoTokenizer.from_pretrained({str(out)!r})",
+        "```",
+        "",
+    ]
     return "\n".join(lines)

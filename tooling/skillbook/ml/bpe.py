@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import heapq
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 import regex  # the `regex` package: Python's `re` has no \p{L} (any letter) or \p{N} (any digit)
 

@@ -67,8 +67,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def load_model_and_tokenizer(path: str | Path, adapter: str | Path | None = None, device: str = "cpu",
-                             tokenizer: str | Path | None = None) -> tuple[Any, Any]:
+def load_model_and_tokenizer(
+    path: str | Path, adapter: str | Path | None = None, device: str = "cpu", tokenizer: str | Path | None = None
+) -> tuple[Any, Any]:
     """An eval-mode causal LM and its tokenizer: an hf-model dir or hub id, a .gguf file, or either + a PEFT adapter.
 
     A GGUF file is dequantized by transformers into a torch model, so its numbers include the weight
@@ -104,7 +105,9 @@ def load_model_and_tokenizer(path: str | Path, adapter: str | Path | None = None
 # ---------------------------------------------------------------------------------------------
 
 
-def _nll_sum(model: Any, ids: list[list[int]], pad_id: int, score_from: list[int] | None = None) -> tuple[list[float], list[int]]:
+def _nll_sum(
+    model: Any, ids: list[list[int]], pad_id: int, score_from: list[int] | None = None
+) -> tuple[list[float], list[int]]:
     """Summed next-token NLL and token count per sequence; tokens before score_from[i] only give context."""
     import torch
 
@@ -157,8 +160,13 @@ def perplexity_stats(model: Any, tokenizer: Any, texts: list[str], max_length: i
         total, count = total + sum(nll), count + int(sum(n))
     loss = total / count
     # Bits per byte divides by text length, not token count, so models with different tokenizers compare.
-    return {"perplexity": math.exp(loss), "val_loss": loss, "bits_per_byte": total / math.log(2) / max(n_bytes, 1),
-            "n_docs": len(texts), "n_tokens": count}
+    return {
+        "perplexity": math.exp(loss),
+        "val_loss": loss,
+        "bits_per_byte": total / math.log(2) / max(n_bytes, 1),
+        "n_docs": len(texts),
+        "n_tokens": count,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,17 +174,30 @@ def perplexity_stats(model: Any, tokenizer: Any, texts: list[str], max_length: i
 # ---------------------------------------------------------------------------------------------
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 8, temperature: float = 0.0,
-                     top_k: int = 0, top_p: float = 1.0, seed: int = 0, batch_size: int = 16) -> list[str]:
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    max_new_tokens: int = 8,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[str]:
     """Continuations of `prompts` (new text only), batched with left padding; greedy when temperature == 0."""
     import torch
     from transformers import GenerationConfig
 
     sample = temperature > 0
     gen_cfg = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=sample,
-        temperature=temperature if sample else None, top_k=(top_k or None) if sample else None,
-        top_p=top_p if sample else None, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        max_new_tokens=max_new_tokens,
+        do_sample=sample,
+        temperature=temperature if sample else None,
+        top_k=(top_k or None) if sample else None,
+        top_p=top_p if sample else None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
     )
     torch.manual_seed(seed)
@@ -190,7 +211,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
             batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True).to(device)
             with torch.no_grad():
                 gen = model.generate(**batch, generation_config=gen_cfg)
-            new = gen[:, batch["input_ids"].shape[1]:]
+            new = gen[:, batch["input_ids"].shape[1] :]
             out += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
@@ -214,14 +235,23 @@ def answer_matches(generation: str, expected: str) -> bool:
 
 def exact_match(model: Any, tokenizer: Any, rows: list[dict], max_new_tokens: int = 8, batch_size: int = 16) -> dict:
     """Greedy answers to rows {"prompt","completion"}; exact_match, n, per-row `correct`, first 5 samples."""
-    answers = generate_answers(model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens,
-                               batch_size=batch_size)
+    answers = generate_answers(
+        model, tokenizer, [r["prompt"] for r in rows], max_new_tokens=max_new_tokens, batch_size=batch_size
+    )
     correct = [answer_matches(a, r["completion"]) for a, r in zip(answers, rows)]
-    samples = [{"prompt": r["prompt"], "answer": a, "expected": r["completion"], "correct": c}
-               for r, a, c in list(zip(rows, answers, correct))[:5]]
+    samples = [
+        {"prompt": r["prompt"], "answer": a, "expected": r["completion"], "correct": c}
+        for r, a, c in list(zip(rows, answers, correct))[:5]
+    ]
     acc = sum(correct) / max(len(rows), 1)
-    return {"exact_match": acc, "stderr": math.sqrt(acc * (1 - acc) / max(len(rows), 1)), "n": len(rows),
-            "correct": correct, "answers": answers, "samples": samples}
+    return {
+        "exact_match": acc,
+        "stderr": math.sqrt(acc * (1 - acc) / max(len(rows), 1)),
+        "n": len(rows),
+        "correct": correct,
+        "answers": answers,
+        "samples": samples,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +259,9 @@ def exact_match(model: Any, tokenizer: Any, rows: list[dict], max_new_tokens: in
 # ---------------------------------------------------------------------------------------------
 
 
-def completion_logprobs(model: Any, tokenizer: Any, prompts: list[str], completions: list[str], batch_size: int = 8) -> list[float]:
+def completion_logprobs(
+    model: Any, tokenizer: Any, prompts: list[str], completions: list[str], batch_size: int = 8
+) -> list[float]:
     """Sum of log p(completion tokens | prompt) for each pair (prompt and completion tokenised apart)."""
     out: list[float] = []
     for i in range(0, len(prompts), batch_size):
@@ -237,8 +269,12 @@ def completion_logprobs(model: Any, tokenizer: Any, prompts: list[str], completi
         # Completions are tokenised on their own, as TRL does, so the chosen and rejected answers
         # share exactly the same prompt tokens and only the answer tokens are scored.
         c_ids = [_encode(tokenizer, c, special=False) for c in completions[i : i + batch_size]]
-        nll, _ = _nll_sum(model, [p + c for p, c in zip(p_ids, c_ids)], tokenizer.pad_token_id or 0,
-                          score_from=[len(p) for p in p_ids])
+        nll, _ = _nll_sum(
+            model,
+            [p + c for p, c in zip(p_ids, c_ids)],
+            tokenizer.pad_token_id or 0,
+            score_from=[len(p) for p in p_ids],
+        )
         out += [-x for x in nll]
     return out
 
@@ -249,8 +285,11 @@ def preference_accuracy(model: Any, tokenizer: Any, rows: list[dict], batch_size
     chosen = completion_logprobs(model, tokenizer, prompts, [r["chosen"] for r in rows], batch_size)
     rejected = completion_logprobs(model, tokenizer, prompts, [r["rejected"] for r in rows], batch_size)
     margins = [c - r for c, r in zip(chosen, rejected)]
-    return {"preference_accuracy": sum(m > 0 for m in margins) / max(len(rows), 1),
-            "mean_margin": sum(margins) / max(len(rows), 1), "n": len(rows)}
+    return {
+        "preference_accuracy": sum(m > 0 for m in margins) / max(len(rows), 1),
+        "mean_margin": sum(margins) / max(len(rows), 1),
+        "n": len(rows),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,26 +339,42 @@ def render_report(r: dict) -> str:
     lines = [f"# Evaluation of `{r['model']}`" + (f" + adapter `{r['adapter']}`" if r.get("adapter") else ""), ""]
     head = "| metric | model |" + (" compare_model |" if has_cmp else "")
     lines += [head, "|---|---|" + ("---|" if has_cmp else "")]
-    rows = [("perplexity (lower is better)", "perplexity", "compare_perplexity"),
-            ("exact match", "exact_match", "compare_exact_match"),
-            ("preference accuracy", "preference_accuracy", "compare_preference_accuracy")]
+    rows = [
+        ("perplexity (lower is better)", "perplexity", "compare_perplexity"),
+        ("exact match", "exact_match", "compare_exact_match"),
+        ("preference accuracy", "preference_accuracy", "compare_preference_accuracy"),
+    ]
     for label, key, ckey in rows:
         lines.append(f"| {label} | {_fmt(r.get(key))} |" + (f" {_fmt(r.get(ckey))} |" if has_cmp else ""))
-    lines += ["", f"Perplexity over {r['n_perplexity_tokens']} tokens of {r['n_perplexity_docs']} held-out documents "
-              f"({r['bits_per_byte']:.3f} bits per byte); exact match on {r['n_exact_match']} held-out questions "
-              f"(± {r['exact_match_stderr']:.3f} standard error); {r['n_preference']} preference pairs.", ""]
+    lines += [
+        "",
+        f"Perplexity over {r['n_perplexity_tokens']} tokens of {r['n_perplexity_docs']} held-out documents "
+        f"({r['bits_per_byte']:.3f} bits per byte); exact match on {r['n_exact_match']} held-out questions "
+        f"(± {r['exact_match_stderr']:.3f} standard error); {r['n_preference']} preference pairs.",
+        "",
+    ]
     if r.get("exact_match_by_kind"):
         lines += ["| question kind | exact match |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in r["exact_match_by_kind"].items()] + [""]
     if has_cmp:
-        lines += [f"Pairwise by exact match against `{r['compare_model']}`: {r['wins']} wins, {r['ties']} ties, "
-                  f"{r['losses']} losses, win rate {r['win_rate']:.3f} (0.5 = no difference), "
-                  f"sign-test p = {r['win_pvalue']:.3g}.", ""]
+        lines += [
+            f"Pairwise by exact match against `{r['compare_model']}`: {r['wins']} wins, {r['ties']} ties, "
+            f"{r['losses']} losses, win rate {r['win_rate']:.3f} (0.5 = no difference), "
+            f"sign-test p = {r['win_pvalue']:.3g}.",
+            "",
+        ]
     lines += ["## Held-out answers (greedy)", "", "| prompt | answer | expected | correct |", "|---|---|---|---|"]
-    lines += [f"| {_cell(s['prompt'])} | {_cell(s['answer'])} | {_cell(s['expected'])} | {'yes' if s['correct'] else 'no'} |"
-              for s in r["exact_match_samples"]]
-    lines += ["", f"## Samples (temperature {r['sample_temperature']}, top-k {r['sample_top_k']}, "
-              f"top-p {r['sample_top_p']}, {r['sample_max_new_tokens']} new tokens)", "",
-              "| prompt | generation |", "|---|---|"]
+    lines += [
+        f"| {_cell(s['prompt'])} | {_cell(s['answer'])} | {_cell(s['expected'])} | {'yes' if s['correct'] else 'no'} |"
+        for s in r["exact_match_samples"]
+    ]
+    lines += [
+        "",
+        f"## Samples (temperature {r['sample_temperature']}, top-k {r['sample_top_k']}, "
+        f"top-p {r['sample_top_p']}, {r['sample_max_new_tokens']} new tokens)",
+        "",
+        "| prompt | generation |",
+        "|---|---|",
+    ]
     lines += [f"| {_cell(s['prompt'])} | {_cell(s['generation'])} |" for s in r["samples"]]
     return "\n".join(lines) + "\n"

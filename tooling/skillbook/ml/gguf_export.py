@@ -30,8 +30,11 @@ _BLOCK_NAMES = {
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-_TOP_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-              "lm_head.weight": "output.weight"}
+_TOP_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
 
 
 def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -69,7 +72,9 @@ def _vocab(model_dir: Path, n_vocab: int) -> tuple[list[str], list[int], list[st
     tj = json.loads((model_dir / "tokenizer.json").read_text())
     model = tj["model"]
     if model.get("type") != "BPE":
-        raise ValueError(f"{model_dir}: tokenizer model is {model.get('type')}; the GGUF writer handles byte-level BPE only")
+        raise ValueError(
+            f"{model_dir}: tokenizer model is {model.get('type')}; the GGUF writer handles byte-level BPE only"
+        )
     by_id: dict[int, str] = {i: t for t, i in model["vocab"].items()}
     added = {a["id"]: a for a in tj.get("added_tokens", [])}
     for i, a in added.items():
@@ -79,8 +84,13 @@ def _vocab(model_dir: Path, n_vocab: int) -> tuple[list[str], list[int], list[st
         if i in by_id:
             tokens.append(by_id[i])
             a = added.get(i)
-            types.append(gguf.TokenType.NORMAL if a is None else
-                         gguf.TokenType.CONTROL if a.get("special") else gguf.TokenType.USER_DEFINED)
+            types.append(
+                gguf.TokenType.NORMAL
+                if a is None
+                else gguf.TokenType.CONTROL
+                if a.get("special")
+                else gguf.TokenType.USER_DEFINED
+            )
         else:
             tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
@@ -88,6 +98,7 @@ def _vocab(model_dir: Path, n_vocab: int) -> tuple[list[str], list[int], list[st
     if "Digits" in json.dumps(tj.get("pre_tokenizer")):
         # llama.cpp has no pre type for "GPT-2 regex + one digit per pre-token"; ids differ on numbers
         import logging
+
         logging.getLogger(__name__).warning("tokenizer splits digits; llama.cpp's gpt-2 pre-tokenizer will not")
     return tokens, [int(t) for t in types], merges, tj
 
@@ -190,9 +201,17 @@ def write_gguf(model_dir: Path, out_path: Path, ftype: str = "F16", name: str | 
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"path": str(out_path), "type": ftype, "n_params": int(n_params), "tensor_bytes": int(n_bytes),
-            "file_bytes": out_path.stat().st_size, "bits_per_weight": 8.0 * n_bytes / n_params,
-            "tensor_types": counts, "n_vocab": n_vocab, "n_merges": len(merges)}
+    return {
+        "path": str(out_path),
+        "type": ftype,
+        "n_params": int(n_params),
+        "tensor_bytes": int(n_bytes),
+        "file_bytes": out_path.stat().st_size,
+        "bits_per_weight": 8.0 * n_bytes / n_params,
+        "tensor_types": counts,
+        "n_vocab": n_vocab,
+        "n_merges": len(merges),
+    }
 
 
 def quantize_gguf(src: Path, dst: Path, qtype: str = "Q4_K_M", threads: int = 2) -> dict:
@@ -208,7 +227,12 @@ def quantize_gguf(src: Path, dst: Path, qtype: str = "Q4_K_M", threads: int = 2)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {qtype}) failed with code {rc}")
-    return {"path": str(dst), "type": qtype, "file_bytes": Path(dst).stat().st_size, "tensor_types": gguf_tensor_types(dst)}
+    return {
+        "path": str(dst),
+        "type": qtype,
+        "file_bytes": Path(dst).stat().st_size,
+        "tensor_types": gguf_tensor_types(dst),
+    }
 
 
 def gguf_tensor_types(path: Path) -> dict[str, int]:
@@ -243,8 +267,16 @@ def load_gguf(path: Path, n_ctx: int = 0, threads: int = 2, logits_all: bool = F
     import llama_cpp
 
     kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_f32 else {}
-    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                           logits_all=logits_all, verbose=False, seed=0, **kv)
+    return llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=n_ctx,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=logits_all,
+        verbose=False,
+        seed=0,
+        **kv,
+    )
 
 
 def _nll(logits: np.ndarray, ids: list[int]) -> float:

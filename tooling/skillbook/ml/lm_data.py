@@ -9,10 +9,10 @@ resumes on exactly the next batch, and every rank can compute the same global or
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from ..errors import SkillbookError
+from skillbook.errors import SkillbookError
 
 
 def tokenize_texts(tokenizer, texts: Iterable[str], batch: int = 512):
@@ -43,8 +43,10 @@ def read_corpus_split(corpus: Path, split: str) -> list[str]:
 
     path = corpus / f"{split}.jsonl"
     if not path.is_file():
-        raise SkillbookError(f"corpus: {corpus} has no {split}.jsonl; a corpus is a directory with train.jsonl and "
-                             f"val.jsonl, one {{\"text\": ...}} per line (`skills run data-preparation` writes one)")
+        raise SkillbookError(
+            f"corpus: {corpus} has no {split}.jsonl; a corpus is a directory with train.jsonl and "
+            f'val.jsonl, one {{"text": ...}} per line (`skills run data-preparation` writes one)'
+        )
     texts = []
     with open(path) as fh:
         for n, line in enumerate(fh, 1):
@@ -53,7 +55,7 @@ def read_corpus_split(corpus: Path, split: str) -> list[str]:
             try:
                 texts.append(json.loads(line)["text"])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise SkillbookError(f"corpus: {path}:{n} is not a JSON object with a \"text\" field") from None
+                raise SkillbookError(f'corpus: {path}:{n} is not a JSON object with a "text" field') from None
     return texts
 
 
@@ -63,8 +65,10 @@ def load_tokens(corpus: Path, tokenizer, seq_len: int) -> dict:
     for split in ("train", "val"):
         out[split] = tokenize_texts(tokenizer, read_corpus_split(corpus, split))
         if len(out[split]) < seq_len + 1:
-            raise SkillbookError(f"corpus: {split}.jsonl has {len(out[split])} tokens, fewer than one window of "
-                                 f"seq_len + 1 = {seq_len + 1}; add text or lower seq_len")
+            raise SkillbookError(
+                f"corpus: {split}.jsonl has {len(out[split])} tokens, fewer than one window of "
+                f"seq_len + 1 = {seq_len + 1}; add text or lower seq_len"
+            )
     return out
 
 
@@ -93,7 +97,7 @@ class WindowSampler:
                 self.epoch, self.pos = self.epoch + 1, 0
                 self._order = self._permutation(self.epoch)
             k = min(n, self.n_windows - self.pos)
-            got.append(self._order[self.pos:self.pos + k])
+            got.append(self._order[self.pos : self.pos + k])
             self.pos, n = self.pos + k, n - k
         return torch.cat(got)
 
@@ -101,7 +105,7 @@ class WindowSampler:
         """(x, y) of shape [len(idx), seq_len]: y is x shifted by one token."""
         import torch
 
-        rows = torch.stack([self.tokens[i * self.seq_len:i * self.seq_len + self.seq_len + 1] for i in idx.tolist()])
+        rows = torch.stack([self.tokens[i * self.seq_len : i * self.seq_len + self.seq_len + 1] for i in idx.tolist()])
         return rows[:, :-1], rows[:, 1:]
 
     @property
@@ -113,8 +117,10 @@ class WindowSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state["n_windows"] != self.n_windows or state["seed"] != self.seed:
-            raise SkillbookError("resume: the checkpoint was written for different data (window count or seed "
-                                 "differs); start a fresh run or restore the original corpus and tokenizer")
+            raise SkillbookError(
+                "resume: the checkpoint was written for different data (window count or seed "
+                "differs); start a fresh run or restore the original corpus and tokenizer"
+            )
         self.epoch, self.pos = state["epoch"], state["pos"]
         self._order = self._permutation(self.epoch)
 
@@ -126,7 +132,7 @@ def rank_slice(idx, micro: int, rank: int, world: int, batch: int):
     2 processes x 1 step see exactly the same sequences in the same step.
     """
     k = micro * world + rank
-    return idx[k * batch:(k + 1) * batch]
+    return idx[k * batch : (k + 1) * batch]
 
 
 def eval_windows(tokens, seq_len: int, max_windows: int):
@@ -134,5 +140,5 @@ def eval_windows(tokens, seq_len: int, max_windows: int):
     import torch
 
     n = min(max_windows, (len(tokens) - 1) // seq_len)
-    rows = torch.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)])
+    rows = torch.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)])
     return rows[:, :-1], rows[:, 1:]

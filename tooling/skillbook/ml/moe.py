@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from ..errors import SkillbookError
+from skillbook.errors import SkillbookError
 
 # ---------------------------------------------------------------------------------------------
 # Routing statistics: counts of top-k choices per layer and expert
@@ -63,6 +63,7 @@ class RoutingCounter:
                 self.entropy_sum[layer] += -(logp.exp() * logp).sum(-1).sum().cpu()
                 if layer == 0:
                     self.tokens += logits.shape[0]
+
         return hook
 
     def reset(self) -> None:
@@ -84,7 +85,7 @@ class RoutingCounter:
             h.remove()
         self._handles = []
 
-    def __enter__(self) -> "RoutingCounter":
+    def __enter__(self) -> RoutingCounter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -180,9 +181,11 @@ def adamw_router_scaled(model, lr: float, weight_decay: float, betas: tuple[floa
     router = [p for p in params if id(p) in router_ids]
     decay = [p for p in params if id(p) not in router_ids and p.dim() >= 2]
     no_decay = [p for p in params if id(p) not in router_ids and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
-              {"params": router, "weight_decay": 0.0, "lr_scale": router_lr_scale}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0},
+        {"params": router, "weight_decay": 0.0, "lr_scale": router_lr_scale},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
@@ -212,10 +215,25 @@ def favour_expert(model, expert: int, scale: float, channel: int = 0) -> None:
 # Upcycling: a dense Llama -> a Mixtral whose every expert is a copy of the dense MLP
 # ---------------------------------------------------------------------------------------------
 
-_SHARED_CONFIG = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings", "initializer_range",
-                  "rms_norm_eps", "rope_parameters", "tie_word_embeddings", "bos_token_id", "eos_token_id",
-                  "pad_token_id", "attention_dropout")
+_SHARED_CONFIG = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "rope_parameters",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "attention_dropout",
+)
 
 
 def check_upcycle_source(ref: str | Path) -> Path | str:
@@ -227,8 +245,10 @@ def check_upcycle_source(ref: str | Path) -> Path | str:
     if path.exists():
         cfg_file = path / "config.json"
         if not cfg_file.is_file():
-            raise SkillbookError(f"dense_model: {path} has no config.json; pass an hf-model directory (the "
-                                 f"'model' output of `skills run pretraining`)")
+            raise SkillbookError(
+                f"dense_model: {path} has no config.json; pass an hf-model directory (the "
+                f"'model' output of `skills run pretraining`)"
+            )
         cfg, where = json.loads(cfg_file.read_text()), cfg_file
     else:
         from transformers import AutoConfig
@@ -236,12 +256,16 @@ def check_upcycle_source(ref: str | Path) -> Path | str:
         cfg, where = AutoConfig.from_pretrained(str(ref)).to_dict(), str(ref)
     kind = cfg.get("model_type")
     if kind != "llama":
-        raise SkillbookError(f"dense_model: upcycling needs a Llama-architecture model (model_type 'llama'), got "
-                             f"{kind!r} from {where}; only a Llama MLP (gate/up/down) maps exactly onto Mixtral's "
-                             f"experts. Use init=scratch, or upcycle a Llama checkpoint")
+        raise SkillbookError(
+            f"dense_model: upcycling needs a Llama-architecture model (model_type 'llama'), got "
+            f"{kind!r} from {where}; only a Llama MLP (gate/up/down) maps exactly onto Mixtral's "
+            f"experts. Use init=scratch, or upcycle a Llama checkpoint"
+        )
     if cfg.get("mlp_bias") or cfg.get("attention_bias"):
-        raise SkillbookError("dense_model: the Llama uses biases (mlp_bias/attention_bias), which Mixtral has no "
-                             "place for; upcycle a bias-free Llama or use init=scratch")
+        raise SkillbookError(
+            "dense_model: the Llama uses biases (mlp_bias/attention_bias), which Mixtral has no "
+            "place for; upcycle a bias-free Llama or use init=scratch"
+        )
     return path if path.exists() else str(ref)
 
 
@@ -250,8 +274,9 @@ def mixtral_config_from_llama(dense_cfg, num_experts: int, top_k: int, **moe_kwa
     from transformers import MixtralConfig
 
     shared = {k: getattr(dense_cfg, k) for k in _SHARED_CONFIG if getattr(dense_cfg, k, None) is not None}
-    return MixtralConfig(**shared, num_local_experts=num_experts, num_experts_per_tok=top_k,
-                         sliding_window=None, **moe_kwargs)
+    return MixtralConfig(
+        **shared, num_local_experts=num_experts, num_experts_per_tok=top_k, sliding_window=None, **moe_kwargs
+    )
 
 
 def upcycle(dense, num_experts: int, top_k: int, seed: int = 0, **moe_kwargs):
@@ -331,12 +356,19 @@ def plot_load_heatmap(steps: list[int], loads: list[list[list[float]]], path: Pa
     n_layers, n_experts = arr.shape[1], arr.shape[2]
     rel = arr * n_experts
     vmax = max(2.0, float(rel.max()))
-    fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.0 + 0.45 * n_experts * n_layers), squeeze=False,
-                             sharex=True)
+    fig, axes = plt.subplots(n_layers, 1, figsize=(8, 1.0 + 0.45 * n_experts * n_layers), squeeze=False, sharex=True)
     for layer in range(n_layers):
         ax = axes[layer, 0]
-        im = ax.imshow(rel[:, layer, :].T, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, origin="lower",
-                       interpolation="nearest", extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, n_experts - 0.5))
+        im = ax.imshow(
+            rel[:, layer, :].T,
+            aspect="auto",
+            cmap="viridis",
+            vmin=0.0,
+            vmax=vmax,
+            origin="lower",
+            interpolation="nearest",
+            extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, n_experts - 0.5),
+        )
         ax.set_ylabel(f"layer {layer}\nexpert")
         ax.set_yticks(range(n_experts))
     axes[-1, 0].set_xlabel("training step")
@@ -374,43 +406,78 @@ def plot_loss_curves(curves: dict[str, tuple[list[int], list[float]]], path: Pat
 
 def final_loads(loads: list[list[list[float]]], share: float = 0.1) -> list[list[float]]:
     """Mean per-layer load over the last `share` of logged steps (one step is too noisy to judge)."""
-    tail = loads[-max(1, int(len(loads) * share)):]
+    tail = loads[-max(1, int(len(loads) * share)) :]
     n_layers, n_experts = len(tail[0]), len(tail[0][0])
     return [[sum(t[layer][e] for t in tail) / len(tail) for e in range(n_experts)] for layer in range(n_layers)]
 
 
-def render_report(cfg: dict, counts: dict, evals: dict, final: list[list[float]], sample: str,
-                  plots: dict[str, str], model_dir: Path) -> str:
+def render_report(
+    cfg: dict, counts: dict, evals: dict, final: list[list[float]], sample: str, plots: dict[str, str], model_dir: Path
+) -> str:
     """Markdown: setup, MoE vs dense loss at equal steps, final routing per layer, verdict, sample, how to load."""
     k, e = cfg["top_k"], cfg["num_experts"]
-    lines = [f"# MoE run: {e} experts, top-{k}, {cfg['init']}", "",
-             "| model | total params | active params / token |", "|---|---|---|"]
+    lines = [
+        f"# MoE run: {e} experts, top-{k}, {cfg['init']}",
+        "",
+        "| model | total params | active params / token |",
+        "|---|---|---|",
+    ]
     for name, c in counts.items():
         lines.append(f"| {name} | {c['total']:,} | {c['active']:,} |")
-    lines += ["", f"Same batches for both, {cfg['steps']} steps of {cfg['batch_size']} x {cfg['seq_len']} tokens; "
-              f"aux-loss coef {cfg['aux_loss_coef']:g}, z-loss coef {cfg['z_loss_coef']:g}, jitter {cfg['router_jitter']:g}.",
-              "", "## Validation loss at equal steps", ""]
+    lines += [
+        "",
+        f"Same batches for both, {cfg['steps']} steps of {cfg['batch_size']} x {cfg['seq_len']} tokens; "
+        f"aux-loss coef {cfg['aux_loss_coef']:g}, z-loss coef {cfg['z_loss_coef']:g}, jitter {cfg['router_jitter']:g}.",
+        "",
+        "## Validation loss at equal steps",
+        "",
+    ]
     names = list(evals)
-    lines += ["| step | " + " | ".join(names) + (" | MoE - dense |" if "dense" in evals else " |"),
-              "|---" * (len(names) + 1 + ("dense" in evals)) + "|"]
+    lines += [
+        "| step | " + " | ".join(names) + (" | MoE - dense |" if "dense" in evals else " |"),
+        "|---" * (len(names) + 1 + ("dense" in evals)) + "|",
+    ]
     for i, (step, _) in enumerate(evals["moe"]):
         vals = [evals[n][i][1] for n in names]
         row = f"| {step} | " + " | ".join(f"{v:.4f}" for v in vals)
         lines.append(row + (f" | {vals[0] - vals[1]:+.4f} |" if "dense" in evals else " |"))
-    lines += ["", f"![validation loss]({plots['loss']})", "", "## Routing (mean over the last 10% of steps)", "",
-              "| layer | load per expert (1.00 = fair share) | utilization | load entropy |", "|---|---|---|---|"]
+    lines += [
+        "",
+        f"![validation loss]({plots['loss']})",
+        "",
+        "## Routing (mean over the last 10% of steps)",
+        "",
+        "| layer | load per expert (1.00 = fair share) | utilization | load entropy |",
+        "|---|---|---|---|",
+    ]
     for layer, row in enumerate(final):
         rel = " ".join(f"{x * e:.2f}" for x in row)
         lines.append(f"| {layer} | {rel} | {utilization(row):.0%} | {load_entropy(row):.3f} |")
     worst = min(utilization(r) for r in final)
-    verdict = ("balanced: every expert gets at least half its fair share in every layer" if worst == 1.0 else
-               f"IMBALANCED: in the worst layer only {worst:.0%} of experts get half their fair share; starved "
-               f"experts waste parameters (raise aux_loss_coef, check router init, see references/router-collapse.md)")
-    lines += ["", f"Verdict: {verdict}.", "", f"![expert load heat map]({plots['heatmap']})", "",
-              "Utilization = share of experts whose load is at least 0.5 x 1/E. Per-step values "
-              "(loads, utilization, router entropy, aux loss / top_k) are in metrics.jsonl.", "",
-              "## The saved model", "", f"Reloaded with AutoModelForCausalLM and continued greedily: `{sample}`", "",
-              "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              f"model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r})",
-              f"tok = AutoTokenizer.from_pretrained({str(model_dir)!r})", "```", ""]
+    verdict = (
+        "balanced: every expert gets at least half its fair share in every layer"
+        if worst == 1.0
+        else f"IMBALANCED: in the worst layer only {worst:.0%} of experts get half their fair share; starved "
+        f"experts waste parameters (raise aux_loss_coef, check router init, see references/router-collapse.md)"
+    )
+    lines += [
+        "",
+        f"Verdict: {verdict}.",
+        "",
+        f"![expert load heat map]({plots['heatmap']})",
+        "",
+        "Utilization = share of experts whose load is at least 0.5 x 1/E. Per-step values "
+        "(loads, utilization, router entropy, aux loss / top_k) are in metrics.jsonl.",
+        "",
+        "## The saved model",
+        "",
+        f"Reloaded with AutoModelForCausalLM and continued greedily: `{sample}`",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"model = AutoModelForCausalLM.from_pretrained({str(model_dir)!r})",
+        f"tok = AutoTokenizer.from_pretrained({str(model_dir)!r})",
+        "```",
+        "",
+    ]
     return "\n".join(lines)

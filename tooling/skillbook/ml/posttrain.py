@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, SkillbookError
+from skillbook.errors import ConfigError, SkillbookError
 
 LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -27,7 +27,7 @@ LLAMA_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 
 def default_data(ctx: Any, key: str) -> Path:
     """The embedded synthetic data (written under the run dir) for `key` in write_default_data's result."""
-    from .synthetic import write_default_data
+    from skillbook.ml.synthetic import write_default_data
 
     return Path(write_default_data(ctx.out_dir / "data")[key])
 
@@ -39,8 +39,10 @@ def read_split(data_dir: Path | str, split: str, columns: tuple[str, ...], field
     """
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
-        raise ConfigError(f"{field}: {path} does not exist; a {field} directory needs {split}.jsonl "
-                          f"with one JSON object per line holding {', '.join(repr(c) for c in columns)}")
+        raise ConfigError(
+            f"{field}: {path} does not exist; a {field} directory needs {split}.jsonl "
+            f"with one JSON object per line holding {', '.join(repr(c) for c in columns)}"
+        )
     rows = []
     with open(path) as fh:
         for lineno, line in enumerate(fh, 1):
@@ -52,8 +54,10 @@ def read_split(data_dir: Path | str, split: str, columns: tuple[str, ...], field
                 raise ConfigError(f"{field}: {path}:{lineno} is not valid JSON ({exc.msg})") from None
             missing = [c for c in columns if not isinstance(row, dict) or c not in row]
             if missing:
-                raise ConfigError(f"{field}: {path}:{lineno} has no {missing[0]!r} column; each row needs "
-                                  f"{', '.join(repr(c) for c in columns)}")
+                raise ConfigError(
+                    f"{field}: {path}:{lineno} has no {missing[0]!r} column; each row needs "
+                    f"{', '.join(repr(c) for c in columns)}"
+                )
             bad = [c for c in columns if not isinstance(row[c], str)]
             if bad:
                 raise ConfigError(f"{field}: {path}:{lineno} column {bad[0]!r} must be a string")
@@ -81,23 +85,29 @@ def resolve_model(ref: str | Path, field: str = "model") -> str:
     path = Path(ref).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise ConfigError(f"{field}: {path} is not a Hugging Face model directory (no config.json); pass the "
-                              f"'model' output of a pretraining/sft run or a save_pretrained directory")
+            raise ConfigError(
+                f"{field}: {path} is not a Hugging Face model directory (no config.json); pass the "
+                f"'model' output of a pretraining/sft run or a save_pretrained directory"
+            )
         return str(path)
     looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if looks_local or offline:
         why = "no such directory" if looks_local else "no such directory, and HF_HUB_OFFLINE=1 forbids the hub"
-        raise ConfigError(f"{field}: {ref!r} cannot be loaded ({why}); pass a local hf-model directory, "
-                          f"e.g. the 'model' output of `skills run pretraining`")
+        raise ConfigError(
+            f"{field}: {ref!r} cannot be loaded ({why}); pass a local hf-model directory, "
+            f"e.g. the 'model' output of `skills run pretraining`"
+        )
     from transformers import AutoConfig
 
     try:
         AutoConfig.from_pretrained(ref)
     except Exception as exc:  # noqa: BLE001 - hub errors come in many classes; all mean the same to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{field}: {ref!r} is neither a local directory nor a reachable hub model ({first[:160]}); "
-                          f"pass a local hf-model directory") from None
+        raise ConfigError(
+            f"{field}: {ref!r} is neither a local directory nor a reachable hub model ({first[:160]}); "
+            f"pass a local hf-model directory"
+        ) from None
     return ref
 
 
@@ -120,8 +130,10 @@ def load_tokenizer(ref: str):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     if tok.eos_token is None:
-        raise SkillbookError(f"model: the tokenizer in {ref} has no eos token; post-training needs one so the "
-                             f"model learns where an answer ends")
+        raise SkillbookError(
+            f"model: the tokenizer in {ref} has no eos token; post-training needs one so the "
+            f"model learns where an answer ends"
+        )
     return tok
 
 
@@ -132,18 +144,25 @@ def load_causal_lm(ref: str, quantization: str = "none", dtype: str = "auto"):
 
     kwargs: dict[str, Any] = {}
     cuda = torch.cuda.is_available()
-    torch_dtype = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32,
-                   "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = {
+        "auto": torch.bfloat16 if cuda else torch.float32,
+        "float32": torch.float32,
+        "bfloat16": torch.bfloat16,
+    }[dtype]
     kwargs["dtype"] = torch_dtype
     if quantization == "4bit":
         if not cuda:
-            raise ConfigError("quantization: '4bit' (QLoRA) needs a CUDA GPU and bitsandbytes; "
-                              "use quantization: none on CPU")
+            raise ConfigError(
+                "quantization: '4bit' (QLoRA) needs a CUDA GPU and bitsandbytes; use quantization: none on CPU"
+            )
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     return AutoModelForCausalLM.from_pretrained(ref, **kwargs)
 
 
@@ -151,8 +170,9 @@ def lora_config(r: int, alpha: int, dropout: float, targets: list[str], task_typ
     """A PEFT LoraConfig; `targets` are module-name suffixes (Llama-style names by default)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                      task_type=task_type, bias="none")
+    return LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type=task_type, bias="none"
+    )
 
 
 def count_params(model) -> tuple[int, int]:
@@ -166,8 +186,19 @@ def count_params(model) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
-def trl_args(out_dir: Path, *, steps: int, batch_size: int, grad_accum: int, lr: float, warmup_ratio: float,
-             seed: int, gradient_checkpointing: bool, logging_steps: int = 5, **extra: Any) -> dict:
+def trl_args(
+    out_dir: Path,
+    *,
+    steps: int,
+    batch_size: int,
+    grad_accum: int,
+    lr: float,
+    warmup_ratio: float,
+    seed: int,
+    gradient_checkpointing: bool,
+    logging_steps: int = 5,
+    **extra: Any,
+) -> dict:
     """Keyword arguments shared by SFTConfig/DPOConfig/RewardConfig/GRPOConfig.
 
     TRL turns on gradient checkpointing and bf16 by default, and SFTConfig refuses bf16 on a CPU:
@@ -178,12 +209,26 @@ def trl_args(out_dir: Path, *, steps: int, batch_size: int, grad_accum: int, lr:
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
     return dict(
-        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=batch_size,
-        gradient_accumulation_steps=grad_accum, learning_rate=lr, lr_scheduler_type="cosine",
-        warmup_steps=max(0, math.ceil(warmup_ratio * steps)), weight_decay=0.0, seed=seed,
-        gradient_checkpointing=gradient_checkpointing, bf16=bf16, use_cpu=not cuda,
-        logging_steps=logging_steps, save_strategy="no", eval_strategy="no", report_to=[],
-        disable_tqdm=True, dataloader_num_workers=0, **extra)
+        output_dir=str(out_dir),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(0, math.ceil(warmup_ratio * steps)),
+        weight_decay=0.0,
+        seed=seed,
+        gradient_checkpointing=gradient_checkpointing,
+        bf16=bf16,
+        use_cpu=not cuda,
+        logging_steps=logging_steps,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **extra,
+    )
 
 
 def log_callback(ctx: Any, total_steps: int):
@@ -195,8 +240,11 @@ def log_callback(ctx: Any, total_steps: int):
             ctx.progress(total_steps)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            clean = {k.replace("/", "_"): float(v) for k, v in (logs or {}).items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            clean = {
+                k.replace("/", "_"): float(v)
+                for k, v in (logs or {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             if clean:
                 ctx.log(step=state.global_step, **clean)
 
@@ -252,8 +300,10 @@ def merge_and_save(peft_model, tok, out_dir: Path, probe_texts: list[str], atol:
     diff = (before - after).abs()[mask].max().item()
     tol = atol if merged.dtype == torch.float32 else 5e-2  # bf16 rounding after merge is ~1e-2
     if not diff <= tol:
-        raise SkillbookError(f"merged model logits differ from adapter logits by {diff:.3g} (> {tol}); "
-                             f"the merge in {out_dir} is not faithful")
+        raise SkillbookError(
+            f"merged model logits differ from adapter logits by {diff:.3g} (> {tol}); "
+            f"the merge in {out_dir} is not faithful"
+        )
     return diff
 
 
@@ -273,7 +323,7 @@ def question_dirs(ctx: Any, data: str | None, eval_data: str | None) -> tuple[Pa
 
 def artifact_dir(ref: str | Path, field: str) -> Path:
     """An existing input directory, or ConfigError naming the field."""
-    from ..recipe import artifact_path
+    from skillbook.run.recipe import artifact_path
 
     path = artifact_path(ref, field)
     if not path.is_dir():
@@ -289,10 +339,11 @@ def render_chat(tok, rows: list[dict]) -> list[dict]:
     """
     out = []
     for row in rows:
-        prompt = tok.apply_chat_template([{"role": "user", "content": row["prompt"]}], tokenize=False,
-                                         add_generation_prompt=True)
+        prompt = tok.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
         if tok.bos_token and prompt.startswith(tok.bos_token) and tok("x")["input_ids"][:1] == [tok.bos_token_id]:
-            prompt = prompt[len(tok.bos_token):]
+            prompt = prompt[len(tok.bos_token) :]
         new = {**row, "prompt": prompt}
         for key in ("completion", "chosen", "rejected"):
             if key in row:
@@ -313,8 +364,15 @@ def reload_adapter_bf16(base_ref: str, adapter_dir: Path):
 
 def report_md(title: str, method: str, model_ref: str, summary: dict, losses: list[float]) -> str:
     """A short report.md: what was trained, the before/after numbers, the loss curve in numbers."""
-    lines = [f"# {title} run", "", f"Base model: `{model_ref}`  ", f"Method: `{method}`", "",
-             "| metric | value |", "|---|---|"]
+    lines = [
+        f"# {title} run",
+        "",
+        f"Base model: `{model_ref}`  ",
+        f"Method: `{method}`",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
     for key, value in summary.items():
         lines.append(f"| {key} | {value:.4g} |" if isinstance(value, float) else f"| {key} | {value} |")
     if losses:
@@ -350,20 +408,21 @@ def pairwise_accuracy(model, tok, rows: list[dict]) -> tuple[float, float]:
 
 def answer_reward(completion: str, answer: str) -> float:
     """1.0 when the completion's first line, normalised, is exactly the answer (a verifiable reward)."""
-    from .evaluate import normalize
+    from skillbook.ml.evaluate import normalize
 
     lines = completion.strip().splitlines()
     return float(bool(lines) and normalize(lines[0]) == normalize(answer) != "")
 
 
-def mean_sampled_reward(model, tok, rows: list[dict], samples: int, max_new_tokens: int, temperature: float,
-                        seed: int) -> float:
+def mean_sampled_reward(
+    model, tok, rows: list[dict], samples: int, max_new_tokens: int, temperature: float, seed: int
+) -> float:
     """Mean answer_reward over `samples` sampled answers per row (seeded, so before/after are comparable)."""
-    from .evaluate import generate_answers
+    from skillbook.ml.evaluate import generate_answers
 
     prompts = [r["prompt"] for r in rows for _ in range(samples)]
     answers = [r["completion"] for r in rows for _ in range(samples)]
-    outs = generate_answers(model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                            seed=seed, batch_size=64)
+    outs = generate_answers(
+        model, tok, prompts, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, batch_size=64
+    )
     return sum(answer_reward(o, a) for o, a in zip(outs, answers)) / len(outs)
-

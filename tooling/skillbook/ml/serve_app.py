@@ -15,12 +15,13 @@ import statistics
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterator
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .serve_backends import Backend, Piece, Sampling
+from skillbook.ml.serve_backends import Backend, Piece, Sampling
 
 
 class APIError(Exception):
@@ -115,8 +116,11 @@ def create_app(backend: Backend, api_key: str | None = None):
     async def _invalid(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errs):
-            return error_body(400, "request body is not valid JSON: " + "; ".join(
-                e.get("ctx", {}).get("error", e["msg"]) for e in errs), code="invalid_json")
+            return error_body(
+                400,
+                "request body is not valid JSON: " + "; ".join(e.get("ctx", {}).get("error", e["msg"]) for e in errs),
+                code="invalid_json",
+            )
         msgs = ["{}: {}".format(".".join(str(p) for p in e["loc"][1:]) or "body", e["msg"]) for e in errs]
         return error_body(400, "invalid request: " + "; ".join(msgs), param=".".join(map(str, errs[0]["loc"][1:])))
 
@@ -124,7 +128,9 @@ def create_app(backend: Backend, api_key: str | None = None):
     async def _auth(request: Request, call_next):
         if api_key and request.url.path.startswith("/v1/"):
             if request.headers.get("authorization", "") != f"Bearer {api_key}":
-                return error_body(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+                return error_body(
+                    401, "missing or wrong API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+                )
         return await call_next(request)
 
     @app.get("/health")
@@ -133,23 +139,43 @@ def create_app(backend: Backend, api_key: str | None = None):
 
     @app.get("/v1/models")
     def models() -> dict:
-        return {"object": "list", "data": [{"id": backend.model_id, "object": "model", "created": created,
-                                            "owned_by": "skillbook", "max_model_len": backend.n_ctx}]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": backend.model_id,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "skillbook",
+                    "max_model_len": backend.n_ctx,
+                }
+            ],
+        }
 
     def check(req: _Common, prompt: str, default_max: int) -> tuple[Sampling, list[str], int]:
         if req.model != backend.model_id:
-            raise APIError(404, f"model '{req.model}' does not exist; this server serves '{backend.model_id}' "
-                                f"(see GET /v1/models)", "model", "model_not_found")
+            raise APIError(
+                404,
+                f"model '{req.model}' does not exist; this server serves '{backend.model_id}' (see GET /v1/models)",
+                "model",
+                "model_not_found",
+            )
         n_prompt = backend.count_tokens(prompt)
         room = backend.n_ctx - n_prompt
         max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or min(default_max, max(room, 1))
         if n_prompt + max_tokens > backend.n_ctx:
-            raise APIError(400, f"this model's maximum context length is {backend.n_ctx} tokens; the prompt has "
-                                f"{n_prompt} tokens and max_tokens is {max_tokens} ({n_prompt + max_tokens} in total): "
-                                f"shorten the prompt or lower max_tokens", "messages" if hasattr(req, "messages") else "prompt",
-                           "context_length_exceeded")
+            raise APIError(
+                400,
+                f"this model's maximum context length is {backend.n_ctx} tokens; the prompt has "
+                f"{n_prompt} tokens and max_tokens is {max_tokens} ({n_prompt + max_tokens} in total): "
+                f"shorten the prompt or lower max_tokens",
+                "messages" if hasattr(req, "messages") else "prompt",
+                "context_length_exceeded",
+            )
         stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        sp = Sampling(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed)
+        sp = Sampling(
+            max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed
+        )
         return sp, [s for s in stops if s], n_prompt
 
     def run_stream(prompt: str, sp: Sampling, stops: list[str]) -> Iterator[Piece]:
@@ -180,12 +206,17 @@ def create_app(backend: Backend, api_key: str | None = None):
         rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": now, "model": backend.model_id}
         if req.stream:
-            chunks = ({**base, "choices": [{"index": 0, "text": p.text, "logprobs": None, "finish_reason": p.finish_reason}]}
-                      for p in run_stream(req.prompt, sp, stops))
+            chunks = (
+                {**base, "choices": [{"index": 0, "text": p.text, "logprobs": None, "finish_reason": p.finish_reason}]}
+                for p in run_stream(req.prompt, sp, stops)
+            )
             return StreamingResponse(sse(chunks), media_type="text/event-stream")
         text, reason = finish(req.prompt, sp, stops)
-        return {**base, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
-                "usage": usage(n_prompt, text)}
+        return {
+            **base,
+            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}],
+            "usage": usage(n_prompt, text),
+        }
 
     @app.post("/v1/chat/completions")
     def chat(req: ChatRequest):
@@ -196,15 +227,24 @@ def create_app(backend: Backend, api_key: str | None = None):
             base = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": backend.model_id}
 
             def chunks() -> Iterator[dict]:
-                yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+                yield {
+                    **base,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+                }
                 for p in run_stream(prompt, sp, stops):
                     delta = {"content": p.text} if p.text else {}
                     yield {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": p.finish_reason}]}
+
             return StreamingResponse(sse(chunks()), media_type="text/event-stream")
         text, reason = finish(prompt, sp, stops)
-        return {"id": rid, "object": "chat.completion", "created": now, "model": backend.model_id,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
-                "usage": usage(n_prompt, text)}
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": now,
+            "model": backend.model_id,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
+            "usage": usage(n_prompt, text),
+        }
 
     return app
 
@@ -221,11 +261,12 @@ class ServerThread:
         import uvicorn
 
         self.url = f"http://{host}:{port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                                                    timeout_graceful_shutdown=5))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
-    def start(self, timeout: float = 60.0) -> "ServerThread":
+    def start(self, timeout: float = 60.0) -> ServerThread:
         self.thread.start()
         wait_healthy(self.url, timeout, alive=self.thread.is_alive)
         return self
@@ -234,7 +275,7 @@ class ServerThread:
         self.server.should_exit = True
         self.thread.join(timeout=15)
 
-    def __enter__(self) -> "ServerThread":
+    def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
@@ -280,34 +321,54 @@ def _client(url: str, api_key: str | None, timeout: float = 120.0):
     return OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", timeout=timeout, max_retries=0)
 
 
-def smoke_test(url: str, prompt: str = "Question: What colour is Mira's kite?\nAnswer:", max_tokens: int = 16,
-               api_key: str | None = None) -> dict:
+def smoke_test(
+    url: str,
+    prompt: str = "Question: What colour is Mira's kite?\nAnswer:",
+    max_tokens: int = 16,
+    api_key: str | None = None,
+) -> dict:
     """List models, one completion, one chat, one streamed chat; latencies and texts in a dict."""
     client = _client(url, api_key)
     model = client.models.list().data[0].id
     out: dict = {"url": url, "model": model}
     t = time.perf_counter()
     comp = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, seed=0)
-    out["completion"] = {"text": comp.choices[0].text, "finish_reason": comp.choices[0].finish_reason,
-                         "latency_s": time.perf_counter() - t, "completion_tokens": comp.usage.completion_tokens}
+    out["completion"] = {
+        "text": comp.choices[0].text,
+        "finish_reason": comp.choices[0].finish_reason,
+        "latency_s": time.perf_counter() - t,
+        "completion_tokens": comp.usage.completion_tokens,
+    }
     t = time.perf_counter()
     messages = [{"role": "user", "content": prompt}]
     chat = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
     out["chat"] = {"text": chat.choices[0].message.content, "latency_s": time.perf_counter() - t}
     t, first, parts = time.perf_counter(), None, []
-    for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                temperature=0, stream=True):
+    for chunk in client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+    ):
         if chunk.choices and chunk.choices[0].delta.content:
             first = first or time.perf_counter() - t
             parts.append(chunk.choices[0].delta.content)
-    out["stream"] = {"text": "".join(parts), "chunks": len(parts), "ttft_s": first, "latency_s": time.perf_counter() - t}
+    out["stream"] = {
+        "text": "".join(parts),
+        "chunks": len(parts),
+        "ttft_s": first,
+        "latency_s": time.perf_counter() - t,
+    }
     # greedy decoding: the streamed chat must equal the non-streamed one, token for token
     out["ok"] = bool(comp.usage.completion_tokens > 0 and out["stream"]["text"] == out["chat"]["text"])
     return out
 
 
-def load_test(url: str, clients: int = 16, requests_per_client: int = 2, max_tokens: int = 16,
-              prompt: str = "Question: What colour is Mira's kite?\nAnswer:", api_key: str | None = None) -> dict:
+def load_test(
+    url: str,
+    clients: int = 16,
+    requests_per_client: int = 2,
+    max_tokens: int = 16,
+    prompt: str = "Question: What colour is Mira's kite?\nAnswer:",
+    api_key: str | None = None,
+) -> dict:
     """N concurrent clients, each sending completions in turn: p50/p95 latency, requests/s, tokens/s."""
     client = _client(url, api_key, timeout=300.0)
     model = client.models.list().data[0].id
@@ -317,8 +378,9 @@ def load_test(url: str, clients: int = 16, requests_per_client: int = 2, max_tok
         for j in range(requests_per_client):
             t = time.perf_counter()
             try:
-                r = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
-                                              temperature=0.8, seed=i * 1000 + j)
+                r = client.completions.create(
+                    model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.8, seed=i * 1000 + j
+                )
                 rows.append((time.perf_counter() - t, r.usage.completion_tokens, None))
             except Exception as exc:  # counted, not raised: the report says how many failed
                 rows.append((time.perf_counter() - t, 0, f"{type(exc).__name__}: {exc}"))
@@ -331,7 +393,15 @@ def load_test(url: str, clients: int = 16, requests_per_client: int = 2, max_tok
     lat = sorted(r[0] for r in rows if r[2] is None)
     errors = [r[2] for r in rows if r[2] is not None]
     q = statistics.quantiles(lat, n=20, method="inclusive") if len(lat) >= 2 else lat * 19
-    return {"clients": clients, "requests": len(rows), "succeeded": len(lat), "failed": len(errors),
-            "errors": errors[:5], "wall_s": wall, "latency_p50_s": statistics.median(lat) if lat else None,
-            "latency_p95_s": q[18] if lat else None, "requests_per_s": len(lat) / wall,
-            "generated_tokens_per_s": sum(r[1] for r in rows) / wall}
+    return {
+        "clients": clients,
+        "requests": len(rows),
+        "succeeded": len(lat),
+        "failed": len(errors),
+        "errors": errors[:5],
+        "wall_s": wall,
+        "latency_p50_s": statistics.median(lat) if lat else None,
+        "latency_p95_s": q[18] if lat else None,
+        "requests_per_s": len(lat) / wall,
+        "generated_tokens_per_s": sum(r[1] for r in rows) / wall,
+    }

@@ -10,9 +10,9 @@ re-entrant); concurrent requests queue, which is what the load test measures.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 
 @dataclass
@@ -82,8 +82,7 @@ def _render_template(template: str, messages: list[dict], bos: str, eos: str) ->
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation])
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                            bos_token=bos, eos_token=eos)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
 
 
 class LlamaCppBackend(Backend):
@@ -96,8 +95,15 @@ class LlamaCppBackend(Backend):
         from llama_cpp import Llama
 
         # n_threads explicitly: Llama() defaults to half the cores. n_ctx=0 takes the model's trained context.
-        self.llm = Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_threads=n_threads, n_batch=512,
-                         seed=0, verbose=False, logits_all=False)
+        self.llm = Llama(
+            model_path=str(gguf_path),
+            n_ctx=n_ctx,
+            n_threads=n_threads,
+            n_batch=512,
+            seed=0,
+            verbose=False,
+            logits_all=False,
+        )
         meta = self.llm.metadata
         trained = int(meta.get(f"{meta.get('general.architecture', 'llama')}.context_length", 0)) or self.llm.n_ctx()
         # llama.cpp rounds the context up (to 256); requests are checked against what the model was trained on
@@ -133,8 +139,16 @@ class LlamaCppBackend(Backend):
         tokens = self.tokenize(prompt) or [self.llm.token_bos()]
         with self.lock:
             stream = self.llm.create_completion(
-                tokens, max_tokens=sp.max_tokens, temperature=sp.temperature, top_p=sp.top_p,
-                top_k=sp.top_k, seed=sp.seed, stream=True, repeat_penalty=1.0, min_p=0.0)
+                tokens,
+                max_tokens=sp.max_tokens,
+                temperature=sp.temperature,
+                top_p=sp.top_p,
+                top_k=sp.top_k,
+                seed=sp.seed,
+                stream=True,
+                repeat_penalty=1.0,
+                min_p=0.0,
+            )
             for chunk in stream:
                 choice = chunk["choices"][0]
                 yield Piece(choice["text"], choice.get("finish_reason"))
@@ -181,12 +195,20 @@ class TransformersBackend(Backend):
 
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True, timeout=300)
         greedy = sp.temperature <= 0
-        kwargs = dict(input_ids=ids.to(self.device), attention_mask=torch.ones_like(ids).to(self.device),
-                      max_new_tokens=sp.max_tokens, do_sample=not greedy, streamer=streamer, use_cache=True,
-                      stopping_criteria=StoppingCriteriaList([_Cancel()]),
-                      pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id)
+        kwargs = dict(
+            input_ids=ids.to(self.device),
+            attention_mask=torch.ones_like(ids).to(self.device),
+            max_new_tokens=sp.max_tokens,
+            do_sample=not greedy,
+            streamer=streamer,
+            use_cache=True,
+            stopping_criteria=StoppingCriteriaList([_Cancel()]),
+            pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id,
+        )
         if not greedy:
-            kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k)  # 0 = off (not the config default)
+            kwargs.update(
+                temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k
+            )  # 0 = off (not the config default)
         result: dict = {}
 
         def work() -> None:
@@ -216,14 +238,35 @@ class TransformersBackend(Backend):
         yield Piece("", "stop" if hit_eos else "length")
 
 
-def vllm_argv(model: str, port: int, host: str = "127.0.0.1", tensor_parallel_size: int = 1,
-              gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
-              quantization: str | None = None, served_model_name: str | None = None,
-              api_key: str | None = None, dtype: str = "auto", extra: list[str] | None = None) -> list[str]:
+def vllm_argv(
+    model: str,
+    port: int,
+    host: str = "127.0.0.1",
+    tensor_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    max_model_len: int | None = None,
+    quantization: str | None = None,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    dtype: str = "auto",
+    extra: list[str] | None = None,
+) -> list[str]:
     """The `vllm serve` command line (vLLM's own OpenAI server) for one model."""
-    argv = ["vllm", "serve", str(model), "--host", host, "--port", str(port),
-            "--tensor-parallel-size", str(tensor_parallel_size),
-            "--gpu-memory-utilization", str(gpu_memory_utilization), "--dtype", dtype]
+    argv = [
+        "vllm",
+        "serve",
+        str(model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--tensor-parallel-size",
+        str(tensor_parallel_size),
+        "--gpu-memory-utilization",
+        str(gpu_memory_utilization),
+        "--dtype",
+        dtype,
+    ]
     if max_model_len:
         argv += ["--max-model-len", str(max_model_len)]
     if quantization:

@@ -22,9 +22,23 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .synthetic_vocab import (  # noqa: F401  (re-exported: tests and docs read the tables as synthetic.X)
-    PEOPLE, PETS, TOWNS, COLOURS, FOODS, JOBS, SPECIES, OBJECTS,
-    AGES, COUNTABLE, ANSWER_SETS, STATEMENTS, QUESTIONS, FILLER, RECALL, OPENERS,
+from skillbook.ml.synthetic_vocab import (  # noqa: F401  (re-exported: tests and docs read the tables as synthetic.X)
+    AGES,
+    ANSWER_SETS,
+    COLOURS,
+    COUNTABLE,
+    FILLER,
+    FOODS,
+    JOBS,
+    OBJECTS,
+    OPENERS,
+    PEOPLE,
+    PETS,
+    QUESTIONS,
+    RECALL,
+    SPECIES,
+    STATEMENTS,
+    TOWNS,
 )
 
 
@@ -41,9 +55,9 @@ def _article(word: str) -> str:
 class Fact:
     """One verifiable fact: `question` templates take `slots`; `answer` is one word or number."""
 
-    key: str            # stable id, e.g. "Mira/town" or "plus/3/4" (used to split and to test)
-    attribute: str      # town, food, ..., plus, minus
-    slots: tuple        # sorted (name, value) pairs filling the templates
+    key: str  # stable id, e.g. "Mira/town" or "plus/3/4" (used to split and to test)
+    attribute: str  # town, food, ..., plus, minus
+    slots: tuple  # sorted (name, value) pairs filling the templates
     answer: str
 
     @property
@@ -61,14 +75,15 @@ class World:
     seed: int
     people: list[dict]
     facts: list[Fact]
-    split: dict[str, str] = field(default_factory=dict)   # fact key -> "train" | "test" | "eval"
+    split: dict[str, str] = field(default_factory=dict)  # fact key -> "train" | "test" | "eval"
 
     def facts_in(self, bucket: str) -> list[Fact]:
         return [f for f in self.facts if self.split[f.key] == bucket]
 
 
-def make_world(seed: int = 0, n_people: int = 32, max_operand: int = 9,
-               test_frac: float = 0.15, eval_frac: float = 0.25) -> World:
+def make_world(
+    seed: int = 0, n_people: int = 32, max_operand: int = 9, test_frac: float = 0.15, eval_frac: float = 0.25
+) -> World:
     """Draw a world: `n_people` people (each with a pet), arithmetic on 0..max_operand, fact splits."""
     if not 4 <= n_people <= len(PEOPLE):
         raise ValueError(f"n_people must be between 4 and {len(PEOPLE)}, got {n_people}")
@@ -77,23 +92,47 @@ def make_world(seed: int = 0, n_people: int = 32, max_operand: int = 9,
     pets = rng.sample(PETS, n_people)
     people, facts = [], []
     for name, pet in zip(names, pets):
-        person = {"name": name, "town": rng.choice(TOWNS), "food": rng.choice(FOODS), "job": rng.choice(JOBS),
-                  "age": rng.choice(AGES), "object": rng.choice(OBJECTS), "object_colour": rng.choice(COLOURS),
-                  "pet": pet, "pet_species": rng.choice(SPECIES), "pet_colour": rng.choice(COLOURS)}
+        person = {
+            "name": name,
+            "town": rng.choice(TOWNS),
+            "food": rng.choice(FOODS),
+            "job": rng.choice(JOBS),
+            "age": rng.choice(AGES),
+            "object": rng.choice(OBJECTS),
+            "object_colour": rng.choice(COLOURS),
+            "pet": pet,
+            "pet_species": rng.choice(SPECIES),
+            "pet_colour": rng.choice(COLOURS),
+        }
         people.append(person)
-        slots = (("c", person["pet_colour"]), ("o", person["object"]), ("p", name), ("q", pet),
-                 ("s", person["pet_species"]))
-        for attr, value in (("town", person["town"]), ("food", person["food"]), ("job", person["job"]),
-                            ("age", person["age"]), ("object_colour", person["object_colour"]),
-                            ("pet_name", pet), ("pet_species", person["pet_species"]),
-                            ("pet_colour", person["pet_colour"]), ("owner", name)):
+        slots = (
+            ("c", person["pet_colour"]),
+            ("o", person["object"]),
+            ("p", name),
+            ("q", pet),
+            ("s", person["pet_species"]),
+        )
+        for attr, value in (
+            ("town", person["town"]),
+            ("food", person["food"]),
+            ("job", person["job"]),
+            ("age", person["age"]),
+            ("object_colour", person["object_colour"]),
+            ("pet_name", pet),
+            ("pet_species", person["pet_species"]),
+            ("pet_colour", person["pet_colour"]),
+            ("owner", name),
+        ):
             facts.append(Fact(f"{name}/{attr}", attr, slots + (("v", str(value)),), str(value)))
     for x in range(max_operand + 1):
         for y in range(max_operand + 1):
-            facts.append(Fact(f"plus/{x}/{y}", "plus", (("v", str(x + y)), ("x", x), ("y", y), ("z", x + y)), str(x + y)))
+            facts.append(
+                Fact(f"plus/{x}/{y}", "plus", (("v", str(x + y)), ("x", x), ("y", y), ("z", x + y)), str(x + y))
+            )
             if x >= y:
-                facts.append(Fact(f"minus/{x}/{y}", "minus", (("v", str(x - y)), ("x", x), ("y", y), ("z", x - y)),
-                                  str(x - y)))
+                facts.append(
+                    Fact(f"minus/{x}/{y}", "minus", (("v", str(x - y)), ("x", x), ("y", y), ("z", x - y)), str(x - y))
+                )
     world = World(seed, people, facts)
     # Split per attribute so every bucket sees every question type (stratified, seeded).
     for attr in sorted({f.attribute for f in facts}):
@@ -172,13 +211,13 @@ def make_corpus(world: World, repeats: int = 40) -> list[str]:
         for name in sorted(by_person):
             for _ in range(2):
                 docs.append(_person_doc(by_person[name], name, rng))
-        for _ in range(max(1, len(arith) // 9)):   # ~4.5 statements per doc -> ~repeats/2 per pair
+        for _ in range(max(1, len(arith) // 9)):  # ~4.5 statements per doc -> ~repeats/2 per pair
             docs.append(_arith_doc(arith, rng))
         for town in sorted(by_town):
             docs.append(_town_doc(town, by_town[town], rng))
     rng.shuffle(docs)
     seen, unique = set(), []
-    for d in docs:   # the generator itself never emits exact duplicates
+    for d in docs:  # the generator itself never emits exact duplicates
         if d not in seen:
             seen.add(d)
             unique.append(d)
@@ -198,7 +237,7 @@ def prompt_for(question: str) -> str:
 def _wrong(fact: Fact, rng: random.Random, names: dict[str, list[str]]) -> str:
     """A plausible wrong answer of the same type: another colour, town, a nearby number ..."""
     pool = names.get(fact.attribute) or ANSWER_SETS.get(fact.attribute)
-    if pool:   # names come from this world, so a wrong owner is a person the corpus knows
+    if pool:  # names come from this world, so a wrong owner is a person the corpus knows
         return rng.choice([v for v in pool if v != fact.answer])
     n = int(fact.answer)
     lo = 0 if fact.kind == "arithmetic" else min(AGES)
@@ -208,8 +247,13 @@ def _wrong(fact: Fact, rng: random.Random, names: dict[str, list[str]]) -> str:
 
 def _answer_type(attribute: str) -> str:
     """Attributes whose answers could be confused share a type (two colours, two numbers)."""
-    return {"object_colour": "colour", "pet_colour": "colour", "plus": "number", "minus": "number",
-            "age": "number"}.get(attribute, attribute)
+    return {
+        "object_colour": "colour",
+        "pet_colour": "colour",
+        "plus": "number",
+        "minus": "number",
+        "age": "number",
+    }.get(attribute, attribute)
 
 
 def _other_fact(world: World, fact: Fact, rng: random.Random) -> Fact | None:
@@ -217,8 +261,11 @@ def _other_fact(world: World, fact: Fact, rng: random.Random) -> Fact | None:
     if fact.kind == "arithmetic":
         return None
     person = fact.key.split("/")[0]
-    pool = [f for f in world.facts if f.key.split("/")[0] == person
-            and _answer_type(f.attribute) != _answer_type(fact.attribute)]
+    pool = [
+        f
+        for f in world.facts
+        if f.key.split("/")[0] == person and _answer_type(f.attribute) != _answer_type(fact.attribute)
+    ]
     return rng.choice(pool)
 
 
@@ -230,8 +277,9 @@ def _passage(fact: Fact, other: Fact | None, rng: random.Random) -> str:
     return " ".join(sentences)
 
 
-def _rejected(fact: Fact, other: Fact | None, rng: random.Random, names: dict[str, list[str]],
-              avoid: set[str] = frozenset()) -> str:
+def _rejected(
+    fact: Fact, other: Fact | None, rng: random.Random, names: dict[str, list[str]], avoid: set[str] = frozenset()
+) -> str:
     """A wrong answer of one of three kinds, the mistakes a small model fine-tuned on these
     questions actually makes (seen in its greedy answers), so preference tuning has something to fix:
 
@@ -243,24 +291,31 @@ def _rejected(fact: Fact, other: Fact | None, rng: random.Random, names: dict[st
     slots = dict(fact.slots)
     mode = rng.choice(("value", "echo", "attribute"))
     if mode == "echo":
-        options = [str(slots["x"]), str(slots["y"])] if fact.kind == "arithmetic" else \
-            [slots["q"] if fact.attribute in ("pet_species", "pet_colour", "owner") else slots["p"]]
+        options = (
+            [str(slots["x"]), str(slots["y"])]
+            if fact.kind == "arithmetic"
+            else [slots["q"] if fact.attribute in ("pet_species", "pet_colour", "owner") else slots["p"]]
+        )
     elif mode == "attribute":
-        options = [other.answer] if other else \
-            [str(abs(slots["x"] - slots["y"])) if fact.attribute == "plus" else str(slots["x"] + slots["y"])]
+        options = (
+            [other.answer]
+            if other
+            else [str(abs(slots["x"] - slots["y"])) if fact.attribute == "plus" else str(slots["x"] + slots["y"])]
+        )
     else:
         options = []
     options = [o for o in options if o != fact.answer]
     if options:
         return rng.choice(options)
     wrong = _wrong(fact, rng, names)
-    while wrong in avoid:   # a value-mode answer must not be readable in the passage
+    while wrong in avoid:  # a value-mode answer must not be readable in the passage
         wrong = _wrong(fact, rng, names)
     return wrong
 
 
-def question_rows(world: World, facts: list[Fact], rng: random.Random, all_templates: bool,
-                  reading: bool) -> list[dict]:
+def question_rows(
+    world: World, facts: list[Fact], rng: random.Random, all_templates: bool, reading: bool
+) -> list[dict]:
     """One row per (fact, template): prompt, answer, a wrong answer (see `_rejected`) and kind.
 
     Closed-book rows ask the bare question (the fact must come from pretraining). With `reading`,
@@ -276,21 +331,35 @@ def question_rows(world: World, facts: list[Fact], rng: random.Random, all_templ
         for t in templates:
             question = f.fill(t)
             other = _other_fact(world, f, rng)
-            rows.append({"prompt": prompt_for(question), "answer": f.answer,
-                         "wrong": _rejected(f, other, rng, names), "kind": f.kind, "fact": f.key})
+            rows.append(
+                {
+                    "prompt": prompt_for(question),
+                    "answer": f.answer,
+                    "wrong": _rejected(f, other, rng, names),
+                    "kind": f.kind,
+                    "fact": f.key,
+                }
+            )
             if reading:
                 passage = _passage(f, other, rng)
                 words = set(passage.replace(".", " ").split())
-                rows.append({"prompt": f"{passage}\n{prompt_for(question)}", "answer": f.answer,
-                             "wrong": _rejected(f, other, rng, names, avoid=words), "kind": "reading",
-                             "fact": f.key})
+                rows.append(
+                    {
+                        "prompt": f"{passage}\n{prompt_for(question)}",
+                        "answer": f.answer,
+                        "wrong": _rejected(f, other, rng, names, avoid=words),
+                        "kind": "reading",
+                        "fact": f.key,
+                    }
+                )
     return rows
 
 
 def as_sft(rows: list[dict], kind: bool = False) -> list[dict]:
     """{"prompt","completion"} rows (+ "kind" for the eval set); completions start with a space."""
-    return [{"prompt": r["prompt"], "completion": f" {r['answer']}", **({"kind": r["kind"]} if kind else {})}
-            for r in rows]
+    return [
+        {"prompt": r["prompt"], "completion": f" {r['answer']}", **({"kind": r["kind"]} if kind else {})} for r in rows
+    ]
 
 
 def as_preference(rows: list[dict]) -> list[dict]:
@@ -308,18 +377,25 @@ class Dataset:
     eval: list[dict]
 
 
-def generate(seed: int = 0, n_people: int = 32, repeats: int = 40, max_operand: int = 9,
-             reading: bool = True) -> Dataset:
+def generate(
+    seed: int = 0, n_people: int = 32, repeats: int = 40, max_operand: int = 9, reading: bool = True
+) -> Dataset:
     """The whole synthetic dataset for `seed`: corpus, sft train/test, preference train/test, eval."""
     world = make_world(seed, n_people=n_people, max_operand=max_operand)
     rng = random.Random(seed * 104729 + 2)
-    train, test, held = (question_rows(world, world.facts_in(b), rng, b != "eval", reading)
-                         for b in ("train", "test", "eval"))
+    train, test, held = (
+        question_rows(world, world.facts_in(b), rng, b != "eval", reading) for b in ("train", "test", "eval")
+    )
     # Shuffle every split so any prefix (e.g. "the first 50 eval rows") mixes all question types.
     for rows in (train, test, held):
         rng.shuffle(rows)
-    return Dataset(world, make_corpus(world, repeats), {"train": as_sft(train), "test": as_sft(test)},
-                   {"train": as_preference(train), "test": as_preference(test)}, as_sft(held, kind=True))
+    return Dataset(
+        world,
+        make_corpus(world, repeats),
+        {"train": as_sft(train), "test": as_sft(test)},
+        {"train": as_preference(train), "test": as_preference(test)},
+        as_sft(held, kind=True),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,8 +422,11 @@ def split_corpus(docs: list[str], val_fraction: float, seed: int) -> tuple[list[
 
 def write_supervised(ds: Dataset, out_dir: Path) -> dict[str, Path]:
     """Write sft-data, preference-data and eval directories under `out_dir`."""
-    out = {"sft_data": out_dir / "sft-data", "preference_data": out_dir / "preference-data",
-           "eval_data": out_dir / "eval"}
+    out = {
+        "sft_data": out_dir / "sft-data",
+        "preference_data": out_dir / "preference-data",
+        "eval_data": out_dir / "eval",
+    }
     for split, rows in ds.sft.items():
         write_jsonl(out["sft_data"] / f"{split}.jsonl", rows)
     for split, rows in ds.preference.items():
@@ -376,5 +455,9 @@ def write_default_data(out_dir: Path, seed: int = 0) -> dict[str, Path]:
 def text_stats(docs: list[str]) -> dict[str, int]:
     """Documents, characters, words and distinct words (lower-cased, punctuation stripped)."""
     words = [w.strip(".,?!'\"").lower() for d in docs for w in d.split()]
-    return {"documents": len(docs), "characters": sum(len(d) for d in docs), "words": len(words),
-            "distinct_words": len({w for w in words if w})}
+    return {
+        "documents": len(docs),
+        "characters": sum(len(d) for d in docs),
+        "words": len(words),
+        "distinct_words": len({w for w in words if w}),
+    }

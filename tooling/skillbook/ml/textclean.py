@@ -13,8 +13,8 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-_SPACES = re.compile(r"[^\S\n]+")            # any whitespace except newline
-_BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")   # 3+ newlines (with stray spaces) -> one blank line
+_SPACES = re.compile(r"[^\S\n]+")  # any whitespace except newline
+_BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")  # 3+ newlines (with stray spaces) -> one blank line
 _CONTROL = {c: None for c in range(32) if c not in (9, 10)} | {0x7F: None}
 _WORD = re.compile(r"\w+", re.UNICODE)
 
@@ -31,7 +31,7 @@ def shingles(text: str, n: int = 5) -> set[str]:
     words = _WORD.findall(text.lower())
     if len(words) < n:
         return {" ".join(words)}
-    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return {" ".join(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 def jaccard(a: str, b: str, n: int = 5) -> float:
@@ -49,17 +49,30 @@ class CleanStats:
     exact_duplicates: int = 0
     near_duplicates: int = 0
     output_documents: int = 0
-    examples: list[dict] = field(default_factory=list)   # a few (removed, kept) near-duplicate pairs
+    examples: list[dict] = field(default_factory=list)  # a few (removed, kept) near-duplicate pairs
 
     def as_dict(self) -> dict:
-        return {"input_documents": self.input_documents, "too_short": self.too_short,
-                "exact_duplicates": self.exact_duplicates, "near_duplicates": self.near_duplicates,
-                "output_documents": self.output_documents}
+        return {
+            "input_documents": self.input_documents,
+            "too_short": self.too_short,
+            "exact_duplicates": self.exact_duplicates,
+            "near_duplicates": self.near_duplicates,
+            "output_documents": self.output_documents,
+        }
 
 
-def clean(docs: list[str], *, dedup: bool = True, near_dedup: bool = True, threshold: float = 0.8,
-          num_perm: int = 128, ngram: int = 5, min_chars: int = 1, seed: int = 1,
-          max_examples: int = 3) -> tuple[list[str], CleanStats]:
+def clean(
+    docs: list[str],
+    *,
+    dedup: bool = True,
+    near_dedup: bool = True,
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    ngram: int = 5,
+    min_chars: int = 1,
+    seed: int = 1,
+    max_examples: int = 3,
+) -> tuple[list[str], CleanStats]:
     """Normalise `docs`, drop ones shorter than `min_chars`, then exact and MinHash near duplicates."""
     stats = CleanStats(input_documents=len(docs))
     kept: list[str] = []
@@ -82,25 +95,28 @@ def clean(docs: list[str], *, dedup: bool = True, near_dedup: bool = True, thres
     return kept, stats
 
 
-def _near_dedup(docs: list[str], stats: CleanStats, threshold: float, num_perm: int, ngram: int,
-                seed: int, max_examples: int) -> list[str]:
+def _near_dedup(
+    docs: list[str], stats: CleanStats, threshold: float, num_perm: int, ngram: int, seed: int, max_examples: int
+) -> list[str]:
     """MinHash signatures + LSH banding: query each document against those kept before it."""
     from datasketch import MinHash, MinHashLSH
 
     lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     # bulk() draws the random permutations once and reuses them for every document (much faster).
-    signatures = MinHash.bulk(([s.encode("utf-8") for s in sorted(shingles(d, ngram))] for d in docs),
-                              num_perm=num_perm, seed=seed)
+    signatures = MinHash.bulk(
+        ([s.encode("utf-8") for s in sorted(shingles(d, ngram))] for d in docs), num_perm=num_perm, seed=seed
+    )
     kept: list[str] = []
-    sigs: list = []   # signature of each kept document, by its index in `kept`
+    sigs: list = []  # signature of each kept document, by its index in `kept`
     for doc, mh in zip(docs, signatures):
         # LSH returns candidates; confirm with the signature estimate so banding noise cannot drop a document.
         hits = sorted(i for i in lsh.query(mh) if sigs[i].jaccard(mh) >= threshold)
         if hits:
             stats.near_duplicates += 1
             if len(stats.examples) < max_examples:
-                stats.examples.append({"removed": doc, "kept": kept[hits[0]],
-                                       "jaccard": round(jaccard(doc, kept[hits[0]], ngram), 3)})
+                stats.examples.append(
+                    {"removed": doc, "kept": kept[hits[0]], "jaccard": round(jaccard(doc, kept[hits[0]], ngram), 3)}
+                )
             continue
         sigs.append(mh)
         lsh.insert(len(kept), mh)

@@ -8,10 +8,10 @@ on one role format and prompted with another quietly loses most of what SFT taug
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
-from ..errors import SkillbookError
+from skillbook.errors import SkillbookError
 
 # Special tokens: ids 0-3 in every tokenizer the tokenization skill trains, role markers right after.
 UNK, BOS, EOS, PAD = "<|unk|>", "<|bos|>", "<|eos|>", "<|pad|>"
@@ -62,8 +62,13 @@ def batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
         yield batch
 
 
-def wrap(tokenizer_object, specials: dict[str, str] | None = None, extra: Iterable[str] = (),
-         add_bos: bool = True, model_max_length: int = 2048):
+def wrap(
+    tokenizer_object,
+    specials: dict[str, str] | None = None,
+    extra: Iterable[str] = (),
+    add_bos: bool = True,
+    model_max_length: int = 2048,
+):
     """A `tokenizers.Tokenizer` -> transformers fast tokenizer with special tokens and our chat template.
 
     `specials` maps unk_token/bos_token/eos_token/pad_token to strings already in the vocab. With
@@ -78,9 +83,14 @@ def wrap(tokenizer_object, specials: dict[str, str] | None = None, extra: Iterab
     if add_bos:
         bos_id = tokenizer_object.token_to_id(bos)
         tokenizer_object.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer_object, model_max_length=model_max_length,
-                                  additional_special_tokens=[*ROLE_TOKENS, *extra], **specials)
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)]
+        )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer_object,
+        model_max_length=model_max_length,
+        additional_special_tokens=[*ROLE_TOKENS, *extra],
+        **specials,
+    )
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
@@ -91,8 +101,10 @@ def load_tokenizer(path: str | Path, what: str = "tokenizer"):
 
     path = Path(path).expanduser()
     if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        raise SkillbookError(f"{what}: {path} is not a tokenizer directory (no tokenizer.json); pass the "
-                             f"'tokenizer' output of `skills run tokenization` or an hf-model directory")
+        raise SkillbookError(
+            f"{what}: {path} is not a tokenizer directory (no tokenizer.json); pass the "
+            f"'tokenizer' output of `skills run tokenization` or an hf-model directory"
+        )
     return AutoTokenizer.from_pretrained(str(path))
 
 

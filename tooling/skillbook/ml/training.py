@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..errors import SkillbookError
+from skillbook.errors import SkillbookError
 
 # ---------------------------------------------------------------------------------------------
 # Device, dtype, seeding
@@ -82,8 +82,11 @@ def choose_dtype(requested: str, device: str, n_params: int | None = None) -> Dt
     if not cpu_bf16_fast():
         return DtypeChoice("float32", "auto: no native bf16 on this CPU")
     if n_params is not None and n_params < CPU_BF16_MIN_PARAMS:
-        return DtypeChoice("float32", f"auto: native bf16 CPU, but {n_params / 1e6:.1f}M params < "
-                                      f"{CPU_BF16_MIN_PARAMS / 1e6:.0f}M (casts cost more than bf16 saves)")
+        return DtypeChoice(
+            "float32",
+            f"auto: native bf16 CPU, but {n_params / 1e6:.1f}M params < "
+            f"{CPU_BF16_MIN_PARAMS / 1e6:.0f}M (casts cost more than bf16 saves)",
+        )
     return DtypeChoice("bfloat16", "auto: native bf16 CPU")
 
 
@@ -189,7 +192,9 @@ def flops_per_token(n_params: int, n_layers: int, hidden: int, seq_len: int) -> 
     return 6.0 * n_params + 12.0 * n_layers * hidden * seq_len
 
 
-def measure_peak_flops(device: str, dtype: str = "float32", n: int = 2048, reps: int = 10, budget_s: float = 1.5) -> float:
+def measure_peak_flops(
+    device: str, dtype: str = "float32", n: int = 2048, reps: int = 10, budget_s: float = 1.5
+) -> float:
     """Achievable matmul FLOP/s on this device and dtype: the fastest of up to `reps` n x n matmuls.
 
     The fastest rep, not the mean: on a shared machine other processes steal time, and the peak is what
@@ -342,8 +347,13 @@ def load_full_state(model, optimizer, model_sd: dict, optim_sd: dict) -> None:
     """Inverse of `full_state`: every rank loads the full dicts (FSDP re-shards them)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    set_state_dict(unwrap_compiled(model), optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=StateDictOptions(full_state_dict=True))
+    set_state_dict(
+        unwrap_compiled(model),
+        optimizer,
+        model_state_dict=model_sd,
+        optim_state_dict=optim_sd,
+        options=StateDictOptions(full_state_dict=True),
+    )
 
 
 def unwrap_compiled(model):

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from . import catalog
-from .errors import SkillbookError
+from skillbook import catalog
+from skillbook.errors import SkillbookError
 
 
 def _fail(exc: Exception) -> None:
@@ -69,7 +69,7 @@ def show(name: str, references: bool, as_json: bool) -> None:
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
 def lint(paths: tuple[Path, ...], fmt: str) -> None:
     """Check skills, recipes, pipelines and schemas; exit 1 on errors."""
-    from . import lint as lint_mod
+    from skillbook import lint as lint_mod
 
     findings = lint_mod.lint_paths(list(paths)) if paths else lint_mod.lint_repo()
     if fmt == "json":
@@ -93,19 +93,25 @@ def lint(paths: tuple[Path, ...], fmt: str) -> None:
 @click.option("--nproc-per-node", type=int, default=1)
 @click.option("--nnodes", default=None)
 @click.option("--rdzv-endpoint", default=None)
-@click.option("--runs-dir", type=click.Path(path_type=Path), default=None, help="Where run directories go (default ./runs).")
+@click.option(
+    "--runs-dir", type=click.Path(path_type=Path), default=None, help="Where run directories go (default ./runs)."
+)
 @click.option("--force", "force", multiple=True, metavar="STEP", help="Pipelines: rerun STEP and what depends on it.")
-def run(name, preset, config_file, sets, as_json, dry_run, launcher, nproc_per_node, nnodes, rdzv_endpoint, runs_dir, force):
+def run(
+    name, preset, config_file, sets, as_json, dry_run, launcher, nproc_per_node, nnodes, rdzv_endpoint, runs_dir, force
+):
     """Run a skill's recipe, or a pipeline from recipes/."""
-    from . import recipe as recipe_mod
-    from . import runner
+    from skillbook.run import recipe as recipe_mod
+    from skillbook.run import runner
 
     root = catalog.repo_root()
     pipeline_path = root / "recipes" / f"{name}.yaml"
     if pipeline_path.is_file() and not (root / "skills" / name).is_dir():
-        from . import pipeline
+        from skillbook.run import pipeline
 
-        result = pipeline.run_file(pipeline_path, runs_dir=runs_dir, force=list(force), dry_run=dry_run, sets=list(sets))
+        result = pipeline.run_file(
+            pipeline_path, runs_dir=runs_dir, force=list(force), dry_run=dry_run, sets=list(sets)
+        )
         click.echo(json.dumps(result, indent=2) if as_json else pipeline.describe(result))
         return
     skill = catalog.find(name, root)
@@ -113,8 +119,12 @@ def run(name, preset, config_file, sets, as_json, dry_run, launcher, nproc_per_n
     cfg = recipe_mod.resolve(rec, preset=preset, config_file=config_file, sets=list(sets))
     if dry_run:
         plan = {"skill": name, "config": cfg.model_dump(mode="json"), "outputs": rec.OUTPUTS}
-        click.echo(json.dumps(plan, indent=2) if as_json else recipe_mod.dump(cfg) + "outputs:\n" +
-                   "".join(f"  {k}: {v}\n" for k, v in rec.OUTPUTS.items()), nl=False)
+        click.echo(
+            json.dumps(plan, indent=2)
+            if as_json
+            else recipe_mod.dump(cfg) + "outputs:\n" + "".join(f"  {k}: {v}\n" for k, v in rec.OUTPUTS.items()),
+            nl=False,
+        )
         return
     launch = runner.Launcher(launcher, nproc_per_node, nnodes, rdzv_endpoint)
     result = runner.run(rec, cfg, launch, runs_dir=runs_dir)
@@ -132,7 +142,7 @@ def run(name, preset, config_file, sets, as_json, dry_run, launcher, nproc_per_n
 @click.option("--stage", type=click.Choice(catalog.STAGES), default="other")
 def new(name: str, description: str | None, stage: str) -> None:
     """Scaffold a lint-clean skill with a runnable recipe."""
-    from . import scaffold
+    from skillbook.catalog import scaffold
 
     path = scaffold.new_skill(name, description=description, stage=stage)
     click.echo(f"created {path}; next: edit SKILL.md, then `skills lint {path}` and `skills run {name}`")
@@ -143,7 +153,7 @@ def new(name: str, description: str | None, stage: str) -> None:
 @click.option("--max-tokens", type=int, default=None, help="Budget; entries are shortened, then dropped, to fit.")
 def prompt(fmt: str, max_tokens: int | None) -> None:
     """The <available_skills> catalog an agent loads as context."""
-    from . import agent
+    from skillbook import agent
 
     click.echo(agent.prompt(fmt=fmt, max_tokens=max_tokens))
 
@@ -152,7 +162,7 @@ def prompt(fmt: str, max_tokens: int | None) -> None:
 @click.option("--check", is_flag=True, help="Fail if checked-in schemas differ from the models.")
 def schema(check: bool) -> None:
     """Write schemas/ from the pydantic models (or check for drift)."""
-    from . import schemas
+    from skillbook.run import schemas
 
     if check:
         drift = schemas.check()
@@ -179,7 +189,7 @@ def runs_cmd(ctx: click.Context, runs_dir: Path | None, as_json: bool) -> None:
     ctx.obj = runs_dir
     if ctx.invoked_subcommand:
         return
-    from . import pipeline
+    from skillbook.run import pipeline
 
     items = pipeline.list_runs(runs_dir)
     if as_json:
@@ -194,21 +204,23 @@ def runs_cmd(ctx: click.Context, runs_dir: Path | None, as_json: bool) -> None:
 @click.pass_obj
 def runs_gc(runs_dir: Path | None, dry_run: bool) -> None:
     """Remove step-cache entries the latest run of each pipeline does not use."""
-    from . import pipeline
+    from skillbook.run import pipeline
 
     removed = pipeline.gc(runs_dir, dry_run=dry_run)
     for path in removed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
-    click.echo(f"{len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} {'to remove' if dry_run else 'removed'}")
+    click.echo(
+        f"{len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} {'to remove' if dry_run else 'removed'}"
+    )
 
 
 def _register_extras() -> None:
     """Command groups that live in their own modules (each imports only click at start-up)."""
-    from .agent_cli import COMMANDS
-    from .site_cli import site
+    from skillbook.cli import agent, quality
+    from skillbook.cli.site import site
 
     main.add_command(site)
-    for command in COMMANDS:
+    for command in [*agent.COMMANDS, *quality.COMMANDS]:
         main.add_command(command)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from html import escape
 
-from .pipeline import refs_in  # the same reference syntax the pipeline runner resolves
+from skillbook.run.pipeline import refs_in  # the same reference syntax the pipeline runner resolves
 
 NODE_W, NODE_H = 212, 62  # px; room for "data-preparation" and a line of inputs
 GAP_X, GAP_Y = 28, 48
@@ -74,8 +74,11 @@ def svg(steps: list[dict], href=lambda step: None, title: str = "pipeline") -> s
     top = {0: PAD}
     for r in range(1, len(rows)):
         top[r] = top[r - 1] + NODE_H + gap[r - 1]
-    run_y = {key: top[r] + NODE_H + gap[r] * (i + 1) / (len(items) + 1)
-             for r, items in runs.items() for i, key in enumerate(items)}
+    run_y = {
+        key: top[r] + NODE_H + gap[r] * (i + 1) / (len(items) + 1)
+        for r, items in runs.items()
+        for i, key in enumerate(items)
+    }
     left = PAD + LANE * len(buses) + (PAD if buses else 0)
     widest = max(len(r) for r in rows.values())
     width = left + widest * NODE_W + (widest - 1) * GAP_X + PAD
@@ -91,19 +94,25 @@ def svg(steps: list[dict], href=lambda step: None, title: str = "pipeline") -> s
     x_out: dict[str, float] = {}  # "src>dst" for curves, "bus:src" for a bus
     x_in: dict[str, float] = {}
     for sid in pos:
-        outs = [f"{e.src}>{e.dst}" for e in graph if e.src == sid and e not in skips] + ([f"bus:{sid}"] if sid in buses else [])
+        outs = [f"{e.src}>{e.dst}" for e in graph if e.src == sid and e not in skips] + (
+            [f"bus:{sid}"] if sid in buses else []
+        )
         ins = [f"{e.src}>{e.dst}" for e in graph if e.dst == sid]
         for keys, table in ((outs, x_out), (ins, x_in)):
             for i, key in enumerate(keys):
                 table[key] = pos[sid][0] + NODE_W * (i + 1) / (len(keys) + 1)
-    parts = [f'<svg class="dag" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width:.0f} {height:.0f}" '
-             f'width="{width:.0f}" height="{height:.0f}" role="img" aria-label="{escape(title)}">',
-             '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
-             'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" class="dag-arrow"/></marker></defs>']
+    parts = [
+        f'<svg class="dag" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width:.0f} {height:.0f}" '
+        f'width="{width:.0f}" height="{height:.0f}" role="img" aria-label="{escape(title)}">',
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
+        'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" class="dag-arrow"/></marker></defs>',
+    ]
     for i, src in enumerate(buses):
         lane, x1, y1 = PAD + LANE * i, x_out[f"bus:{src}"], pos[src][1] + NODE_H
         bottom = max(run_y[("in", f"{e.src}>{e.dst}")] for e in skips if e.src == src)
-        parts.append(f'<path class="dag-bus" d="M{x1:.0f},{y1:.0f} V{run_y[("out", src)]:.0f} H{lane:.0f} V{bottom:.0f}"/>')
+        parts.append(
+            f'<path class="dag-bus" d="M{x1:.0f},{y1:.0f} V{run_y[("out", src)]:.0f} H{lane:.0f} V{bottom:.0f}"/>'
+        )
     for e in graph:
         key = f"{e.src}>{e.dst}"
         x2, y2 = x_in[key], pos[e.dst][1]
@@ -114,18 +123,22 @@ def svg(steps: list[dict], href=lambda step: None, title: str = "pipeline") -> s
             x1, y1 = x_out[key], pos[e.src][1] + NODE_H
             mid = (y1 + y2) / 2
             d = f"M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} {x2:.0f},{y2 - 1:.0f}"
-        parts.append(f'<g class="dag-edge"><title>{escape(e.src)} → {escape(e.dst)}: {escape(", ".join(e.outputs))}</title>'
-                     f'<path d="{d}" marker-end="url(#arrow)"/></g>')
+        parts.append(
+            f'<g class="dag-edge"><title>{escape(e.src)} → {escape(e.dst)}: {escape(", ".join(e.outputs))}</title>'
+            f'<path d="{d}" marker-end="url(#arrow)"/></g>'
+        )
     for s in steps:
         x, y = pos[s["id"]]
         cx = x + NODE_W / 2
         sub = s["skill"] + (f" · {s['preset']}" if s.get("preset") else "")
         reads = ", ".join(f"{o} ← {e.src}" for e in graph if e.dst == s["id"] for o in e.outputs)
-        node = (f'<title>{escape(s["id"])}: runs {escape(sub)}{"; reads " + escape(reads) if reads else ""}</title>'
-                f'<rect x="{x:.0f}" y="{y:.0f}" width="{NODE_W}" height="{NODE_H}" rx="8"/>'
-                f'<text class="dag-id" x="{cx:.0f}" y="{y + 20:.0f}">{escape(s["id"])}</text>'
-                f'<text class="dag-skill" x="{cx:.0f}" y="{y + 36:.0f}">{escape(sub)}</text>'
-                f'<text class="dag-in" x="{cx:.0f}" y="{y + 53:.0f}">{escape(_inputs_line(s["id"], graph))}</text>')
+        node = (
+            f"<title>{escape(s['id'])}: runs {escape(sub)}{'; reads ' + escape(reads) if reads else ''}</title>"
+            f'<rect x="{x:.0f}" y="{y:.0f}" width="{NODE_W}" height="{NODE_H}" rx="8"/>'
+            f'<text class="dag-id" x="{cx:.0f}" y="{y + 20:.0f}">{escape(s["id"])}</text>'
+            f'<text class="dag-skill" x="{cx:.0f}" y="{y + 36:.0f}">{escape(sub)}</text>'
+            f'<text class="dag-in" x="{cx:.0f}" y="{y + 53:.0f}">{escape(_inputs_line(s["id"], graph))}</text>'
+        )
         link = href(s)
         node = f'<a href="{escape(link)}">{node}</a>' if link else node
         parts.append(f'<g class="dag-node" id="node-{escape(s["id"])}">{node}</g>')

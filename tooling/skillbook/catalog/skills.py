@@ -7,8 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import frontmatter, markdown
-from .errors import SkillNotFound
+from skillbook.catalog import frontmatter, markdown
+from skillbook.errors import SkillNotFound
 
 # Lifecycle stages, in the order a model goes through them (metadata.stage in SKILL.md).
 STAGES = ("data", "training", "post-training", "evaluation", "deploy", "other")
@@ -24,7 +24,7 @@ def repo_root(start: Path | None = None) -> Path:
         if (cand / "skills").is_dir() and (cand / "pyproject.toml").is_file():
             return cand
     # Installed from a checkout: fall back to the tree this package lives in.
-    return Path(__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[3]
 
 
 @dataclass
@@ -126,13 +126,17 @@ def load_skill(path: Path) -> Skill:
     skill.text, skill.meta, skill.body, skill.body_line = text, fm.data, fm.body, fm.body_line
     skill.problems = fm.problems
     if fm.data:
-        skill.problems += [p for p in frontmatter.check({"name": fm.data.get("name")}, folder=path.name) if p.code == "SB106"]
+        skill.problems += [
+            p for p in frontmatter.check({"name": fm.data.get("name")}, folder=path.name) if p.code == "SB106"
+        ]
     return skill
 
 
 def skill_dirs(root: Path) -> list[Path]:
     base = root / "skills"
-    return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))) if base.is_dir() else []
+    return (
+        sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))) if base.is_dir() else []
+    )
 
 
 def load_all(root: Path | None = None) -> list[Skill]:

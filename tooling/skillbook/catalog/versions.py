@@ -16,17 +16,33 @@ import re
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 
-from . import frontmatter
-from .catalog import Skill
-from .errors import SkillbookError
+from skillbook.catalog import codeblocks, frontmatter
+from skillbook.catalog.skills import Skill
+from skillbook.errors import SkillbookError
 
 KEY = "tested-with"
 # Import name -> distribution name, for the libraries worth recording.
-TRACKED = {"torch": "torch", "transformers": "transformers", "trl": "trl", "peft": "peft",
-           "tokenizers": "tokenizers", "sentencepiece": "sentencepiece", "datasets": "datasets",
-           "accelerate": "accelerate", "gguf": "gguf", "llama_cpp": "llama-cpp-python", "onnx": "onnx",
-           "onnxruntime": "onnxruntime", "vllm": "vllm", "bitsandbytes": "bitsandbytes", "safetensors": "safetensors",
-           "lm_eval": "lm-eval", "fastapi": "fastapi", "openai": "openai", "datasketch": "datasketch"}
+TRACKED = {
+    "torch": "torch",
+    "transformers": "transformers",
+    "trl": "trl",
+    "peft": "peft",
+    "tokenizers": "tokenizers",
+    "sentencepiece": "sentencepiece",
+    "datasets": "datasets",
+    "accelerate": "accelerate",
+    "gguf": "gguf",
+    "llama_cpp": "llama-cpp-python",
+    "onnx": "onnx",
+    "onnxruntime": "onnxruntime",
+    "vllm": "vllm",
+    "bitsandbytes": "bitsandbytes",
+    "safetensors": "safetensors",
+    "lm_eval": "lm-eval",
+    "fastapi": "fastapi",
+    "openai": "openai",
+    "datasketch": "datasketch",
+}
 _SPEC_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s=]+)$")
 
 
@@ -69,8 +85,11 @@ class Status:
     @property
     def stale(self) -> dict[str, tuple[str, str]]:
         """Packages whose installed version differs: name -> (recorded, installed)."""
-        return {n: (v, self.current[n]) for n, v in self.recorded.items()
-                if self.current.get(n) is not None and not same(v, self.current[n])}
+        return {
+            n: (v, self.current[n])
+            for n, v in self.recorded.items()
+            if self.current.get(n) is not None and not same(v, self.current[n])
+        }
 
     @property
     def missing(self) -> list[str]:
@@ -95,9 +114,15 @@ class Status:
         return ", ".join(parts) if parts else render(self.recorded)
 
     def as_dict(self) -> dict:
-        return {"skill": self.skill, "state": self.state, "recorded": self.recorded, "installed": self.current,
-                "stale": {n: {"tested": a, "installed": b} for n, (a, b) in self.stale.items()},
-                "missing": self.missing, "error": self.error}
+        return {
+            "skill": self.skill,
+            "state": self.state,
+            "recorded": self.recorded,
+            "installed": self.current,
+            "stale": {n: {"tested": a, "installed": b} for n, (a, b) in self.stale.items()},
+            "missing": self.missing,
+            "error": self.error,
+        }
 
 
 def recorded(skill: Skill) -> dict[str, str]:
@@ -140,9 +165,7 @@ def _imports(code: str) -> set[str]:
 
 def used_packages(skill: Skill) -> list[str]:
     """Tracked libraries imported by the recipe and the skill's Python blocks (torch if any ML lib)."""
-    from . import examples
-
-    code = [ex.block.code for ex in examples.collect(skill) if ex.kind == "python"]
+    code = [ex.block.code for ex in codeblocks.collect(skill) if ex.kind == "python"]
     recipe = skill.path / "recipe.py"
     if recipe.is_file():
         code.append(recipe.read_text())
@@ -192,7 +215,9 @@ def update(skill: Skill, packages: list[str] | None = None) -> str:
     names = sorted(set(packages or []) | set(recorded(skill)) | set(used_packages(skill)))
     spec = render(current_spec(names))
     if not spec:
-        raise SkillbookError(f"skill '{skill.name}' uses none of the tracked libraries; pass --package NAME to record one")
+        raise SkillbookError(
+            f"skill '{skill.name}' uses none of the tracked libraries; pass --package NAME to record one"
+        )
     new = set_tested_with(skill.skill_md.read_bytes().decode("utf-8"), spec)
     check_fm = frontmatter.parse(new)
     if check_fm.problems:

@@ -13,31 +13,39 @@ def site() -> None:
 
 
 @site.command()
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Output folder (default build/site in the repository).")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Output folder (default build/site in the repository)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print pages, counts and the build time as JSON.")
 def build(out: Path | None, as_json: bool) -> None:
     """Render every skill, reference and pipeline to static HTML; broken links fail the build."""
     import json
 
-    from . import site as site_mod
+    from skillbook.site import build as site_mod
 
     result = site_mod.build(out)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
-        click.echo(f"built {result['pages']} pages ({result['skills']} skills, {result['pipelines']} pipelines) "
-                   f"in {result['seconds']:.2f} s: {result['out']}/index.html")
+        click.echo(
+            f"built {result['pages']} pages ({result['skills']} skills, {result['pipelines']} pipelines) "
+            f"in {result['seconds']:.2f} s: {result['out']}/index.html"
+        )
 
 
 @site.command()
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Site folder (default build/site in the repository).")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=None, help="Site folder (default build/site in the repository)."
+)
 @click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--build/--no-build", "rebuild", default=True, show_default=True, help="Build the site before serving it.")
+@click.option(
+    "--build/--no-build", "rebuild", default=True, show_default=True, help="Build the site before serving it."
+)
 def serve(out: Path | None, port: int, rebuild: bool) -> None:
     """Serve the site on http://127.0.0.1:PORT for a look (Ctrl-C stops)."""
-    from . import catalog
-    from . import site as site_mod
-    from .errors import SkillbookError
+    from skillbook import catalog
+    from skillbook.errors import SkillbookError
+    from skillbook.site import build as site_mod
 
     folder = Path(out or catalog.repo_root() / "build" / "site").resolve()
     if rebuild:

@@ -66,7 +66,9 @@ def parse(text: str) -> Frontmatter:
         fm.problems.append(Problem("SB101", "SKILL.md must start with a '---' frontmatter block closed by '---'", 1))
         return fm
     if len(raw) > MAX_FRONTMATTER_CHARS:
-        fm.problems.append(Problem("SB101", f"frontmatter is {len(raw)} characters; keep it under {MAX_FRONTMATTER_CHARS}", 1))
+        fm.problems.append(
+            Problem("SB101", f"frontmatter is {len(raw)} characters; keep it under {MAX_FRONTMATTER_CHARS}", 1)
+        )
         return fm
     try:
         data = yaml.safe_load(raw)
@@ -74,7 +76,9 @@ def parse(text: str) -> Frontmatter:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 2 if mark is not None else 1
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        fm.problems.append(Problem("SB102", f"frontmatter is not valid YAML: {problem} (quote values that contain ': ')", line))
+        fm.problems.append(
+            Problem("SB102", f"frontmatter is not valid YAML: {problem} (quote values that contain ': ')", line)
+        )
         return fm
     if not isinstance(data, dict):
         fm.problems.append(Problem("SB102", "frontmatter must be a YAML mapping of keys to values", 2))
@@ -82,7 +86,9 @@ def parse(text: str) -> Frontmatter:
     fm.data = data
     flow = _flow_style_line(raw)
     if flow is not None:
-        fm.problems.append(Problem("SB103", "use block-style YAML: flow collections like [a, b] or {a: b} are not allowed", flow + 1))
+        fm.problems.append(
+            Problem("SB103", "use block-style YAML: flow collections like [a, b] or {a: b} are not allowed", flow + 1)
+        )
     fm.problems.extend(check(data, _key_lines(raw)))
     return fm
 
@@ -104,7 +110,13 @@ def check(data: dict, lines: dict[str, int] | None = None, folder: str | None = 
     problems: list[Problem] = []
     for key in data:
         if str(key) not in ALLOWED_KEYS:
-            problems.append(Problem("SB104", f"unknown top-level key '{key}': allowed are {', '.join(ALLOWED_KEYS)}; put extra keys under 'metadata'", at(str(key))))
+            problems.append(
+                Problem(
+                    "SB104",
+                    f"unknown top-level key '{key}': allowed are {', '.join(ALLOWED_KEYS)}; put extra keys under 'metadata'",
+                    at(str(key)),
+                )
+            )
     name = data.get("name")
     if not isinstance(name, str) or not name:
         problems.append(Problem("SB105", "'name' is required: 1-64 lowercase letters, digits and hyphens", at("name")))
@@ -112,23 +124,41 @@ def check(data: dict, lines: dict[str, int] | None = None, folder: str | None = 
         if len(name) > MAX_NAME:
             problems.append(Problem("SB105", f"'name' is {len(name)} characters; the limit is {MAX_NAME}", at("name")))
         if not NAME_RE.match(name):
-            problems.append(Problem("SB105", f"'name' {name!r} must be lowercase letters, digits and single hyphens, not starting or ending with '-'", at("name")))
+            problems.append(
+                Problem(
+                    "SB105",
+                    f"'name' {name!r} must be lowercase letters, digits and single hyphens, not starting or ending with '-'",
+                    at("name"),
+                )
+            )
         if folder is not None and name != folder:
             problems.append(Problem("SB106", f"'name' {name!r} must equal the folder name {folder!r}", at("name")))
     desc = data.get("description")
     if not isinstance(desc, str) or not desc.strip():
-        problems.append(Problem("SB107", "'description' is required: say what the skill does and when to use it", at("description")))
+        problems.append(
+            Problem("SB107", "'description' is required: say what the skill does and when to use it", at("description"))
+        )
     elif len(desc) > MAX_DESCRIPTION:
-        problems.append(Problem("SB107", f"'description' is {len(desc)} characters; the limit is {MAX_DESCRIPTION}", at("description")))
+        problems.append(
+            Problem(
+                "SB107", f"'description' is {len(desc)} characters; the limit is {MAX_DESCRIPTION}", at("description")
+            )
+        )
     if "license" in data and not isinstance(data["license"], str):
         problems.append(Problem("SB108", "'license' must be a string", at("license")))
     comp = data.get("compatibility")
     if "compatibility" in data and (not isinstance(comp, str) or not 1 <= len(comp) <= MAX_COMPATIBILITY):
-        problems.append(Problem("SB108", f"'compatibility' must be a string of 1-{MAX_COMPATIBILITY} characters", at("compatibility")))
+        problems.append(
+            Problem(
+                "SB108", f"'compatibility' must be a string of 1-{MAX_COMPATIBILITY} characters", at("compatibility")
+            )
+        )
     meta = data.get("metadata")
     if "metadata" in data:
         if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-            problems.append(Problem("SB109", "'metadata' must map strings to strings (quote numbers and dates)", at("metadata")))
+            problems.append(
+                Problem("SB109", "'metadata' must map strings to strings (quote numbers and dates)", at("metadata"))
+            )
     if "allowed-tools" in data and not isinstance(data["allowed-tools"], str):
         problems.append(Problem("SB108", "'allowed-tools' must be a space-separated string", at("allowed-tools")))
     return problems

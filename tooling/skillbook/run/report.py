@@ -5,8 +5,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-STAGE_METRICS = ("perplexity", "exact_match", "preference_accuracy", "win_rate", "mean_reward",
-                 "pairwise_accuracy", "model_params", "gguf_size_bytes", "bits_per_weight", "decode_tokens_per_s")
+STAGE_METRICS = (
+    "perplexity",
+    "exact_match",
+    "preference_accuracy",
+    "win_rate",
+    "mean_reward",
+    "pairwise_accuracy",
+    "model_params",
+    "gguf_size_bytes",
+    "bits_per_weight",
+    "decode_tokens_per_s",
+)
 
 
 def _fmt(v) -> str:
@@ -83,21 +93,33 @@ def samples_section(steps: list[dict]) -> list[str]:
             per_stage.append((s["label"] or s["id"], samples))
     if not per_stage:
         return []
-    lines = ["| prompt | expected | " + " | ".join(name for name, _ in per_stage) + " |",
-             "|---|---|" + "---|" * len(per_stage)]
+    lines = [
+        "| prompt | expected | " + " | ".join(name for name, _ in per_stage) + " |",
+        "|---|---|" + "---|" * len(per_stage),
+    ]
     first = per_stage[0][1]
     for i, sample in enumerate(first[:5]):
         prompt = str(sample.get("prompt", "")).replace("\n", " ").replace("|", "\\|")
         answers = [str(smp[i].get("answer", "")) if i < len(smp) else "" for _, smp in per_stage]
-        lines.append(f"| {prompt} | {str(sample.get('expected', '')).strip()} | " + " | ".join(a.replace("|", "\\|").replace("\n", " ") for a in answers) + " |")
+        lines.append(
+            f"| {prompt} | {str(sample.get('expected', '')).strip()} | "
+            + " | ".join(a.replace("|", "\\|").replace("\n", " ") for a in answers)
+            + " |"
+        )
     return lines
 
 
 def write_report(record_dir: Path, spec, record: dict) -> Path:
     steps = record["steps"]
     total = sum(s["seconds"] for s in steps)
-    lines = [f"# Pipeline `{spec.name}`", "", spec.description.strip(), "",
-             f"Status: **{record['status']}**. Step time {total:.1f} s (this invocation {record['seconds']:.1f} s; cached steps show the time they took when they ran).", ""]
+    lines = [
+        f"# Pipeline `{spec.name}`",
+        "",
+        spec.description.strip(),
+        "",
+        f"Status: **{record['status']}**. Step time {total:.1f} s (this invocation {record['seconds']:.1f} s; cached steps show the time they took when they ran).",
+        "",
+    ]
     table = stage_table(steps)
     if table:
         lines += ["## Stage metrics", "", *table, ""]
@@ -109,7 +131,12 @@ def write_report(record_dir: Path, spec, record: dict) -> Path:
         lines += ["## Sample answers", "", *samples, ""]
     lines += ["## Steps", "", "| step | skill | status | seconds | key |", "|---|---|---|---|---|"]
     lines += [f"| {s['id']} | {s['skill']} | {s['status']} | {s['seconds']:.1f} | `{s['key']}` |" for s in steps]
-    other = [(s["id"], k, v) for s in steps for k, v in s["summary"].items() if k not in STAGE_METRICS and not isinstance(v, (dict, list))]
+    other = [
+        (s["id"], k, v)
+        for s in steps
+        for k, v in s["summary"].items()
+        if k not in STAGE_METRICS and not isinstance(v, (dict, list))
+    ]
     if other:
         lines += ["", "## Other step metrics", "", "| step | metric | value |", "|---|---|---|"]
         lines += [f"| {sid} | {k} | {_fmt(v)} |" for sid, k, v in other]

@@ -9,22 +9,33 @@ from __future__ import annotations
 
 import ast
 import difflib
-import re
 import importlib.util
+import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError, SkillbookError
+from skillbook.errors import ConfigError, SkillbookError
 
 ARTIFACT_KINDS = (
-    "corpus", "tokenizer", "hf-model", "adapter", "sft-data", "preference-data",
-    "gguf", "onnx", "eval-report", "report", "dir", "file",
+    "corpus",
+    "tokenizer",
+    "hf-model",
+    "adapter",
+    "sft-data",
+    "preference-data",
+    "gguf",
+    "onnx",
+    "eval-report",
+    "report",
+    "dir",
+    "file",
 )
 
 
@@ -59,7 +70,7 @@ class Recipe:
     def code_text(self) -> str:
         """recipe.py plus every `skillbook.ml` module it imports, transitively (the pipeline cache key:
         a change to a shared helper such as the synthetic data generator must rerun the steps using it)."""
-        ml_dir = Path(__file__).parent / "ml"
+        ml_dir = Path(__file__).parents[1] / "ml"
         found: dict[str, str] = {}
         todo = ml_imports(self.source_text(), in_ml=False)
         while todo:
@@ -92,7 +103,7 @@ def ml_imports(source: str, in_ml: bool) -> set[str]:
             names |= {alias.name for alias in node.names}
         elif node.level == 0 and module.startswith("skillbook.ml."):
             names.add(module.split(".")[2])
-        elif in_ml and node.level == 1:   # one dot: a sibling module in ml/
+        elif in_ml and node.level == 1:  # one dot: a sibling module in ml/
             names |= {module.split(".")[0]} if module else {alias.name for alias in node.names}
     return names
 
@@ -125,8 +136,10 @@ def load(skill_dir: Path) -> Recipe:
     if missing:
         raise SkillbookError(f"{path}: the recipe contract needs {', '.join(missing)}")
     if not (isinstance(module.Config, type) and issubclass(module.Config, RecipeConfig)):
-        raise SkillbookError(f"{path}: Config must subclass skillbook.recipe.RecipeConfig")
-    return Recipe(skill_dir.name, path, module.Config, dict(module.OUTPUTS), dict(getattr(module, "INPUTS", {})), module.run)
+        raise SkillbookError(f"{path}: Config must subclass skillbook.run.recipe.RecipeConfig")
+    return Recipe(
+        skill_dir.name, path, module.Config, dict(module.OUTPUTS), dict(getattr(module, "INPUTS", {})), module.run
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,8 +242,13 @@ def validate(config_cls: type[RecipeConfig], data: dict, where: str) -> RecipeCo
         raise ConfigError(format_validation(exc, config_cls, where)) from None
 
 
-def layered_data(recipe: Recipe, preset: str | None = None, config_file: Path | None = None,
-                 sets: list[str] | None = None, overrides: dict | None = None) -> dict:
+def layered_data(
+    recipe: Recipe,
+    preset: str | None = None,
+    config_file: Path | None = None,
+    sets: list[str] | None = None,
+    overrides: dict | None = None,
+) -> dict:
     """Merge recipe.yaml, preset, config file, `overrides` and --set values (defaults come from Config)."""
     data: dict = {}
     default = recipe.skill_dir / "recipe.yaml"
@@ -251,8 +269,13 @@ def layered_data(recipe: Recipe, preset: str | None = None, config_file: Path | 
     return apply_sets(data, sets or [])
 
 
-def resolve(recipe: Recipe, preset: str | None = None, config_file: Path | None = None,
-            sets: list[str] | None = None, overrides: dict | None = None) -> RecipeConfig:
+def resolve(
+    recipe: Recipe,
+    preset: str | None = None,
+    config_file: Path | None = None,
+    sets: list[str] | None = None,
+    overrides: dict | None = None,
+) -> RecipeConfig:
     """The validated Config for a run; raises ConfigError listing every problem."""
     data = layered_data(recipe, preset, config_file, sets, overrides)
     return validate(recipe.Config, data, f"skill '{recipe.name}'")
@@ -266,8 +289,10 @@ def artifact_path(ref: str | Path, what: str) -> Path:
     """A local artifact path that must exist; raises ConfigError naming the field otherwise."""
     path = Path(ref).expanduser()
     if not path.exists():
-        raise ConfigError(f"{what}: {path} does not exist; pass a path produced by an earlier run "
-                          f"(see its outputs.json) or omit it to use the embedded default")
+        raise ConfigError(
+            f"{what}: {path} does not exist; pass a path produced by an earlier run "
+            f"(see its outputs.json) or omit it to use the embedded default"
+        )
     return path
 
 
@@ -290,14 +315,21 @@ def check_inputs(recipe: Recipe, cfg: RecipeConfig) -> None:
             continue
         if Path(value).expanduser().exists():
             continue
-        looks_hub = bool(set(kind.split("|")) & set(HUB_KINDS)) and HUB_ID_RE.match(value) and not value.startswith((".", "/", "~"))
-        if looks_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True") :
+        looks_hub = (
+            bool(set(kind.split("|")) & set(HUB_KINDS))
+            and HUB_ID_RE.match(value)
+            and not value.startswith((".", "/", "~"))
+        )
+        if looks_hub and os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True"):
             continue
         if looks_hub:
-            problems.append(f"  {field}: {value!r} is not a local path and the hub is offline (HF_HUB_OFFLINE=1); "
-                            f"pass a {kind} directory produced by an earlier run")
+            problems.append(
+                f"  {field}: {value!r} is not a local path and the hub is offline (HF_HUB_OFFLINE=1); "
+                f"pass a {kind} directory produced by an earlier run"
+            )
         else:
-            problems.append(f"  {field}: {value} does not exist; pass a {kind} produced by an earlier run "
-                            f"(see its outputs.json)")
+            problems.append(
+                f"  {field}: {value} does not exist; pass a {kind} produced by an earlier run (see its outputs.json)"
+            )
     if problems:
         raise ConfigError(f"invalid inputs for skill '{recipe.name}':\n" + "\n".join(problems))

@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from . import catalog
-from . import recipe as recipe_mod
-from . import runner
-from .errors import ConfigError, SkillbookError
+from skillbook import catalog
+from skillbook.errors import ConfigError, SkillbookError
+from skillbook.run import recipe as recipe_mod
+from skillbook.run import runner
 
 REF_RE = re.compile(r"\$\{steps\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\}")
 
@@ -130,11 +129,15 @@ def validate(spec: PipelineSpec, root: Path, where: str = "pipeline", sets: list
                 continue  # that step's own problem is already listed
             if ref_step not in recipes:
                 later = any(s.id == ref_step for s in spec.steps)
-                problems.append(f"{at}: ${{steps.{ref_step}.{out}}} refers to "
-                                + ("a later step; steps run in file order" if later else f"no step called '{ref_step}'"))
+                problems.append(
+                    f"{at}: ${{steps.{ref_step}.{out}}} refers to "
+                    + ("a later step; steps run in file order" if later else f"no step called '{ref_step}'")
+                )
             elif out not in recipes[ref_step].OUTPUTS:
-                problems.append(f"{at}: step '{ref_step}' ({recipes[ref_step].name}) has no output '{out}'; "
-                                f"it has {', '.join(recipes[ref_step].OUTPUTS)}")
+                problems.append(
+                    f"{at}: step '{ref_step}' ({recipes[ref_step].name}) has no output '{out}'; "
+                    f"it has {', '.join(recipes[ref_step].OUTPUTS)}"
+                )
         for fld, value in step.config.items():
             refs = refs_in(value)
             if not refs or not isinstance(value, str) or not REF_RE.fullmatch(value):
@@ -143,7 +146,9 @@ def validate(spec: PipelineSpec, root: Path, where: str = "pipeline", sets: list
             if ref_step in recipes and out in recipes[ref_step].OUTPUTS:
                 have, want = recipes[ref_step].OUTPUTS[out], rec.INPUTS.get(fld)
                 if want is None:
-                    problems.append(f"{at}: field '{fld}' does not take an artifact (inputs: {', '.join(rec.INPUTS) or 'none'})")
+                    problems.append(
+                        f"{at}: field '{fld}' does not take an artifact (inputs: {', '.join(rec.INPUTS) or 'none'})"
+                    )
                 elif have not in want.split("|"):  # INPUTS may accept several kinds: "gguf|hf-model"
                     problems.append(f"{at}: field '{fld}' wants a {want} but ${{steps.{ref_step}.{out}}} is a {have}")
         placeholder = substitute(step.config, lambda s, o: f"/pipeline/{s}/{o}")
@@ -206,14 +211,22 @@ def dependents(spec: PipelineSpec, forced: list[str]) -> set[str]:
     return out
 
 
-def run_file(path: Path, runs_dir: Path | None = None, force: list[str] | None = None, dry_run: bool = False,
-             sets: list[str] | None = None, quiet: bool = False) -> dict:
+def run_file(
+    path: Path,
+    runs_dir: Path | None = None,
+    force: list[str] | None = None,
+    dry_run: bool = False,
+    sets: list[str] | None = None,
+    quiet: bool = False,
+) -> dict:
     """Validate the whole pipeline, then run (or plan) its steps; returns the pipeline record."""
     root = catalog.repo_root()
     spec = load_spec(path)
     problems = validate(spec, root, path.name, sets)
     if problems:
-        raise ConfigError(f"pipeline {path.name} has {len(problems)} problem(s); nothing was run:\n- " + "\n- ".join(problems))
+        raise ConfigError(
+            f"pipeline {path.name} has {len(problems)} problem(s); nothing was run:\n- " + "\n- ".join(problems)
+        )
     forced = dependents(spec, force or [])
     overrides = step_overrides(spec, sets or [])
     base = runner.runs_root(runs_dir)
@@ -228,7 +241,9 @@ def run_file(path: Path, runs_dir: Path | None = None, force: list[str] | None =
 
     for step in spec.steps:
         rec = recipe_mod.load(root / "skills" / step.skill)
-        cfg = recipe_mod.resolve(rec, step.preset, overrides=substitute(step.config, resolve_ref), sets=overrides.get(step.id))
+        cfg = recipe_mod.resolve(
+            rec, step.preset, overrides=substitute(step.config, resolve_ref), sets=overrides.get(step.id)
+        )
         hashes = [results[s].outputs[o]["sha256"] for s, o in refs_in(step.config) if results[s].outputs]
         key = step_key(rec, cfg, hashes)
         run_dir = base / "cache" / step.skill / key
@@ -239,7 +254,12 @@ def run_file(path: Path, runs_dir: Path | None = None, force: list[str] | None =
             shutil.rmtree(run_dir)
         if done.exists():
             prior = json.loads(done.read_text())
-            res.status, res.outputs, res.summary, res.seconds = "cached", prior["outputs"], prior.get("summary", {}), prior.get("seconds", 0)
+            res.status, res.outputs, res.summary, res.seconds = (
+                "cached",
+                prior["outputs"],
+                prior.get("summary", {}),
+                prior.get("seconds", 0),
+            )
             _say(quiet, f"[{step.id}] cached ({step.skill}, {key})")
             continue
         if dry_run:
@@ -255,11 +275,16 @@ def run_file(path: Path, runs_dir: Path | None = None, force: list[str] | None =
             res.status, res.seconds = "failed", round(time.time() - t0, 2)
             _write_record(record_dir, spec, results, started, "failed")
             raise
-        res.status, res.outputs, res.summary, res.seconds = "ran", out["outputs"], out.get("summary", {}), round(time.time() - t0, 2)
+        res.status, res.outputs, res.summary, res.seconds = (
+            "ran",
+            out["outputs"],
+            out.get("summary", {}),
+            round(time.time() - t0, 2),
+        )
     status = "planned" if dry_run else "ok"
     record = _write_record(record_dir, spec, results, started, status)
     if spec.report and not dry_run:
-        from .pipeline_report import write_report
+        from skillbook.run.report import write_report
 
         record["report"] = str(write_report(record_dir, spec, record))
         (record_dir / "pipeline.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -274,8 +299,13 @@ def _say(quiet: bool, message: str) -> None:
 
 
 def _write_record(record_dir: Path, spec: PipelineSpec, results: dict, started: float, status: str) -> dict:
-    record = {"pipeline": spec.name, "status": status, "run_dir": str(record_dir), "seconds": round(time.time() - started, 2),
-              "steps": [vars(r) for r in results.values()]}
+    record = {
+        "pipeline": spec.name,
+        "status": status,
+        "run_dir": str(record_dir),
+        "seconds": round(time.time() - started, 2),
+        "steps": [vars(r) for r in results.values()],
+    }
     if status != "planned":
         record_dir.mkdir(parents=True, exist_ok=True)
         (record_dir / "pipeline.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -302,12 +332,29 @@ def list_runs(runs_dir: Path | None = None) -> list[dict]:
     out = []
     for rec in sorted(base.glob("pipelines/*/*/pipeline.json"), reverse=True):
         data = json.loads(rec.read_text())
-        out.append({"kind": "pipeline", "name": data["pipeline"], "status": data["status"], "seconds": data["seconds"],
-                    "path": str(rec.parent)})
-    for skill_dir in sorted(p for p in base.iterdir() if p.is_dir() and p.name not in ("cache", "pipelines")) if base.is_dir() else []:
+        out.append(
+            {
+                "kind": "pipeline",
+                "name": data["pipeline"],
+                "status": data["status"],
+                "seconds": data["seconds"],
+                "path": str(rec.parent),
+            }
+        )
+    for skill_dir in (
+        sorted(p for p in base.iterdir() if p.is_dir() and p.name not in ("cache", "pipelines"))
+        if base.is_dir()
+        else []
+    ):
         for run_dir in sorted(skill_dir.iterdir(), reverse=True):
-            out.append({"kind": "skill", "name": skill_dir.name, "path": str(run_dir),
-                        "status": "ok" if (run_dir / "outputs.json").exists() else "unfinished"})
+            out.append(
+                {
+                    "kind": "skill",
+                    "name": skill_dir.name,
+                    "path": str(run_dir),
+                    "status": "ok" if (run_dir / "outputs.json").exists() else "unfinished",
+                }
+            )
     return out
 
 

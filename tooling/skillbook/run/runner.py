@@ -3,7 +3,7 @@
 A run directory `runs/<skill>/<time>-<confighash>/` holds config.yaml, metrics.jsonl,
 log.txt, outputs.json, env.json and report.md. Nothing is created before the config
 validates. `--launcher torchrun` hands the same run directory to `torch.distributed.run`,
-whose workers re-enter through `skillbook.worker`; rank 0 alone writes.
+whose workers re-enter through `skillbook.run.worker`; rank 0 alone writes.
 """
 
 from __future__ import annotations
@@ -22,11 +22,25 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from . import recipe as recipe_mod, threads
-from .errors import SkillbookError
+from skillbook.errors import SkillbookError
+from skillbook.run import recipe as recipe_mod
+from skillbook.run import threads
 
-TRACKED_PACKAGES = ("torch", "transformers", "trl", "peft", "tokenizers", "sentencepiece", "datasets",
-                    "accelerate", "gguf", "llama_cpp_python", "onnxruntime", "vllm", "pydantic")
+TRACKED_PACKAGES = (
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "tokenizers",
+    "sentencepiece",
+    "datasets",
+    "accelerate",
+    "gguf",
+    "llama_cpp_python",
+    "onnxruntime",
+    "vllm",
+    "pydantic",
+)
 
 
 def _now() -> str:
@@ -101,12 +115,19 @@ class Progress:
         if not self.enabled:
             return
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as RichProgress
 
         self.stop()
-        self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), TextColumn("{task.fields[metrics]}"),
-                                 console=Console(stderr=True), transient=False)
+        self._bar = RichProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            console=Console(stderr=True),
+            transient=False,
+        )
         self._task = self._bar.add_task(description, total=total, metrics="")
         self._bar.start()
 
@@ -170,8 +191,11 @@ class RunContext:
         """One metrics.jsonl record (main rank only) and a progress-bar update."""
         if not self.is_main:
             return
-        record = {"step": step, "time": round(time.time() - self._t0, 3), **metrics} if step is not None else {
-            "time": round(time.time() - self._t0, 3), **metrics}
+        record = (
+            {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
+            if step is not None
+            else {"time": round(time.time() - self._t0, 3), **metrics}
+        )
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
         self._progress.update(step, metrics)
@@ -186,9 +210,14 @@ class RunContext:
 
 
 def context_from_env(skill: str, run_dir: Path, quiet: bool = False) -> RunContext:
-    return RunContext(skill=skill, run_dir=run_dir, rank=int(os.environ.get("RANK", "0")),
-                      world_size=int(os.environ.get("WORLD_SIZE", "1")),
-                      local_rank=int(os.environ.get("LOCAL_RANK", "0")), quiet=quiet)
+    return RunContext(
+        skill=skill,
+        run_dir=run_dir,
+        rank=int(os.environ.get("RANK", "0")),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        quiet=quiet,
+    )
 
 
 def runs_root(runs_dir: Path | None = None) -> Path:
@@ -224,8 +253,14 @@ def finalize(recipe: recipe_mod.Recipe, ctx: RunContext, outputs: dict, started:
         if not path.exists():
             raise SkillbookError(f"recipe '{recipe.name}': output '{name}' points at {path}, which does not exist")
         arts[name] = {"path": str(path.resolve()), "kind": recipe.OUTPUTS.get(name, "file"), "sha256": hash_path(path)}
-    result = {"skill": recipe.name, "run_dir": str(ctx.run_dir.resolve()), "status": "ok",
-              "seconds": round(time.time() - started, 2), "outputs": arts, "summary": ctx.summary}
+    result = {
+        "skill": recipe.name,
+        "run_dir": str(ctx.run_dir.resolve()),
+        "status": "ok",
+        "seconds": round(time.time() - started, 2),
+        "outputs": arts,
+        "summary": ctx.summary,
+    }
     (ctx.run_dir / "env.json").write_text(json.dumps(env_info(recipe.skill_dir.parent.parent), indent=2) + "\n")
     if not (ctx.run_dir / "report.md").exists():
         ctx.report(default_report(recipe, ctx, result))
@@ -234,7 +269,14 @@ def finalize(recipe: recipe_mod.Recipe, ctx: RunContext, outputs: dict, started:
 
 
 def default_report(recipe: recipe_mod.Recipe, ctx: RunContext, result: dict) -> str:
-    lines = [f"# {recipe.name} run", "", f"Run directory: `{ctx.run_dir}`", "", "| output | kind | path |", "|---|---|---|"]
+    lines = [
+        f"# {recipe.name} run",
+        "",
+        f"Run directory: `{ctx.run_dir}`",
+        "",
+        "| output | kind | path |",
+        "|---|---|---|",
+    ]
     lines += [f"| {n} | {a['kind']} | `{a['path']}` |" for n, a in result["outputs"].items()]
     if ctx.summary:
         lines += ["", "| metric | value |", "|---|---|"]
@@ -262,8 +304,9 @@ def execute(recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, run_dir: Pa
         raise
 
 
-def prepare(recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, runs_dir: Path | None = None,
-            run_dir: Path | None = None) -> Path:
+def prepare(
+    recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, runs_dir: Path | None = None, run_dir: Path | None = None
+) -> Path:
     """Create the run directory and write the resolved config (only after validation)."""
     run_dir = run_dir or new_run_dir(recipe.name, cfg, runs_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -294,11 +337,17 @@ class Launcher:
             argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}"]
         else:
             argv.append("--standalone")
-        return argv + ["-m", "skillbook.worker", str(run_dir), str(skill_dir)]
+        return argv + ["-m", "skillbook.run.worker", str(run_dir), str(skill_dir)]
 
 
-def run(recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, launcher: Launcher | None = None,
-        runs_dir: Path | None = None, run_dir: Path | None = None, quiet: bool = False) -> dict:
+def run(
+    recipe: recipe_mod.Recipe,
+    cfg: recipe_mod.RecipeConfig,
+    launcher: Launcher | None = None,
+    runs_dir: Path | None = None,
+    run_dir: Path | None = None,
+    quiet: bool = False,
+) -> dict:
     """Run a validated config end to end and return the result dict (also in outputs.json)."""
     launcher = launcher or Launcher()
     recipe_mod.check_inputs(recipe, cfg)  # before anything is written
@@ -307,5 +356,7 @@ def run(recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, launcher: Launc
         return execute(recipe, cfg, run_dir, quiet=quiet)
     proc = subprocess.run(launcher.torchrun_argv(run_dir, recipe.skill_dir), stdout=sys.stderr)
     if proc.returncode != 0:
-        raise SkillbookError(f"torchrun exited with {proc.returncode}; see {run_dir / 'error.txt'} and {run_dir / 'log.txt'}")
+        raise SkillbookError(
+            f"torchrun exited with {proc.returncode}; see {run_dir / 'error.txt'} and {run_dir / 'log.txt'}"
+        )
     return json.loads((run_dir / "outputs.json").read_text())

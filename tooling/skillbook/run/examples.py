@@ -20,52 +20,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import catalog, lint, markdown
-from .catalog import Skill
+from skillbook import catalog
+from skillbook.catalog import Skill
+from skillbook.catalog.codeblocks import FIXTURE_VARS, Example, collect, display_path, needs
 
 DEFAULT_TIMEOUT = 120.0
-TAIL_LINES = 25
-PYTHON_LANGS = {"python", "py"}
-
-# The fixture layer: variable -> (conftest fixture that makes it, output name of that recipe run).
-FIXTURE_VARS: dict[str, tuple[str, str]] = {
-    "SKILLBOOK_CORPUS": ("prepared", "corpus"),
-    "SKILLBOOK_SFT_DATA": ("prepared", "sft_data"),
-    "SKILLBOOK_PREFERENCE_DATA": ("prepared", "preference_data"),
-    "SKILLBOOK_EVAL_DATA": ("prepared", "eval_data"),
-    "SKILLBOOK_TOKENIZER": ("tokenizer_dir", "tokenizer"),
-    "SKILLBOOK_MODEL": ("pretrained_model", "model"),
-}
 FIXTURE_SKILLS = ("data-preparation", "tokenization", "pretraining")  # the recipes that make them, in order
-_VAR_RE = re.compile(r"SKILLBOOK_[A-Z_]+")
-
-
-@dataclass(frozen=True)
-class Example:
-    """One code block of a skill, with where it lives."""
-
-    skill: str
-    path: Path
-    block: markdown.CodeBlock
-
-    @property
-    def executed(self) -> bool:
-        return lint.is_executed(self.block)
-
-    @property
-    def line(self) -> int:
-        return self.block.line
-
-    @property
-    def kind(self) -> str:
-        return "python" if self.block.lang in PYTHON_LANGS else "bash"
-
-    def where(self, root: Path | None = None) -> str:
-        return f"{_rel(self.path, root)}:{self.line}"
-
-    def needs(self) -> set[str]:
-        """The fixture variables this block mentions."""
-        return set(_VAR_RE.findall(self.block.code)) & set(FIXTURE_VARS)
+TAIL_LINES = 25
 
 
 @dataclass
@@ -87,68 +48,27 @@ class Result:
     def message(self, root: Path | None = None) -> str:
         """One failure report: skill, file:line, what happened, and the tail of stderr."""
         ex = self.example
-        what = (f"timed out after {self.timeout:.0f} s" if self.returncode is None
-                else f"exited with status {self.returncode}")
+        what = (
+            f"timed out after {self.timeout:.0f} s"
+            if self.returncode is None
+            else f"exited with status {self.returncode}"
+        )
         head = f"{ex.where(root)}: {ex.kind} block of skill '{ex.skill}' {what}"
         if self.error_line is not None and self.error_line != ex.line:
-            head += f" (failing line {_rel(ex.path, root)}:{self.error_line})"
+            head += f" (failing line {display_path(ex.path, root)}:{self.error_line})"
         tail = "\n".join((self.stderr or self.stdout).rstrip().splitlines()[-TAIL_LINES:])
         return head + ("\n" + "\n".join("    " + ln for ln in tail.splitlines()) if tail else "")
 
     def as_dict(self, root: Path | None = None) -> dict:
-        return {"skill": self.example.skill, "where": self.example.where(root), "ok": self.ok,
-                "returncode": self.returncode, "seconds": round(self.seconds, 2),
-                "error_line": self.error_line, "stderr_tail": self.stderr[-2000:]}
-
-
-def _rel(path: Path, root: Path | None = None) -> str:
-    """A path as people type it: relative to the working directory, else to the repository."""
-    for base in (Path.cwd(), root or catalog.repo_root()):
-        try:
-            return str(path.resolve().relative_to(base.resolve()))
-        except ValueError:
-            continue
-    return str(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Collect
-# ---------------------------------------------------------------------------------------------
-
-
-def documents(skill: Skill) -> list[tuple[Path, str, int]]:
-    """SKILL.md body and each references/*.md as (path, text, first line)."""
-    docs = [(skill.skill_md, skill.body, skill.body_line)] if skill.text else []
-    for ref in skill.references:
-        text, problem = catalog.read_text(ref)
-        if problem is None:
-            docs.append((ref, text, 1))
-    return docs
-
-
-def collect(skill: Skill) -> list[Example]:
-    """Every Python/shell block of a skill, executed or marked, in file order."""
-    out = []
-    for path, text, first in documents(skill):
-        blocks, _, _ = markdown.scan(text, first)
-        out += [Example(skill.name, path, b) for b in blocks if b.lang in lint.EXECUTED_LANGS]
-    return out
-
-
-def counts(skill: Skill) -> dict:
-    """Executed vs marked blocks, and the markers used (for `skills doctor`)."""
-    examples = collect(skill)
-    markers: dict[str, int] = {}
-    for ex in examples:
-        for flag in set(ex.block.flags) & lint.MARKERS:
-            markers[flag] = markers.get(flag, 0) + 1
-    executed = sum(ex.executed for ex in examples)
-    return {"executed": executed, "marked": len(examples) - executed, "markers": markers}
-
-
-def needs(examples: list[Example]) -> set[str]:
-    """Fixture variables any executed example mentions."""
-    return set().union(*(ex.needs() for ex in examples if ex.executed)) if examples else set()
+        return {
+            "skill": self.example.skill,
+            "where": self.example.where(root),
+            "ok": self.ok,
+            "returncode": self.returncode,
+            "seconds": round(self.seconds, 2),
+            "error_line": self.error_line,
+            "stderr_tail": self.stderr[-2000:],
+        }
 
 
 def syntax_errors(examples: list[Example], root: Path | None = None) -> list[str]:
@@ -159,7 +79,9 @@ def syntax_errors(examples: list[Example], root: Path | None = None) -> list[str
             try:
                 ast.parse(ex.block.code)
             except SyntaxError as exc:
-                problems.append(f"{_rel(ex.path, root)}:{ex.line + (exc.lineno or 0)}: Python block does not parse: {exc.msg}")
+                problems.append(
+                    f"{display_path(ex.path, root)}:{ex.line + (exc.lineno or 0)}: Python block does not parse: {exc.msg}"
+                )
         else:
             res = subprocess.run(["bash", "-n"], input=ex.block.code, capture_output=True, text=True)
             if res.returncode != 0:
@@ -175,12 +97,18 @@ def syntax_errors(examples: list[Example], root: Path | None = None) -> list[str
 def base_env(fixtures: dict[str, str] | None = None, root: Path | None = None) -> dict[str, str]:
     """The environment every block sees: offline hubs, the repo, the venv's `skills`, fixture vars."""
     env = dict(os.environ)
-    env.update({
-        "SKILLBOOK_ROOT": str((root or catalog.repo_root()).resolve()),
-        "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg", "PYTHONUNBUFFERED": "1",
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-    })
+    env.update(
+        {
+            "SKILLBOOK_ROOT": str((root or catalog.repo_root()).resolve()),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "MPLBACKEND": "Agg",
+            "PYTHONUNBUFFERED": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
+        }
+    )
     env.update(fixtures or {})
     return env
 
@@ -220,8 +148,16 @@ def run_example(example: Example, env: dict[str, str] | None = None, timeout: fl
         env["SKILLBOOK_RUNS"] = str(work / "runs")
         argv, script = _script(example, scripts)
         started = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=work, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            cwd=work,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             out, err = proc.communicate(timeout=timeout)
             code: int | None = proc.returncode
@@ -238,17 +174,25 @@ def run_example(example: Example, env: dict[str, str] | None = None, timeout: fl
 
 def _translate(example: Example, stderr: str, script: Path) -> str:
     """Point tracebacks at the Markdown file and line instead of the temporary script."""
-    doc = _rel(example.path)
-    stderr = re.sub(rf'File "{re.escape(str(script))}", line (\d+)',
-                    lambda m: f'File "{doc}", line {example.line + int(m.group(1))}', stderr)
-    stderr = re.sub(r"skillbook-example: block line (\d+) exited with (\d+)",
-                    lambda m: f"{doc}:{example.line + int(m.group(1))}: command exited with status {m.group(2)}", stderr)
-    return re.sub(rf"{re.escape(str(script))}: line (\d+)",
-                  lambda m: f"{doc}: line {example.line + int(m.group(1)) - 1}", stderr)
+    doc = display_path(example.path)
+    stderr = re.sub(
+        rf'File "{re.escape(str(script))}", line (\d+)',
+        lambda m: f'File "{doc}", line {example.line + int(m.group(1))}',
+        stderr,
+    )
+    stderr = re.sub(
+        r"skillbook-example: block line (\d+) exited with (\d+)",
+        lambda m: f"{doc}:{example.line + int(m.group(1))}: command exited with status {m.group(2)}",
+        stderr,
+    )
+    return re.sub(
+        rf"{re.escape(str(script))}: line (\d+)", lambda m: f"{doc}: line {example.line + int(m.group(1)) - 1}", stderr
+    )
 
 
-def run_skill(skill: Skill, fixtures: dict[str, str] | None = None, timeout: float | None = None,
-              root: Path | None = None) -> list[Result]:
+def run_skill(
+    skill: Skill, fixtures: dict[str, str] | None = None, timeout: float | None = None, root: Path | None = None
+) -> list[Result]:
     """Run every executed block of one skill, in file order."""
     env = base_env(fixtures, root)
     return [run_example(ex, env, timeout) for ex in collect(skill) if ex.executed]
@@ -294,7 +238,7 @@ class Fixtures:
 
     def ensure(self, wanted: set[str], log=print) -> dict[str, str]:
         """Make the artifacts behind `wanted` (and what they depend on) unless cached."""
-        from . import recipe, runner
+        from skillbook.run import recipe, runner
 
         self._load()
         runs = self.cache / "runs"
@@ -317,7 +261,9 @@ class Fixtures:
             self.env["SKILLBOOK_TOKENIZER"] = outs["tokenizer"]["path"]
             self._save()
         if depth >= 2 and "SKILLBOOK_MODEL" not in self.env:
-            outs = step("pretraining", {"corpus": self.env["SKILLBOOK_CORPUS"], "tokenizer": self.env["SKILLBOOK_TOKENIZER"]})
+            outs = step(
+                "pretraining", {"corpus": self.env["SKILLBOOK_CORPUS"], "tokenizer": self.env["SKILLBOOK_TOKENIZER"]}
+            )
             self.env["SKILLBOOK_MODEL"] = outs["model"]["path"]
             self._save()
         return {k: v for k, v in self.env.items() if k in FIXTURE_VARS}

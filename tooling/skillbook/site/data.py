@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from .errors import SkillbookError
+from skillbook.errors import SkillbookError
 
 # ids the skill template gives its generated sections; Markdown headings get a suffix instead of these
 SKILL_SECTION_IDS = ("run", "configuration", "presets", "references", "tested-with", "results")
@@ -24,7 +24,7 @@ def load_config(skill_dir: Path, root: Path) -> tuple[dict | None, type | None]:
     """(JSON Schema, Config class) from the recipe; the checked-in schema alone if the recipe cannot load."""
     if not (skill_dir / "recipe.py").is_file():
         return None, None
-    from . import recipe
+    from skillbook.run import recipe
 
     try:
         model = recipe.load(skill_dir).Config
@@ -88,9 +88,17 @@ def constraints(prop: dict, defs: dict) -> str:
     subs = [p for key in ("anyOf", "oneOf") for p in prop.get(key, [])]
     found = []
     for p in [prop, *subs]:
-        for key, sym in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<"),
-                         ("minLength", "length ≥"), ("maxLength", "length ≤"), ("minItems", "items ≥"),
-                         ("maxItems", "items ≤"), ("pattern", "matches")):
+        for key, sym in (
+            ("minimum", "≥"),
+            ("exclusiveMinimum", ">"),
+            ("maximum", "≤"),
+            ("exclusiveMaximum", "<"),
+            ("minLength", "length ≥"),
+            ("maxLength", "length ≤"),
+            ("minItems", "items ≥"),
+            ("maxItems", "items ≤"),
+            ("pattern", "matches"),
+        ):
             if key in p:
                 found.append(f"{sym} {p[key]}")
     return ", ".join(found)
@@ -105,10 +113,24 @@ def config_rows(schema: dict, prefix: str = "", defs: dict | None = None) -> lis
         prop = _deref(raw, defs)
         dotted = f"{prefix}{name}"
         nested = prop.get("type") == "object" and "properties" in prop
-        default = (json.dumps(raw["default"]) if "default" in raw else "required" if name in required
-                   else "see below" if nested else "")
-        rows.append({"field": dotted, "type": type_text(raw, defs), "constraints": constraints(raw, defs),
-                     "default": default, "description": raw.get("description") or prop.get("description", "")})
+        default = (
+            json.dumps(raw["default"])
+            if "default" in raw
+            else "required"
+            if name in required
+            else "see below"
+            if nested
+            else ""
+        )
+        rows.append(
+            {
+                "field": dotted,
+                "type": type_text(raw, defs),
+                "constraints": constraints(raw, defs),
+                "default": default,
+                "description": raw.get("description") or prop.get("description", ""),
+            }
+        )
         if nested:
             rows.extend(config_rows(prop, f"{dotted}.", defs))
     return rows
@@ -167,7 +189,11 @@ def results(skill: str, root: Path) -> tuple[list[dict], list[tuple[Path, str]]]
         if rows:
             what = "Latest local run" if path.name == "outputs.json" else "Benchmark"
             tables.append({"source": path.relative_to(root).as_posix(), "rows": rows, "what": what})
-    pngs = [p for p in sorted(bench.glob(f"{skill}*.png")) if p.stem == skill or p.stem[len(skill)] in "-_."] if bench.is_dir() else []
+    pngs = (
+        [p for p in sorted(bench.glob(f"{skill}*.png")) if p.stem == skill or p.stem[len(skill)] in "-_."]
+        if bench.is_dir()
+        else []
+    )
     pngs += sorted(data.glob("*.png")) if data.is_dir() else []
     pngs += sorted(latest[-1].parent.glob("*.png")) if latest else []
     for p in pngs:
@@ -185,7 +211,9 @@ def skill_facts(skill, root: Path, pipelines: dict) -> dict:
     for name in skill.presets:
         path = skill.path / "configs" / f"{name}.yaml"
         text = path.read_text(encoding="utf-8")
-        first = next((l.lstrip("# ").strip() for l in text.splitlines() if l.startswith("#") and "$schema" not in l), "")
+        first = next(
+            (l.lstrip("# ").strip() for l in text.splitlines() if l.startswith("#") and "$schema" not in l), ""
+        )
         presets.append({"name": name, "page": f"files/{rel}/configs/{name}.yaml.html", "note": first, "text": text})
         sources.append(f"{rel}/configs/{name}.yaml")
     tables, plots = results(skill.folder, root)
@@ -194,14 +222,24 @@ def skill_facts(skill, root: Path, pipelines: dict) -> dict:
     for row in rows:
         if not row["default"] and row["field"] in made:
             row["default"] = made[row["field"]]
-    example = next((r for r in rows if r["type"] in ("integer", "number") and r["default"] not in ("", "required")), None)
+    example = next(
+        (r for r in rows if r["type"] in ("integer", "number") and r["default"] not in ("", "required")), None
+    )
     used_by = [p for p, spec in pipelines.items() if any(s["skill"] == skill.folder for s in spec["steps"])]
     return {
-        "rows": rows, "example": example, "has_schema": schema is not None, "presets": presets,
-        "sources": sources, "recipe_page": f"files/{rel}/recipe.py.html" if skill.has_recipe else None,
+        "rows": rows,
+        "example": example,
+        "has_schema": schema is not None,
+        "presets": presets,
+        "sources": sources,
+        "recipe_page": f"files/{rel}/recipe.py.html" if skill.has_recipe else None,
         "yaml_page": f"files/{rel}/recipe.yaml.html" if (skill.path / "recipe.yaml").is_file() else None,
-        "tested_with": tested_with(skill.metadata), "results": tables, "plots": [d for _, d in plots],
-        "copies": plots, "used_by": used_by, "raw": f"skills/{skill.folder}/SKILL.md",
+        "tested_with": tested_with(skill.metadata),
+        "results": tables,
+        "plots": [d for _, d in plots],
+        "copies": plots,
+        "used_by": used_by,
+        "raw": f"skills/{skill.folder}/SKILL.md",
     }
 
 
@@ -225,8 +263,15 @@ def first_paragraph(text: str) -> str:
 
 def entry(kind: str, name: str, title: str, description: str, url: str, toc: list, stage: str) -> dict:
     """One search-index record: what the search box matches on and where a hit links to."""
-    return {"kind": kind, "name": name, "title": title or name, "description": description, "url": url,
-            "stage": stage, "headings": [[text, f"{url}#{hid}"] for _, text, hid in toc]}
+    return {
+        "kind": kind,
+        "name": name,
+        "title": title or name,
+        "description": description,
+        "url": url,
+        "stage": stage,
+        "headings": [[text, f"{url}#{hid}"] for _, text, hid in toc],
+    }
 
 
 def source_lines(text: str, lang: str, highlight) -> str:
@@ -235,17 +280,21 @@ def source_lines(text: str, lang: str, highlight) -> str:
     lines = highlight(text, lang).split("\n")
     if lines and not lines[-1]:
         lines.pop()
-    return "".join(f'<span class="line" id="L{i}"><a class="ln" href="#L{i}">{i}</a>{line}\n</span>'
-                   for i, line in enumerate(lines, 1))
+    return "".join(
+        f'<span class="line" id="L{i}"><a class="ln" href="#L{i}">{i}</a>{line}\n</span>'
+        for i, line in enumerate(lines, 1)
+    )
 
 
 def agent_catalog(root: Path) -> dict[str, str]:
     """`<available_skills>` XML and JSON with locations relative to a checkout (not this machine's paths)."""
-    from . import agent
+    from skillbook import agent
 
     prefix = str(root) + "/"
-    return {name: agent.prompt(fmt=fmt, root=root).replace(prefix, "").replace(escape(prefix), "") + "\n"
-            for name, fmt in (("available_skills.xml", "xml"), ("available_skills.json", "json"))}
+    return {
+        name: agent.prompt(fmt=fmt, root=root).replace(prefix, "").replace(escape(prefix), "") + "\n"
+        for name, fmt in (("available_skills.xml", "xml"), ("available_skills.json", "json"))
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,8 +306,8 @@ def load_pipelines(root: Path) -> dict[str, dict]:
     """recipes/*.yaml validated as PipelineSpec; each step also gets the line it starts on."""
     from pydantic import ValidationError
 
-    from . import catalog
-    from .pipeline import PipelineSpec
+    from skillbook import catalog
+    from skillbook.run.pipeline import PipelineSpec
 
     out = {}
     for path in catalog.pipeline_files(root):
@@ -267,7 +316,9 @@ def load_pipelines(root: Path) -> dict[str, dict]:
         try:
             spec = PipelineSpec.model_validate(yaml.safe_load(text)).model_dump(mode="json")
         except (yaml.YAMLError, ValidationError) as exc:
-            raise SkillbookError(f"{rel}: not a valid pipeline ({str(exc).splitlines()[0]}); run `skills lint`") from None
+            raise SkillbookError(
+                f"{rel}: not a valid pipeline ({str(exc).splitlines()[0]}); run `skills lint`"
+            ) from None
         for step in spec["steps"]:
             m = re.search(rf"^\s*-?\s*id:\s*['\"]?{re.escape(step['id'])}['\"]?\s*$", text, re.M)
             step["line"] = text[: m.start()].count("\n") + 1 if m else 0

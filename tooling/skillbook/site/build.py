@@ -16,13 +16,22 @@ from functools import cached_property
 from pathlib import Path
 from urllib.parse import unquote
 
-from . import catalog, site_data, site_links, site_md
-from .errors import SkillbookError
-from .site_md import Doc, highlight, parse_doc, parser, slugify  # noqa: F401 (slugify: public API)
+from skillbook import catalog
+from skillbook.errors import SkillbookError
+from skillbook.site import data as site_data
+from skillbook.site import links as site_links
+from skillbook.site import markdown as site_md
+from skillbook.site.markdown import Doc, highlight, parse_doc, parser, slugify  # noqa: F401 (slugify: public API)
 
 STAGE_TITLES = {
-    "data": "Data", "pretraining": "Pretraining", "post-training": "Post-training", "architecture": "Architecture",
-    "efficiency": "Efficiency", "deployment": "Deployment", "evaluation": "Evaluation", "other": "Other",
+    "data": "Data",
+    "pretraining": "Pretraining",
+    "post-training": "Post-training",
+    "architecture": "Architecture",
+    "efficiency": "Efficiency",
+    "deployment": "Deployment",
+    "evaluation": "Evaluation",
+    "other": "Other",
 }
 MARKER = ".skillbook-site"  # marks a folder as a built site, so a rebuild may wipe it
 
@@ -35,7 +44,7 @@ MARKER = ".skillbook-site"  # marks a folder as a built site, so a rebuild may w
 def site_dir(root: Path) -> Path:
     """Templates and static assets: the repository's site/, else the one next to this package."""
     own = root / "site"
-    return own if (own / "templates").is_dir() else Path(__file__).resolve().parents[2] / "site"
+    return own if (own / "templates").is_dir() else Path(__file__).resolve().parents[3] / "site"
 
 
 class Builder:
@@ -53,9 +62,13 @@ class Builder:
         self.assets = site_dir(self.root)
         import jinja2
 
-        self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(self.assets / "templates"),
-                                      autoescape=jinja2.select_autoescape(["j2", "html"]),
-                                      trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(self.assets / "templates"),
+            autoescape=jinja2.select_autoescape(["j2", "html"]),
+            trim_blocks=True,
+            lstrip_blocks=True,
+            undefined=jinja2.StrictUndefined,
+        )
 
     # -- links ---------------------------------------------------------------------------------
 
@@ -120,8 +133,16 @@ class Builder:
         def url(target: str) -> str:
             return site_links.rel(page, target)
 
-        ctx = {"page": page, "url": url, "nav": self.nav, "pipelines": self.pipelines, "title": "",
-               "toc": [], "Markup": Markup, **ctx}
+        ctx = {
+            "page": page,
+            "url": url,
+            "nav": self.nav,
+            "pipelines": self.pipelines,
+            "title": "",
+            "toc": [],
+            "Markup": Markup,
+            **ctx,
+        }
         html = self.env.get_template(template).render(**ctx)
         dest = self.out / page
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +157,9 @@ class Builder:
             groups.setdefault(s.stage, []).append(s)
         known = [st for st in catalog.STAGES if st != "other"]
         order = [*known, *sorted(set(groups) - set(catalog.STAGES)), "other"]  # "other" always last
-        return [(st, STAGE_TITLES.get(st, st.replace("-", " ").capitalize()), groups[st]) for st in order if st in groups]
+        return [
+            (st, STAGE_TITLES.get(st, st.replace("-", " ").capitalize()), groups[st]) for st in order if st in groups
+        ]
 
     def skill_pages(self) -> list[dict]:
         """SKILL.md and its references for every skill; returns the search-index entries."""
@@ -153,16 +176,42 @@ class Builder:
                     self.errors.append(f"{self._rel(ref)}:0: {problem}")
                     continue
                 rdoc = parse_doc(ref, text)
-                refs.append({"name": ref.name, "title": rdoc.title or ref.stem, "doc": rdoc, "summary": site_data.first_paragraph(text),
-                             "page": f"skills/{name}/references/{ref.stem}.html"})
+                refs.append(
+                    {
+                        "name": ref.name,
+                        "title": rdoc.title or ref.stem,
+                        "doc": rdoc,
+                        "summary": site_data.first_paragraph(text),
+                        "page": f"skills/{name}/references/{ref.stem}.html",
+                    }
+                )
             for i, r in enumerate(refs):  # each reference page links back to its skill and on to its siblings
                 body = Markup(self.render_md(r["doc"], r["page"]))
-                self.write(r["page"], "doc.html.j2", title=f"{r['title']} · {name}", heading=None, body=body, toc=r["doc"].toc,
-                           crumbs=[(f"skills/{name}/index.html", name)], source=self._rel(r["doc"].path), active=name,
-                           prev=refs[i - 1] if i else None, next=refs[i + 1] if i + 1 < len(refs) else None,
-                           up=(f"skills/{name}/index.html", name))
-                entries.append(site_data.entry("reference", f"{name}: {r['title']}", r["doc"].title, r["summary"], r["page"],
-                                               r["doc"].toc, skill.stage))
+                self.write(
+                    r["page"],
+                    "doc.html.j2",
+                    title=f"{r['title']} · {name}",
+                    heading=None,
+                    body=body,
+                    toc=r["doc"].toc,
+                    crumbs=[(f"skills/{name}/index.html", name)],
+                    source=self._rel(r["doc"].path),
+                    active=name,
+                    prev=refs[i - 1] if i else None,
+                    next=refs[i + 1] if i + 1 < len(refs) else None,
+                    up=(f"skills/{name}/index.html", name),
+                )
+                entries.append(
+                    site_data.entry(
+                        "reference",
+                        f"{name}: {r['title']}",
+                        r["doc"].title,
+                        r["summary"],
+                        r["page"],
+                        r["doc"].toc,
+                        skill.stage,
+                    )
+                )
             body = Markup(self.render_md(doc, page))
             facts = site_data.skill_facts(skill, self.root, self.pipelines)
             for kind_path in facts["sources"]:
@@ -172,20 +221,32 @@ class Builder:
             for src, dest in facts["copies"]:
                 self.extra.setdefault(dest, ("copy", src))
             default_yaml = skill.path / "recipe.yaml"
-            facts["default_yaml"] = Markup(highlight(default_yaml.read_text(encoding="utf-8"), "yaml")) \
-                if default_yaml.is_file() else None
+            facts["default_yaml"] = (
+                Markup(highlight(default_yaml.read_text(encoding="utf-8"), "yaml")) if default_yaml.is_file() else None
+            )
             for preset in facts["presets"]:
                 preset["yaml"] = Markup(highlight(preset["text"], "yaml"))
-            self.write(page, "skill.html.j2", title=skill.name, skill=skill, body=body, refs=refs,
-                       toc=[*doc.toc, *site_data.skill_toc(facts)], facts=facts, active=name,
-                       stage_title=STAGE_TITLES.get(skill.stage, skill.stage))
-            entries.append(site_data.entry("skill", skill.name, doc.title, skill.description, page, doc.toc, skill.stage))
+            self.write(
+                page,
+                "skill.html.j2",
+                title=skill.name,
+                skill=skill,
+                body=body,
+                refs=refs,
+                toc=[*doc.toc, *site_data.skill_toc(facts)],
+                facts=facts,
+                active=name,
+                stage_title=STAGE_TITLES.get(skill.stage, skill.stage),
+            )
+            entries.append(
+                site_data.entry("skill", skill.name, doc.title, skill.description, page, doc.toc, skill.stage)
+            )
         return entries
 
     def pipeline_pages(self) -> list[dict]:
         from markupsafe import Markup
 
-        from . import site_graph
+        from skillbook.site import graph as site_graph
 
         entries = []
         for name, spec in self.pipelines.items():
@@ -193,16 +254,31 @@ class Builder:
             rel = f"recipes/{name}.yaml"
             for step in spec["steps"]:
                 if step["skill"] not in self.skills:
-                    self.errors.append(f"{rel}:{step.get('line', 0)}: step '{step['id']}' uses unknown skill '{step['skill']}'")
+                    self.errors.append(
+                        f"{rel}:{step.get('line', 0)}: step '{step['id']}' uses unknown skill '{step['skill']}'"
+                    )
 
             def href(step: dict) -> str | None:
                 return f"../skills/{step['skill']}/index.html" if step["skill"] in self.skills else None
 
             graph = Markup(site_graph.svg(spec["steps"], href, title=f"step graph of {name}"))
             source = Markup(highlight((self.root / rel).read_text(encoding="utf-8"), "yaml"))
-            self.write(page, "pipeline.html.j2", title=name, spec=spec, graph=graph, source=source, active=f"p:{name}",
-                       toc=[(2, "Step graph", "graph"), (2, "Steps", "steps"), (2, "Run it", "run"), (2, "Pipeline file", "file")],
-                       skills=self.skills)
+            self.write(
+                page,
+                "pipeline.html.j2",
+                title=name,
+                spec=spec,
+                graph=graph,
+                source=source,
+                active=f"p:{name}",
+                toc=[
+                    (2, "Step graph", "graph"),
+                    (2, "Steps", "steps"),
+                    (2, "Run it", "run"),
+                    (2, "Pipeline file", "file"),
+                ],
+                skills=self.skills,
+            )
             entries.append(site_data.entry("pipeline", name, name, spec["description"], page, [], "pipeline"))
         return entries
 
@@ -228,11 +304,27 @@ class Builder:
             if kind == "markdown":
                 doc = parse_doc(src, text)
                 body = Markup(self.render_md(doc, page))
-                self.write(page, "doc.html.j2", title=doc.title or rel, heading=None, body=body, toc=doc.toc,
-                           crumbs=[], source=rel, active="")
+                self.write(
+                    page,
+                    "doc.html.j2",
+                    title=doc.title or rel,
+                    heading=None,
+                    body=body,
+                    toc=doc.toc,
+                    crumbs=[],
+                    source=rel,
+                    active="",
+                )
             else:
-                self.write(page, "source.html.j2", title=rel, rel=rel, active="", source=rel,
-                           lines=Markup(site_data.source_lines(text, src.suffix.lstrip("."), highlight)))
+                self.write(
+                    page,
+                    "source.html.j2",
+                    title=rel,
+                    rel=rel,
+                    active="",
+                    source=rel,
+                    lines=Markup(site_data.source_lines(text, src.suffix.lstrip("."), highlight)),
+                )
 
     def build(self) -> dict:
         from markupsafe import Markup
@@ -242,13 +334,30 @@ class Builder:
         contributing = self.root / "CONTRIBUTING.md"
         if contributing.is_file():
             doc = parse_doc(contributing, contributing.read_text(encoding="utf-8"))
-            self.write("contributing.html", "doc.html.j2", title="Contributing", heading=None, toc=doc.toc, crumbs=[],
-                       body=Markup(self.render_md(doc, "contributing.html")), source="CONTRIBUTING.md", active="contributing")
+            self.write(
+                "contributing.html",
+                "doc.html.j2",
+                title="Contributing",
+                heading=None,
+                toc=doc.toc,
+                crumbs=[],
+                body=Markup(self.render_md(doc, "contributing.html")),
+                source="CONTRIBUTING.md",
+                active="contributing",
+            )
         else:
-            self.write("contributing.html", "contributing.html.j2", title="Contributing", active="contributing",
-                       toc=[(2, "Add a skill", "add-a-skill"), (2, "Checks", "checks")])
-        entries.append(site_data.entry("page", "Contributing", "Contributing", "How to add or improve a skill",
-                                       "contributing.html", [], "page"))
+            self.write(
+                "contributing.html",
+                "contributing.html.j2",
+                title="Contributing",
+                active="contributing",
+                toc=[(2, "Add a skill", "add-a-skill"), (2, "Checks", "checks")],
+            )
+        entries.append(
+            site_data.entry(
+                "page", "Contributing", "Contributing", "How to add or improve a skill", "contributing.html", [], "page"
+            )
+        )
         self.write("index.html", "home.html.j2", title="", active="home")
         self.write("search.html", "search.html.j2", title="Search", active="search")
         catalog_files = site_data.agent_catalog(self.root)
@@ -256,8 +365,14 @@ class Builder:
             (self.out / "catalog").mkdir(parents=True, exist_ok=True)
             (self.out / "catalog" / fname).write_text(text, encoding="utf-8")
         shown = {name: Markup(highlight(text, name.rsplit(".", 1)[1])) for name, text in catalog_files.items()}
-        self.write("catalog.html", "catalog.html.j2", title="Agent catalog", active="catalog", files=shown,
-                   toc=[(2, "XML", "xml"), (2, "JSON", "json")])
+        self.write(
+            "catalog.html",
+            "catalog.html.j2",
+            title="Agent catalog",
+            active="catalog",
+            files=shown,
+            toc=[(2, "XML", "xml"), (2, "JSON", "json")],
+        )
         self.extra_pages()
         index = json.dumps({"entries": entries}, ensure_ascii=False, separators=(",", ":"))
         (self.out / "search-index.json").write_text(index, encoding="utf-8")
@@ -273,8 +388,13 @@ class Builder:
             shown = "\n  ".join(self.errors[:40])
             more = f"\n  … and {len(self.errors) - 40} more" if len(self.errors) > 40 else ""
             raise SkillbookError(f"site build failed: {len(self.errors)} problem(s):\n  {shown}{more}")
-        return {"out": str(self.out), "pages": len(self.written), "skills": len(self.skills),
-                "pipelines": len(self.pipelines), "seconds": round(time.perf_counter() - t0, 3)}
+        return {
+            "out": str(self.out),
+            "pages": len(self.written),
+            "skills": len(self.skills),
+            "pipelines": len(self.pipelines),
+            "seconds": round(time.perf_counter() - t0, 3),
+        }
 
 
 def _prepare(out: Path) -> None:

@@ -10,8 +10,13 @@ from functools import lru_cache
 from html import escape
 from pathlib import Path
 
-FENCE_NOTES = {"fragment": "fragment, not run", "gpu": "needs a GPU, not run in CI", "hub": "needs the Hub, not run in CI",
-               "slow": "slow, not run in CI", "no-run": "not run"}
+FENCE_NOTES = {
+    "fragment": "fragment, not run",
+    "gpu": "needs a GPU, not run in CI",
+    "hub": "needs the Hub, not run in CI",
+    "slow": "slow, not run in CI",
+    "no-run": "not run",
+}
 
 
 def slugify(text: str) -> str:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import catalog
-from . import recipe as recipe_mod
+from skillbook import catalog
+from skillbook.run import recipe as recipe_mod
 
 
 def generated(root: Path | None = None) -> dict[str, dict]:
     """File name -> schema for every recipe Config, plus the pipeline file format."""
-    from .pipeline import PipelineSpec
+    from skillbook.run.pipeline import PipelineSpec
 
     root = root or catalog.repo_root()
     out: dict[str, dict] = {"pipeline.schema.json": PipelineSpec.model_json_schema()}

@@ -1,12 +1,12 @@
-"""Entry point for each torchrun process: `python -m skillbook.worker RUN_DIR SKILL_DIR`."""
+"""Entry point for each torchrun process: `python -m skillbook.run.worker RUN_DIR SKILL_DIR`."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from . import recipe as recipe_mod
-from . import runner
+from skillbook.run import recipe as recipe_mod
+from skillbook.run import runner
 
 
 def main(argv: list[str] | None = None) -> int:

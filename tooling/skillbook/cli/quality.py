@@ -1,4 +1,4 @@
-"""`skills install`, `skills doctor`, `skills examples`, `skills marketplace`: agent integration and knowledge checks."""
+"""`skills doctor` and `skills examples`: tested-with versions and the code blocks CI executes."""
 
 from __future__ import annotations
 
@@ -8,43 +8,20 @@ from pathlib import Path
 
 import click
 
-from .agent import AGENT_DIRS  # light: json + the catalog, no ML libraries
-
 
 @click.command()
 @click.argument("names", nargs=-1)
-@click.option("--all", "all_skills", is_flag=True, help="Install every skill in the catalog.")
-@click.option("--to", "to", type=click.Path(path_type=Path), default=None,
-              help="The agent's skills directory (default .agents/skills, or the one --agent names).")
-@click.option("--agent", type=click.Choice(sorted(AGENT_DIRS)), default=None,
-              help="Shortcut for --to: " + ", ".join(f"{k}={v}" for k, v in sorted(AGENT_DIRS.items())) + ".")
-@click.option("--link", is_flag=True, help="Symlink the skill folders instead of copying (edits flow back to the checkout).")
-@click.option("--force", is_flag=True, help="Overwrite files you changed since the last install.")
-@click.option("--json", "as_json", is_flag=True)
-def install(names, all_skills, to, agent, link, force, as_json) -> None:
-    """Copy (or link) skills into an agent's skills directory."""
-    from . import agent as agent_mod
-
-    target = to or Path(AGENT_DIRS[agent or "agents"])
-    results = agent_mod.install(list(names), target, all_skills=all_skills, link=link, force=force)
-    if as_json:
-        click.echo(json.dumps(results, indent=2))
-        return
-    for r in results:
-        click.echo(f"{r['action']:<10} {r['skill']:<24} {r['path']}")
-    click.echo(f"{len(results)} skill(s) in {target}", err=True)
-
-
-@click.command()
-@click.argument("names", nargs=-1)
-@click.option("--update", is_flag=True, help="Run the recipe and examples of NAMES, then record the installed versions.")
+@click.option(
+    "--update", is_flag=True, help="Run the recipe and examples of NAMES, then record the installed versions."
+)
 @click.option("--no-run", is_flag=True, help="With --update: record without running (only when CI just passed).")
 @click.option("--package", "packages", multiple=True, metavar="DIST", help="With --update: also record DIST.")
 @click.option("--strict", is_flag=True, help="Exit 1 when any skill is stale, untested or invalid.")
 @click.option("--json", "as_json", is_flag=True)
 def doctor(names, update, no_run, packages, strict, as_json) -> None:
     """Tested-with versions vs installed ones, and executed/marked blocks per skill."""
-    from . import catalog, examples, versions
+    from skillbook import catalog
+    from skillbook.catalog import codeblocks, versions
 
     skills = [catalog.find(n) for n in names] if names else catalog.load_all()
     if update:
@@ -54,9 +31,9 @@ def doctor(names, update, no_run, packages, strict, as_json) -> None:
             if not no_run:
                 _verify(skill)
             spec = versions.update(catalog.load_skill(skill.path), list(packages))
-            click.echo(f"{skill.name}: tested-with \"{spec}\"", err=True)
+            click.echo(f'{skill.name}: tested-with "{spec}"', err=True)
         skills = [catalog.load_skill(s.path) for s in skills]
-    rows = [{**versions.check(s).as_dict(), "blocks": examples.counts(s)} for s in skills]
+    rows = [{**versions.check(s).as_dict(), "blocks": codeblocks.counts(s)} for s in skills]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -76,8 +53,8 @@ def _verify(skill) -> None:
     """The recipe's default config and every executed block must pass before versions are recorded."""
     import tempfile
 
-    from . import examples, recipe, runner
-    from .errors import SkillbookError
+    from skillbook.errors import SkillbookError
+    from skillbook.run import examples, recipe, runner
 
     if skill.has_recipe:
         click.echo(f"{skill.name}: running the recipe's default config", err=True)
@@ -96,7 +73,7 @@ def _verify(skill) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def examples_cmd(names, timeout, as_json) -> None:
     """Run the executed code blocks of skills (what CI runs), with the fixture artifacts they need."""
-    from . import examples
+    from skillbook.run import examples
 
     results = examples.run_skills(list(names), timeout=timeout, log=lambda m: click.echo(m, err=True))
     if as_json:
@@ -109,18 +86,4 @@ def examples_cmd(names, timeout, as_json) -> None:
     sys.exit(1 if any(not r.ok for r in results) else 0)
 
 
-@click.command("marketplace")
-@click.option("--check", is_flag=True, help="Fail if .claude-plugin/marketplace.json differs from the catalog.")
-def marketplace_cmd(check: bool) -> None:
-    """Write .claude-plugin/marketplace.json (a Claude Code plugin marketplace) from the catalog."""
-    from . import agent
-
-    if check:
-        drift = agent.marketplace_drift()
-        for line in drift:
-            click.echo(line, err=True)
-        sys.exit(1 if drift else 0)
-    click.echo(f"wrote {agent.write_marketplace()}")
-
-
-COMMANDS: list[click.Command] = [install, doctor, examples_cmd, marketplace_cmd]
+COMMANDS: list[click.Command] = [doctor, examples_cmd]

@@ -1,0 +1,5 @@
+"""`python -m skillbook.cli`: the `skills` command."""
+
+from skillbook.cli import main
+
+main()

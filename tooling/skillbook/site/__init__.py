@@ -1,0 +1,1 @@
+"""The static docs site: markdown rendering, link mapping, page data, pipeline graphs and the build."""
