@@ -7,7 +7,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from skillbook import lint
+from skillbook import catalog, lint
 from skillbook.catalog import frontmatter, scaffold
 
 
@@ -137,3 +137,24 @@ def test_huge_frontmatter_and_missing_files_are_findings(tmp_path):
     empty = root / "skills" / "empty"
     empty.mkdir()
     assert "SB100" in codes(lint.lint_skill(empty))
+
+
+def test_recipe_yaml_and_presets_hold_only_overrides(tmp_path):
+    """SB305: a key equal to its field default is a second source of that default."""
+    import shutil
+
+    from skillbook.lint import recipes
+
+    from conftest import ROOT
+
+    skill = tmp_path / "example-demo"
+    shutil.copytree(ROOT / "tests" / "fixtures" / "skills" / "example-demo", skill)
+    head = "# yaml-language-server: $schema=../../schemas/example-demo.schema.json\n"
+    (skill / "recipe.yaml").write_text(head + "steps: 10\n")
+    (skill / "configs").mkdir(exist_ok=True)
+    (skill / "configs" / "longer.yaml").write_text("steps: 50\n")
+    [finding] = recipes.rule_overrides_only(catalog.load_skill(skill))
+    assert finding.code == "SB305" and finding.line == 2 and "'steps: 10' repeats the field default" in finding.message
+    (skill / "recipe.yaml").write_text(head + "steps: 3  # a shorter default run\n")
+    (skill / "configs" / "back.yaml").write_text("steps: 10\n")  # restores the default recipe.yaml changed: fine
+    assert list(recipes.rule_overrides_only(catalog.load_skill(skill))) == []

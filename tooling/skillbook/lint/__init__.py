@@ -22,6 +22,7 @@ SKILL_RULES: list[Callable[[Skill], Iterable[Finding]]] = [
     docs.rule_references_layout,
     docs.rule_code_blocks,
     recipes.rule_recipe,
+    recipes.rule_overrides_only,
     docs.rule_tested_with,
     docs.rule_links_stay_in_skills,
 ]

@@ -1,8 +1,10 @@
-"""Recipe rules (SB301-SB304): the recipe contract, its default config and presets, light module imports."""
+"""Recipe rules (SB301-SB305): the recipe contract, its default config and presets, light imports, overrides only."""
 
 from __future__ import annotations
 
 import ast
+import re
+from pathlib import Path
 from collections.abc import Iterator
 
 from skillbook.catalog import Skill
@@ -87,3 +89,47 @@ def rule_recipe(skill: Skill) -> Iterator[Finding]:
         except Exception as exc:  # noqa: BLE001
             where = skill.path / "configs" / f"{preset}.yaml" if preset else default
             yield err("SB303", where, 0, str(exc).replace("\n", " "))
+
+
+def _key_line(path: Path, key: str) -> int:
+    """The line of a top-level `key:` in a YAML file (0 when not found)."""
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if re.match(rf"^{re.escape(key)}\s*:", line):
+            return i
+    return 0
+
+
+def rule_overrides_only(skill: Skill) -> Iterator[Finding]:
+    """SB305: recipe.yaml and presets hold only overrides: a key equal to its field default is a second
+    source of the same default, and the two drift apart (the code default stops being the one that runs)."""
+    if not (skill.path / "recipe.py").is_file():
+        return
+    try:
+        rec = recipe_mod.load(skill.path)
+    except Exception:  # noqa: BLE001 - rule_recipe reports a recipe that does not load
+        return
+    fields = rec.Config.model_fields
+    required = {k: "/placeholder" for k, f in fields.items() if f.is_required()}
+    try:
+        default = rec.Config(**required).model_dump(mode="json")
+    except Exception:  # noqa: BLE001 - rule_recipe reports configs that do not validate
+        return
+    default_yaml = skill.path / "recipe.yaml"
+    base = recipe_mod.read_yaml(default_yaml, "default config") if default_yaml.is_file() else {}
+    files = [(default_yaml, base, {})] if default_yaml.is_file() else []
+    files += [(p, recipe_mod.read_yaml(p, "preset"), base) for p in sorted((skill.path / "configs").glob("*.yaml"))]
+    for path, data, below in files:
+        for key, value in data.items():
+            if key not in fields or key in required or key in below:
+                continue  # unknown keys are SB303's; a preset may restore a default recipe.yaml changed
+            try:
+                got = rec.Config(**{**required, key: value}).model_dump(mode="json")[key]
+            except Exception:  # noqa: BLE001 - invalid values are SB303's
+                continue
+            if got == default[key]:
+                yield err(
+                    "SB305",
+                    path,
+                    _key_line(path, key),
+                    f"'{key}: {value}' repeats the field default; delete it (a default lives in Config alone)",
+                )
