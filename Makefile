@@ -15,7 +15,7 @@ STAMP   := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 LLAMA_V := $(shell sed -n 's/^llama[-_]cpp[-_]python==//p' $(LOCK))
 BUILD   := $(VENV)/llama-build
 
-.PHONY: setup browser test check demo lint schema site clean lock
+.PHONY: setup browser test check code demo lint schema site clean lock
 
 setup: $(STAMP)
 
@@ -64,10 +64,16 @@ browser:
 
 # The suite, then again the tests whose numbers depend on the autocast dtype, with bf16 forced on: a bf16-only
 # failure shows on every CPU, including AVX2-only ones where `dtype: auto` never picks bf16.
-test: setup browser
+test: setup browser code
 	$(SKILLS) lint
 	$(PY) -m pytest -q
 	SKILLBOOK_AUTO_DTYPE=bfloat16 $(PY) -m pytest -q -m autocast
+
+# The code itself: ruff's lint rules and formatting, and mypy (configured in pyproject.toml).
+code: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
 
 # Exactly what CI runs.
 check: test

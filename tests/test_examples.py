@@ -140,7 +140,10 @@ def test_marked_blocks_must_still_parse() -> None:
 
 
 def test_examples_module_does_not_import_torch() -> None:
-    code = "import sys, skillbook.run.examples, skillbook.catalog.versions, skillbook.cli.agent; print('torch' in sys.modules)"
+    code = (
+        "import sys, skillbook.run.examples, skillbook.catalog.versions, skillbook.cli.agent, skillbook.cli.quality; "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

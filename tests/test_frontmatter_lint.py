@@ -143,9 +143,8 @@ def test_recipe_yaml_and_presets_hold_only_overrides(tmp_path):
     """SB305: a key equal to its field default is a second source of that default."""
     import shutil
 
-    from skillbook.lint import recipes
-
     from conftest import ROOT
+    from skillbook.lint import recipes
 
     skill = tmp_path / "example-demo"
     shutil.copytree(ROOT / "tests" / "fixtures" / "skills" / "example-demo", skill)

@@ -28,7 +28,7 @@ def prompt(fmt: str = "xml", max_tokens: int | None = None, root: Path | None = 
 
     def render(items: list[tuple[dict, str]], note: str = "") -> str:
         if fmt == "json":
-            body = {
+            body: dict[str, object] = {
                 "available_skills": [{"name": s["name"], "description": d, "location": s["skill_md"]} for s, d in items]
             }
             if note:

@@ -95,7 +95,7 @@ def parse(text: str) -> Frontmatter:
 
 def _key_lines(raw: str) -> dict[str, int]:
     """Map top-level keys to their SKILL.md line numbers for precise messages."""
-    out = {}
+    out: dict[str, int] = {}
     for i, line in enumerate(raw.split("\n")):
         m = re.match(r"^([A-Za-z0-9_-]+)\s*:", line)
         if m:
@@ -113,7 +113,8 @@ def check(data: dict, lines: dict[str, int] | None = None, folder: str | None = 
             problems.append(
                 Problem(
                     "SB104",
-                    f"unknown top-level key '{key}': allowed are {', '.join(ALLOWED_KEYS)}; put extra keys under 'metadata'",
+                    f"unknown top-level key '{key}': allowed are {', '.join(ALLOWED_KEYS)}; "
+                    "put extra keys under 'metadata'",
                     at(str(key)),
                 )
             )
@@ -127,7 +128,8 @@ def check(data: dict, lines: dict[str, int] | None = None, folder: str | None = 
             problems.append(
                 Problem(
                     "SB105",
-                    f"'name' {name!r} must be lowercase letters, digits and single hyphens, not starting or ending with '-'",
+                    f"'name' {name!r} must be lowercase letters, digits and single hyphens, "
+                    "not starting or ending with '-'",
                     at("name"),
                 )
             )

@@ -86,9 +86,9 @@ class Status:
     def stale(self) -> dict[str, tuple[str, str]]:
         """Packages whose installed version differs: name -> (recorded, installed)."""
         return {
-            n: (v, self.current[n])
+            n: (v, now)
             for n, v in self.recorded.items()
-            if self.current.get(n) is not None and not same(v, self.current[n])
+            if (now := self.current.get(n)) is not None and not same(v, now)
         }
 
     @property
@@ -201,7 +201,7 @@ def set_tested_with(text: str, spec: str) -> str:
             lines[i] = f"{m.group(1)}{KEY}: {value}"
             return "\n".join(lines)
         if lines[i].strip():
-            indent = re.match(r"^(\s+)", lines[i]).group(1)
+            indent = lines[i][: len(lines[i]) - len(lines[i].lstrip())]
         i += 1
     last = i
     while last - 1 > meta and not lines[last - 1].strip():

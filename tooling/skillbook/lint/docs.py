@@ -50,7 +50,7 @@ def rule_references_layout(skill: Skill) -> Iterator[Finding]:
     if not skill.text:
         return
     _, links, _ = skill.scan()
-    linked = {Path(l.target.split("#")[0]).name for l in links if markdown.is_relative(l.target)}
+    linked = {Path(link.target.split("#")[0]).name for link in links if markdown.is_relative(link.target)}
     for ref in skill.references:
         if ref.name not in linked:
             yield err(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import ast
 import re
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 
 from skillbook.catalog import Skill
 from skillbook.lint.findings import Finding, err
@@ -76,7 +76,8 @@ def rule_recipe(skill: Skill) -> Iterator[Finding]:
                 "SB302",
                 default,
                 1,
-                f"first line must point at its schema: '# yaml-language-server: $schema=../../schemas/{rec.name}.schema.json'",
+                "first line must point at its schema: "
+                f"'# yaml-language-server: $schema=../../schemas/{rec.name}.schema.json'",
             )
     # Artifact inputs with no default (e.g. `model`) come from the command line or a pipeline step.
     required_inputs = {
@@ -116,7 +117,7 @@ def rule_overrides_only(skill: Skill) -> Iterator[Finding]:
         return
     default_yaml = skill.path / "recipe.yaml"
     base = recipe_mod.read_yaml(default_yaml, "default config") if default_yaml.is_file() else {}
-    files = [(default_yaml, base, {})] if default_yaml.is_file() else []
+    files: list[tuple[Path, dict, dict]] = [(default_yaml, base, {})] if default_yaml.is_file() else []
     files += [(p, recipe_mod.read_yaml(p, "preset"), base) for p in sorted((skill.path / "configs").glob("*.yaml"))]
     for path, data, below in files:
         for key, value in data.items():

@@ -80,7 +80,8 @@ def syntax_errors(examples: list[Example], root: Path | None = None) -> list[str
                 ast.parse(ex.block.code)
             except SyntaxError as exc:
                 problems.append(
-                    f"{display_path(ex.path, root)}:{ex.line + (exc.lineno or 0)}: Python block does not parse: {exc.msg}"
+                    f"{display_path(ex.path, root)}:{ex.line + (exc.lineno or 0)}: "
+                    f"Python block does not parse: {exc.msg}"
                 )
         else:
             res = subprocess.run(["bash", "-n"], input=ex.block.code, capture_output=True, text=True)

@@ -2,9 +2,9 @@
 
 `validate` checks the whole DAG (skills, presets, step configs, references, artifact kinds) and
 returns every problem at once. `run` executes steps in order with a step cache: each step's key
-is recipe source (plus the skillbook.ml modules it imports) + resolved config + input artifact hashes, its run directory is
-`<runs>/cache/<skill>/<key>/`, and a directory with outputs.json is a finished step that a rerun
-reuses. A failed or killed pipeline therefore resumes at the step that did not finish.
+is recipe source (plus the skillbook.ml modules it imports) + resolved config + input artifact
+hashes, its run directory is `<runs>/cache/<skill>/<key>/`, and a directory with outputs.json is a
+finished step that a rerun reuses. A failed or killed pipeline therefore resumes at the step that did not finish.
 """
 
 from __future__ import annotations

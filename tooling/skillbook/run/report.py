@@ -117,7 +117,8 @@ def write_report(record_dir: Path, spec, record: dict) -> Path:
         "",
         spec.description.strip(),
         "",
-        f"Status: **{record['status']}**. Step time {total:.1f} s (this invocation {record['seconds']:.1f} s; cached steps show the time they took when they ran).",
+        f"Status: **{record['status']}**. Step time {total:.1f} s (this invocation {record['seconds']:.1f} s; "
+        "cached steps show the time they took when they ran).",
         "",
     ]
     table = stage_table(steps)
