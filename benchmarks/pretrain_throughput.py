@@ -16,7 +16,8 @@ whether a setting changes the loss curve. MFU = FLOPs/token x tokens/s / the mea
 A 2-core VM's speed drifts by 5-10 % within a minute, so the variants run in `--rounds` interleaved rounds
 and each reports its median; `recipe_vs_fastest` is the recipe's median over the fastest variant's.
 
-    python benchmarks/pretrain_throughput.py [--steps 8] [--rounds 3] [--configs tiny,small-25m] [--variants plain,recipe,fused,compiled,bf16]
+    python benchmarks/pretrain_throughput.py [--steps 8] [--rounds 3] [--configs tiny,small-25m]
+        [--variants plain,recipe,fused,compiled,bf16]
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def time_variant(cfg, module, variant: str, steps: int, warmup: int, micro: int,
     import torch.nn.functional as F
     from transformers import LlamaForCausalLM
 
-    from skillbook.ml import training as tr
+    from skillbook.ml.training import optim, precision
 
     torch.manual_seed(seed)
     raw = LlamaForCausalLM(module.llama_config(cfg, VOCAB))
@@ -57,18 +58,19 @@ def time_variant(cfg, module, variant: str, steps: int, warmup: int, micro: int,
     if variant == "plain":
         dtype, compiled, opt = "float32", False, torch.optim.AdamW(raw.parameters(), lr=cfg.lr)
     else:
-        recipe_compile = device.startswith("cuda")  # the recipe's compile=auto rule
         n_params = sum(p.numel() for p in raw.parameters())
+        recipe_compile, _ = precision.choose_compile("auto", device, n_params)  # the recipe's compile=auto rule
         dtype = {
-            "recipe": tr.pick_dtype("auto", device, n_params),
+            "recipe": precision.pick_dtype("auto", device, n_params),
             "bf16": "bfloat16",
             "fused": "float32",
             "compiled": "float32",
         }[variant]
         compiled = {"recipe": recipe_compile, "bf16": False, "fused": False, "compiled": True}[variant]
-        opt = tr.adamw(raw, cfg.lr, 0.0, (0.9, 0.999), fused=True)  # same hyper-parameters as plain's defaults
+        opt = optim.adamw(raw, cfg.lr, 0.0, (0.9, 0.999), fused=True)  # same hyper-parameters as plain's defaults
         for g in opt.param_groups:
             g["weight_decay"] = 0.01  # torch.optim.AdamW's default, so the update is the same rule
+    torch.use_deterministic_algorithms(compiled and device == "cpu", warn_only=True)  # as the recipe compiles on CPU
     model = torch.compile(raw) if compiled else raw
     gen = torch.Generator().manual_seed(seed + 1)
     batches = [torch.randint(0, VOCAB, (micro, cfg.seq_len + 1), generator=gen) for _ in range(warmup + steps)]
@@ -78,7 +80,7 @@ def time_variant(cfg, module, variant: str, steps: int, warmup: int, micro: int,
             t0 = time.perf_counter()
         ts = time.perf_counter()
         x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
-        with tr.autocast(device, dtype):
+        with precision.autocast(device, dtype):
             logits = model(input_ids=x).logits
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         loss.backward()
@@ -102,7 +104,7 @@ def time_variant(cfg, module, variant: str, steps: int, warmup: int, micro: int,
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from skillbook.ml import training as tr
+    from skillbook.ml.training import metrics, precision
     from skillbook.run import recipe
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rec, module = load_recipe()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    peaks = {dt: tr.measure_peak_flops(device, dt) for dt in ("float32", "bfloat16")}
+    peaks = {dt: metrics.measure_peak_flops(device, dt) for dt in ("float32", "bfloat16")}
     import platform
 
     cpu = next(
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu": cpu,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "cpu_native_bf16": tr.cpu_bf16_fast(),
+        "cpu_native_bf16": precision.cpu_bf16_fast(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_avg_1m": os.getloadavg()[0],
         "peak_flops": {k: round(v) for k, v in peaks.items()},
@@ -141,10 +143,11 @@ def main(argv: list[str] | None = None) -> dict:
         plain_losses = None
         variants = args.variants.split(",")
         for variant in list(variants):
-            if variant == "bf16" and device == "cpu" and not tr.cpu_bf16_fast() and not args.force_bf16:
+            if variant == "bf16" and device == "cpu" and not precision.cpu_bf16_fast() and not args.force_bf16:
                 out[variant] = {
                     "skipped": f"no native bf16 on this CPU (oneDNN reports none): bf16 matmuls run at "
-                    f"{peaks['bfloat16'] / 1e9:.1f} GFLOP/s vs {peaks['float32'] / 1e9:.0f} fp32; --force-bf16 times it anyway"
+                    f"{peaks['bfloat16'] / 1e9:.1f} GFLOP/s vs {peaks['float32'] / 1e9:.0f} fp32; "
+                    "--force-bf16 times it anyway"
                 }
                 variants.remove(variant)
         rounds: dict[str, list[dict]] = {v: [] for v in variants}
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
             r = dict(runs[0])
             r["tokens_per_s"] = statistics.median(x["tokens_per_s"] for x in runs)
             r["tokens_per_s_rounds"] = [x["tokens_per_s"] for x in runs]
-            fpt = tr.flops_per_token(r["params"], cfg.n_layer, cfg.d_model, cfg.seq_len)
+            fpt = metrics.flops_per_token(r["params"], cfg.n_layer, cfg.d_model, cfg.seq_len)
             out["params"], out["flops_per_token"] = r["params"], fpt
             losses = r.pop("losses")
             plain_losses = losses if variant == "plain" else plain_losses

@@ -28,10 +28,10 @@ def main() -> int:
     ap.add_argument("--api-key", default=None, help="bearer token, if the server wants one")
     args = ap.parse_args()
 
-    from skillbook.ml import serve_app, serve_backends
+    from skillbook.ml import serve_app, serve_backends, serve_clients
 
     if args.url:
-        result = serve_app.load_test(args.url, args.clients, args.requests, args.max_tokens, api_key=args.api_key)
+        result = serve_clients.load_test(args.url, args.clients, args.requests, args.max_tokens, api_key=args.api_key)
         result["backend"] = "external"
     else:
         if not args.model:
@@ -45,8 +45,8 @@ def main() -> int:
             torch.set_num_threads(args.threads)
             backend = serve_backends.TransformersBackend(path)
         with serve_app.ServerThread(serve_app.create_app(backend), port=serve_app.free_port()) as server:
-            single = serve_app.load_test(server.url, 1, 2, args.max_tokens)  # baseline: one client alone
-            result = serve_app.load_test(server.url, args.clients, args.requests, args.max_tokens)
+            single = serve_clients.load_test(server.url, 1, 2, args.max_tokens)  # baseline: one client alone
+            result = serve_clients.load_test(server.url, args.clients, args.requests, args.max_tokens)
         result["backend"] = backend.name
         result["single_client_latency_p50_s"] = single["latency_p50_s"]
         result["p50_latency_ratio_vs_single_client"] = result["latency_p50_s"] / single["latency_p50_s"]

@@ -73,6 +73,23 @@ def pretrained_model(pretrained) -> Path:
     return output(pretrained, "model")
 
 
+@pytest.fixture(scope="session")
+def sft_run(prepared, pretrained_model, session_runs) -> dict:
+    """The default sft run on the session's pretrained model: test_sft checks it, and dpo, grpo and
+    reward-modeling start from its merged model. Session-scoped, so it trains once per session."""
+    sets = {
+        "model": str(pretrained_model),
+        "data": str(output(prepared, "sft_data")),
+        "eval_data": str(output(prepared, "eval_data")),
+    }
+    return run_skill("sft", session_runs, sets)
+
+
+@pytest.fixture(scope="session")
+def sft_model(sft_run) -> Path:
+    return output(sft_run, "model")
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return catalog.repo_root(ROOT)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from conftest import output, run_skill
 from skillbook.cli import main
-from skillbook.ml import synthetic, textclean
+from skillbook.ml import synthetic, synthetic_questions, synthetic_vocab, synthetic_world, textclean
 
 
 def rows(path: Path) -> list[dict]:
@@ -86,9 +86,13 @@ def test_corpus_is_prose_without_the_qa_format(prepared):
         assert re.fullmatch(r" [A-Za-z0-9]+", r["completion"]), r
 
 
-def _prompt_to_fact(world: synthetic.World) -> dict[str, str]:
+def _prompt_to_fact(world: synthetic_world.World) -> dict[str, str]:
     """Fact key of every question (a reading row's passage before "Question:" is ignored)."""
-    return {synthetic.prompt_for(f.fill(t)): f.key for f in world.facts for t in synthetic.QUESTIONS[f.attribute]}
+    return {
+        synthetic_questions.prompt_for(f.fill(t)): f.key
+        for f in world.facts
+        for t in synthetic_vocab.QUESTIONS[f.attribute]
+    }
 
 
 def _fact(to_fact: dict[str, str], prompt: str) -> str:
@@ -115,7 +119,7 @@ def test_splits_are_disjoint_by_fact(prepared, world_ds):
 def test_every_eval_fact_is_stated_in_the_corpus(prepared, world_ds):
     text = corpus_text(prepared)
     for fact in world_ds.world.facts_in("eval"):
-        mentions = sum(text.count(fact.fill(t)) for t in synthetic.STATEMENTS[fact.attribute])
+        mentions = sum(text.count(fact.fill(t)) for t in synthetic_vocab.STATEMENTS[fact.attribute])
         assert mentions >= 3, (fact.key, mentions)
 
 
@@ -123,12 +127,12 @@ def _pools(world) -> list[set[str]]:
     people = {p["name"] for p in world.people}
     pets = {p["pet"] for p in world.people}
     return [
-        set(synthetic.TOWNS),
-        set(synthetic.COLOURS),
-        set(synthetic.FOODS),
-        set(synthetic.JOBS),
-        set(synthetic.SPECIES),
-        set(synthetic.OBJECTS),
+        set(synthetic_vocab.TOWNS),
+        set(synthetic_vocab.COLOURS),
+        set(synthetic_vocab.FOODS),
+        set(synthetic_vocab.JOBS),
+        set(synthetic_vocab.SPECIES),
+        set(synthetic_vocab.OBJECTS),
         people,
         pets,
     ]

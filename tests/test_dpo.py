@@ -14,14 +14,8 @@ import pytest
 
 from conftest import output, run_skill
 from skillbook.errors import ConfigError
-from test_sft import sft_result
 
 torch = pytest.importorskip("torch", reason="dpo needs torch, trl and peft (the `train` extra)")
-
-
-@pytest.fixture(scope="module")
-def sft_model(prepared, pretrained_model, session_runs):
-    return output(sft_result(prepared, pretrained_model, session_runs), "model")
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +48,15 @@ def test_dpo_widens_held_out_preference_margin(dpo_run, prepared, sft_model):
 
 def test_dpo_raises_held_out_preference_accuracy(dpo_run, prepared, sft_model):
     before, after = held_out_preferences(prepared, sft_model, dpo_run)
-    # Measured: 0.901 -> 0.936 on 282 held-out pairs (the speedrun's models); the SFT model's remaining errors are mostly
-    # arithmetic it never stored (DPO cannot add knowledge) and echoed names on reading questions.
+    # Measured: 0.901 -> 0.936 on 282 held-out pairs (the speedrun's models); the SFT model's remaining errors
+    # are mostly arithmetic it never stored (DPO cannot add knowledge) and echoed names on reading questions.
     assert after["preference_accuracy"] > before["preference_accuracy"], (before, after)
 
 
 def test_dpo_keeps_greedy_answers_right(dpo_run, prepared, sft_model):
     """Plain DPO lowers the chosen answers' likelihood too and greedy answers degrade (0.518 -> 0.305
-    measured; 0.478 -> 0.608 with the NLL term); the default adds an NLL term on the chosen answer (sft_weight 1.0), which keeps them."""
+    measured; 0.478 -> 0.608 with the NLL term); the default adds an NLL term on the chosen answer
+    (sft_weight 1.0), which keeps them."""
     from skillbook.ml.evaluate import exact_match, load_model_and_tokenizer, read_jsonl
 
     rows = read_jsonl(output(prepared, "eval_data") / "test.jsonl")

@@ -11,14 +11,12 @@ import pytest
 
 from conftest import ROOT, output, run_skill
 from skillbook.errors import ConfigError
-from test_sft import sft_result
 
 torch = pytest.importorskip("torch", reason="grpo needs torch, trl and peft (the `train` extra)")
 
 
 @pytest.fixture(scope="module")
-def runs(prepared, pretrained_model, session_runs) -> dict:
-    sft_model = output(sft_result(prepared, pretrained_model, session_runs), "model")
+def runs(prepared, sft_model, session_runs) -> dict:
     grpo = run_skill(
         "grpo",
         session_runs,
@@ -33,7 +31,7 @@ def runs(prepared, pretrained_model, session_runs) -> dict:
 
 def test_grpo_raises_mean_reward(runs, prepared):
     from skillbook.ml.evaluate import load_model_and_tokenizer, read_jsonl
-    from skillbook.ml.posttrain import mean_sampled_reward
+    from skillbook.ml.rewards import mean_sampled_reward
     from skillbook.run import recipe
 
     cfg = recipe.resolve(recipe.load(ROOT / "skills" / "grpo"), overrides={"model": "/x"})

@@ -79,7 +79,7 @@ def test_default_aux_loss_keeps_every_layer_utilized(moe_runs):
     res = moe_runs["balanced"]
     util = utilization_per_layer(own_routing_counts(output(res, "model"), moe_runs["corpus"]))
     assert min(util) >= 0.8, util
-    records = [json.loads(l) for l in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if r.get("step")]
     assert len(steps) == 200 and len(steps[-1]["loads"]) == 2 and len(steps[-1]["loads"][0]) == 4
     assert 0.9 < steps[-1]["aux_loss_normalised"] < 1.3  # 1.0 = balanced, after dividing by top_k
@@ -100,7 +100,7 @@ def test_dense_twin_has_the_same_active_parameters(moe_runs):
     summary = moe_runs["balanced"]["summary"]
     report = (Path(moe_runs["balanced"]["run_dir"]) / "report.md").read_text()
     assert summary["total_params"] > 1.3 * summary["active_params"]  # sparse: most expert weights idle per token
-    dense_row = next(l for l in report.splitlines() if l.startswith("| dense |"))
+    dense_row = next(line for line in report.splitlines() if line.startswith("| dense |"))
     dense_active = int(dense_row.split("|")[3].replace(",", ""))
     # Same attention and embeddings, MLP width top_k x expert width: only the routers differ.
     assert abs(summary["active_params"] - dense_active) <= 2 * 4 * 128  # layers x experts x hidden
@@ -154,7 +154,7 @@ def test_upcycled_model_starts_at_the_dense_loss(small_dense, prepared, tmp_path
     import torch
     from transformers import AutoModelForCausalLM
 
-    from skillbook.ml import moe
+    from skillbook.ml.moe import upcycling
 
     res = run_skill(
         "moe",
@@ -175,7 +175,7 @@ def test_upcycled_model_starts_at_the_dense_loss(small_dense, prepared, tmp_path
     assert res["summary"]["upcycle_step0_gap"] < dtype_tolerance(res["summary"], fp32=1e-4, bf16=4e-3)
     # And independently: the library's upcycled model gives the dense model's logits.
     dense = AutoModelForCausalLM.from_pretrained(str(small_dense)).eval()
-    sparse = moe.upcycle(dense, num_experts=4, top_k=2).eval()
+    sparse = upcycling.upcycle(dense, num_experts=4, top_k=2).eval()
     x = torch.randint(0, dense.config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.allclose(dense(x).logits, sparse(x).logits, atol=1e-4)
@@ -201,13 +201,13 @@ def test_per_layer_aux_loss_sees_what_the_pooled_loss_misses():
     import torch
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from skillbook.ml import moe
+    from skillbook.ml.moe import routing
 
     layer0 = torch.tensor([8.0, 0.0, 0.0, 8.0]).repeat(64, 1)  # every token -> experts 0 and 3
     layer1 = torch.tensor([0.0, 8.0, 8.0, 0.0]).repeat(64, 1)  # every token -> experts 1 and 2
     assert float(load_balancing_loss_func((layer0, layer1), 4, 2)) == pytest.approx(2.0, abs=0.01)  # "balanced"
-    assert float(moe.per_layer_aux_loss((layer0, layer1), 4, 2)) == pytest.approx(4.0, abs=0.01)  # worst case E
+    assert float(routing.per_layer_aux_loss((layer0, layer1), 4, 2)) == pytest.approx(4.0, abs=0.01)  # worst case E
     uniform = torch.zeros(64, 4)
-    assert float(moe.per_layer_aux_loss((uniform,), 4, 2)) == pytest.approx(2.0, abs=0.01)  # top_k when balanced
-    assert moe.utilization([0.25, 0.25, 0.25, 0.25]) == 1.0 and moe.utilization([0.5, 0.5, 0.0, 0.0]) == 0.5
-    assert moe.drop_fraction([64, 64, 0, 0], capacity_factor=1.0, top_k=2) == pytest.approx(0.5)
+    assert float(routing.per_layer_aux_loss((uniform,), 4, 2)) == pytest.approx(2.0, abs=0.01)  # top_k when balanced
+    assert routing.utilization([0.25, 0.25, 0.25, 0.25]) == 1.0 and routing.utilization([0.5, 0.5, 0.0, 0.0]) == 0.5
+    assert routing.drop_fraction([64, 64, 0, 0], capacity_factor=1.0, top_k=2) == pytest.approx(0.5)

@@ -71,12 +71,13 @@ def test_saved_model_reloads_with_same_logits(pretrained, pretrained_model):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    from skillbook.ml import lm_data, training
+    from skillbook.ml import lm_data
+    from skillbook.ml.training import checkpoints
 
     model = AutoModelForCausalLM.from_pretrained(str(pretrained_model)).eval()
     tok = AutoTokenizer.from_pretrained(str(pretrained_model))
     assert len(tok) == model.config.vocab_size and model.generation_config.eos_token_id == tok.eos_token_id
-    ck = training.load_checkpoint(training.latest_checkpoint(Path(pretrained["run_dir"]) / "checkpoints"))
+    ck = checkpoints.load_checkpoint(checkpoints.latest_checkpoint(Path(pretrained["run_dir"]) / "checkpoints"))
     trained = LlamaForCausalLM(model.config).eval()
     trained.load_state_dict(ck["model"])
     ids = tok(["Mira has a red kite.", "If you add 2 and 6, you get"], return_tensors="pt", padding=True)
@@ -97,19 +98,19 @@ def test_default_model_learns_the_facts_not_just_the_grammar(pretrained_model):
     import random
 
     from skillbook.ml import evaluate as ev
-    from skillbook.ml import synthetic
+    from skillbook.ml import synthetic_questions, synthetic_vocab, synthetic_world
 
-    world, rng = synthetic.make_world(0), random.Random(5)
+    world, rng = synthetic_world.make_world(0), random.Random(5)
     names = {"owner": [p["name"] for p in world.people], "pet_name": [p["pet"] for p in world.people]}
     prefixes, right, wrong = [], [], []
     for fact in world.facts_in("eval"):
-        template = next((t for t in synthetic.STATEMENTS[fact.attribute] if t.endswith("{v}.")), None)
+        template = next((t for t in synthetic_vocab.STATEMENTS[fact.attribute] if t.endswith("{v}.")), None)
         if template is None:  # arithmetic states the sum as {z}
             continue
         sentence = fact.fill(template)
         prefixes.append(sentence[: sentence.rindex(fact.answer)].rstrip())
         right.append(" " + fact.answer)
-        wrong.append(" " + synthetic._wrong(fact, rng, names))
+        wrong.append(" " + synthetic_questions._wrong(fact, rng, names))
     model, tok = ev.load_model_and_tokenizer(pretrained_model)
     good = ev.completion_logprobs(model, tok, prefixes, right)
     bad = ev.completion_logprobs(model, tok, prefixes, wrong)
@@ -246,7 +247,7 @@ def test_batch_that_does_not_split_over_processes_is_refused(prepared, tokenizer
 
 
 def test_lr_schedule_warms_up_then_decays_to_min():
-    from skillbook.ml.training import lr_at
+    from skillbook.ml.training.optim import lr_at
 
     lrs = [lr_at(s, 1e-3, 10, 100, 1e-4) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
@@ -272,10 +273,54 @@ def test_sampler_resumes_on_the_next_batch_and_covers_each_epoch():
 
 
 def test_checkpoints_are_atomic_and_rotated(tmp_path):
-    from skillbook.ml import training
+    from skillbook.ml.training import checkpoints
 
     for step in (10, 20, 30):
-        training.save_checkpoint({"step": step}, tmp_path, step, keep=2)
+        checkpoints.save_checkpoint({"step": step}, tmp_path, step, keep=2)
     (tmp_path / ".step_000040.pt.tmp").write_bytes(b"half a file")  # what a kill mid-write leaves
-    assert [p.name for p in training.list_checkpoints(tmp_path)] == ["step_000020.pt", "step_000030.pt"]
-    assert training.load_checkpoint(training.latest_checkpoint(tmp_path))["step"] == 30
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == ["step_000020.pt", "step_000030.pt"]
+    assert checkpoints.load_checkpoint(checkpoints.latest_checkpoint(tmp_path))["step"] == 30
+
+
+# ---- composition: the tokenizer is trained by the tokenization skill, inside the run dir ---------------
+
+
+def test_cache_key_covers_the_skills_a_recipe_runs_inside_itself():
+    """pretraining runs `ctx.run_skill("tokenization", ...)` when no tokenizer is given, so a pipeline step's
+    cache key must change when the tokenization recipe, its recipe.yaml or a helper it imports changes."""
+    rec = recipe.load(ROOT / "skills" / "pretraining")
+    text = rec.code_text()
+    tok_dir = ROOT / "skills" / "tokenization"
+    assert (tok_dir / "recipe.py").read_text() in text and (tok_dir / "recipe.yaml").read_text() in text
+    ml = ROOT / "tooling" / "skillbook" / "ml"
+    assert (ml / "tokenizer_utils.py").read_text() in text  # imported by tokenization, not by pretraining
+    assert (ml / "training" / "checkpoints.py").read_text() in text  # a package's modules count too
+    assert (ROOT / "skills" / "sft" / "recipe.py").read_text() not in text  # skills it does not run do not
+    assert recipe.skill_calls(
+        'def run(cfg, ctx):\n    ctx.run_skill("tokenization", {"corpus": x})\n'
+        '    ctx.run_skill(name="data-preparation")\n    ctx.run_skill(some_name)\n'
+    ) == {"tokenization", "data-preparation"}  # literals only: a name built at run time cannot be seen
+
+
+def test_tokenizer_is_trained_inside_the_run_dir(tmp_path):
+    """With no tokenizer given, every file the tokenization sub-run writes stays in pretraining's run dir,
+    and the tokenizer is the one `skills run tokenization` makes on the same corpus."""
+    res = run_skill("pretraining", tmp_path / "runs", {**SMALL, "max_steps": 2, "warmup_steps": 1})
+    run_dir = Path(res["run_dir"])
+    sub = json.loads((run_dir / "tokenization" / "outputs.json").read_text())
+    assert Path(sub["outputs"]["tokenizer"]["path"]).parent == run_dir / "tokenization"
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["pretraining"]  # nothing beside it
+    alone = run_skill("tokenization", tmp_path / "alone", {"corpus": str(run_dir / "data" / "corpus")})
+    assert sub["outputs"]["tokenizer"]["sha256"] == alone["outputs"]["tokenizer"]["sha256"]
+
+
+def test_compile_auto_follows_the_measured_size_rule():
+    from skillbook.ml.training import precision
+
+    assert precision.choose_compile("auto", "cuda:0", 1_000)[0] is True
+    assert precision.choose_compile("auto", "cpu", 974_720) == (
+        False,
+        "auto: 1.0M params < 5M, compiling costs more than it saves",
+    )
+    assert precision.choose_compile("auto", "cpu", 25_000_000)[0] is True
+    assert precision.choose_compile(False, "cuda:0", 25_000_000) == (False, "set in the config")

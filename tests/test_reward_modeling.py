@@ -12,14 +12,12 @@ import pytest
 
 from conftest import output, run_skill
 from skillbook.errors import ConfigError
-from test_sft import sft_result
 
 torch = pytest.importorskip("torch", reason="reward-modeling needs torch and trl (the `train` extra)")
 
 
 @pytest.fixture(scope="module")
-def rm_run(prepared, pretrained_model, session_runs) -> dict:
-    sft_model = output(sft_result(prepared, pretrained_model, session_runs), "model")
+def rm_run(prepared, sft_model, session_runs) -> dict:
     return run_skill(
         "reward-modeling", session_runs, {"model": str(sft_model), "data": str(output(prepared, "preference_data"))}
     )

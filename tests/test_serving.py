@@ -18,7 +18,7 @@ import pytest
 
 from conftest import ROOT, run_skill
 from skillbook.errors import ConfigError
-from skillbook.ml import serve_app, serve_backends
+from skillbook.ml import serve_app, serve_backends, serve_clients
 
 openai = pytest.importorskip("openai")
 
@@ -144,7 +144,7 @@ def test_bad_requests_get_4xx_and_server_survives(hf_server):
 
 
 def test_sixteen_concurrent_clients_all_succeed(gguf_server):
-    res = serve_app.load_test(gguf_server.url, clients=16, requests_per_client=1, max_tokens=8)
+    res = serve_clients.load_test(gguf_server.url, clients=16, requests_per_client=1, max_tokens=8)
     assert res["succeeded"] == 16 and res["failed"] == 0, res["errors"]
     assert res["latency_p95_s"] >= res["latency_p50_s"] > 0 and res["generated_tokens_per_s"] > 0
 

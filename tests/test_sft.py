@@ -9,7 +9,6 @@ fast with one clear message.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -17,26 +16,6 @@ from conftest import ROOT, output, run_skill
 from skillbook.errors import ConfigError
 
 torch = pytest.importorskip("torch", reason="sft needs torch, trl and peft (the `train` extra)")
-
-
-def sft_result(prepared: dict, pretrained_model: Path, session_runs: Path) -> dict:
-    """The default sft run on the session's pretrained model, run once and shared by test_dpo/test_grpo."""
-    sets = {
-        "model": str(pretrained_model),
-        "data": str(output(prepared, "sft_data")),
-        "eval_data": str(output(prepared, "eval_data")),
-    }
-    for done in sorted((session_runs / "sft").glob("*/outputs.json")):
-        result = json.loads(done.read_text())
-        config = (done.parent / "config.yaml").read_text()
-        if all(f"{k}: {v}" in config for k, v in sets.items()):
-            return result
-    return run_skill("sft", session_runs, sets)
-
-
-@pytest.fixture(scope="module")
-def sft_run(prepared, pretrained_model, session_runs) -> dict:
-    return sft_result(prepared, pretrained_model, session_runs)
 
 
 def eval_rows(prepared: dict) -> list[dict]:
@@ -112,4 +91,54 @@ def test_presets_validate_and_tiny_default_has_no_checkpointing():
     cfg = recipe.resolve(rec, overrides={"model": "/x"})
     assert cfg.gradient_checkpointing is False and cfg.method == "lora"
     for preset in rec.presets():
-        assert recipe.resolve(rec, preset=preset, overrides={"model": "/x"}).lr <= 2e-4
+        assert recipe.resolve(rec, preset=preset, overrides={"model": "/x"}).optim.lr <= 2e-4
+
+
+def test_a_partial_block_keeps_the_recipes_other_defaults():
+    """`--set optim.lr=…` changes one value: the rest of the block keeps this recipe's defaults (dpo warms
+    up for 0.1 of its steps, not the Optim class's 0.05), and a flat pre-block key names its new place."""
+    from skillbook.run import recipe
+
+    rec = recipe.load(ROOT / "skills" / "dpo")
+    cfg = recipe.resolve(rec, overrides={"model": "/x", "lora": {"dropout": 0.05}}, sets=["optim.lr=1e-4", "lora.r=8"])
+    assert (cfg.optim.lr, cfg.optim.warmup_ratio, cfg.optim.schedule) == (1e-4, 0.1, "cosine")
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 32, 0.05)
+    with pytest.raises(ConfigError) as info:
+        recipe.resolve(rec, overrides={"model": "/x"}, sets=["lr=1e-4", "lora_r=8", "optim.max_grad_norm=0.5"])
+    msg = str(info.value)
+    assert "'optim.lr'" in msg and "'lora.r'" in msg and "'optim.grad_clip'" in msg
+
+
+def test_trl_args_at_the_defaults_are_what_trl_ran_before_the_blocks():
+    """The blocks made trl_args' fixed choices fields; at the defaults TRL must get the same values."""
+    from trl import SFTConfig
+
+    from skillbook.ml.posttrain import trl_args
+    from skillbook.run import recipe
+
+    expected = {  # skill: (learning_rate, warmup_steps = ceil(ratio x steps), logging_steps)
+        "sft": (2e-3, 6, 5),
+        "dpo": (2e-3, 8, 5),
+        "grpo": (1e-3, 2, 2),
+        "reward-modeling": (5e-4, 20, 5),
+    }
+    bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    for name, (lr, warmup, every) in expected.items():
+        cfg = recipe.resolve(recipe.load(ROOT / "skills" / name), overrides={"model": "/x"})
+        args = trl_args(cfg, ROOT / "unused")
+        assert (args["learning_rate"], args["warmup_steps"], args["logging_steps"]) == (lr, warmup, every), name
+        assert args["lr_scheduler_type"] == "cosine" and args["weight_decay"] == 0.0 and args["report_to"] == []
+        assert (args["adam_beta1"], args["adam_beta2"], args["max_grad_norm"]) == (0.9, 0.999, 1.0)
+        assert (args["bf16"], args["fp16"]) == (bf16, False)
+    built = SFTConfig(**trl_args(cfg, ROOT / "unused"))  # TRL accepts every key
+    assert built.max_grad_norm == 1.0 and built.bf16 is bf16
+
+
+def test_schema_shows_each_recipes_block_defaults():
+    """Editors and the site read a block field's default from the schema's $defs: it must be this recipe's."""
+    from skillbook.run import recipe
+
+    for name, lr in {"sft": 2e-3, "grpo": 1e-3, "reward-modeling": 5e-4}.items():
+        schema = recipe.load(ROOT / "skills" / name).Config.model_json_schema()
+        assert schema["$defs"]["Optim"]["properties"]["lr"]["default"] == lr
+        assert schema["properties"]["optim"]["default"]["lr"] == lr

@@ -1,4 +1,5 @@
-"""The docs site: a page per skill, reference and pipeline; links and anchors resolve; search and config tables are right."""
+"""The docs site: a page per skill, reference and pipeline; links and anchors resolve; search and config tables
+are right."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from skillbook.errors import SkillbookError
 from skillbook.site import build as site
 from skillbook.site import data as site_data
 from skillbook.site import links as site_links
+from skillbook.site import markdown as site_md
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +103,8 @@ def make_repo(root: Path) -> Path:
         )
     )
     (data / "references" / "guide.md").write_text(
-        "# Guide\n\nWhy the defaults are what they are.\n\n## The knobs that matter\n\nBack to [the skill](../SKILL.md#notes-1).\n\n"
+        "# Guide\n\nWhy the defaults are what they are.\n\n## The knobs that matter\n\n"
+        "Back to [the skill](../SKILL.md#notes-1).\n\n"
         "![the data flow](flow.svg)\n\n"
         "```python fragment\nsteps = 10\n```\n"
     )
@@ -409,9 +412,9 @@ def test_build_refuses_to_wipe_a_folder_it_did_not_build(tmp_path, repo):
 
 
 def test_slugs_match_github_anchors():
-    assert site.slugify("Defaults that work (CPU, 2 cores)") == "defaults-that-work-cpu-2-cores"
-    assert site.slugify("`lora_r` and α") == "lora_r-and-α"
-    assert site.slugify("Scale: 8B on 8×H100") == "scale-8b-on-8h100"
+    assert site_md.slugify("Defaults that work (CPU, 2 cores)") == "defaults-that-work-cpu-2-cores"
+    assert site_md.slugify("`lora_r` and α") == "lora_r-and-α"
+    assert site_md.slugify("Scale: 8B on 8×H100") == "scale-8b-on-8h100"
 
 
 def test_cli_build_prints_counts_and_time(repo, tmp_path, monkeypatch):
@@ -461,8 +464,6 @@ def test_pipeline_with_an_unknown_skill_or_bad_yaml_fails_the_build(tmp_path):
 
 
 def test_a_rebuild_from_the_highlight_cache_is_byte_identical(tmp_path, repo):
-    from skillbook.site import markdown as site_md
-
     first = site.build(tmp_path / "a", root=repo)
     assert (repo / ".skillbook-cache" / "site-highlight.json").is_file()
     site_md._CACHE.clear()  # the second build reads highlights from disk only

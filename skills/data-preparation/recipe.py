@@ -178,7 +178,7 @@ def read_hub(name: str, cfg: Config) -> list[str]:
         return [str(row[cfg.text_field]) for row in stream.take(cfg.max_documents)]
     except KeyError:
         raise SkillbookError(f"source: hub:{name} rows have no field '{cfg.text_field}'; set text_field") from None
-    except Exception as exc:  # offline, missing dataset, gated repo ...
+    except Exception as exc:  # noqa: BLE001 - offline, missing or gated: datasets raises many types, all reported
         raise SkillbookError(
             f"source: cannot stream hub:{name} ({type(exc).__name__}: {str(exc)[:200]}); "
             "check the name and network, or pass a local file"

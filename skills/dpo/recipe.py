@@ -13,8 +13,18 @@ from typing import Literal
 
 from pydantic import Field
 
-from skillbook.ml import posttrain as pt
-from skillbook.run.recipe import RecipeConfig
+from skillbook.ml.finetune_data import artifact_dir, default_data, read_split, to_dataset
+from skillbook.ml.hf_models import (
+    count_params,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    merge_and_save,
+    reload_adapter_bf16,
+    resolve_model,
+)
+from skillbook.ml.posttrain import log_callback, metric_history, precision_name, quiet_trainer, report_md, trl_args
+from skillbook.run.blocks import BlockConfig, Logging, LoRA, Optim, Precision
 from skillbook.run.runner import RunContext
 
 OUTPUTS = {"adapter": "adapter", "model": "hf-model"}
@@ -22,7 +32,7 @@ INPUTS = {"model": "hf-model", "data": "preference-data", "eval_data": "sft-data
 PAIR = ("prompt", "chosen", "rejected")
 
 
-class Config(RecipeConfig):
+class Config(BlockConfig):
     # --- inputs -------------------------------------------------------------------------------
     model: str = Field(
         ...,
@@ -66,28 +76,23 @@ class Config(RecipeConfig):
         "adapter-free self is the reference (no second "
         "copy in memory); qlora: the same on a 4-bit base.",
     )
-    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (update scaled by alpha/r).")
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    lora_targets: list[str] = Field(
-        default_factory=lambda: list(pt.LLAMA_LORA_TARGETS), description="Module-name suffixes that get adapters."
-    )
+    lora: LoRA = Field(LoRA(), description="The adapter on the policy: rank, alpha, dropout, target modules.")
     # --- optimisation -------------------------------------------------------------------------
     steps: int = Field(80, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Preference pairs per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(
-        2e-3,
-        gt=0,
-        description="Peak learning rate. Tiny model + LoRA: 5e-4..2e-3; 7B + LoRA: 5e-6..5e-5; "
-        "7B full: 5e-7..1e-6 (TRL's default 1e-6).",
+    optim: Optim = Field(
+        Optim(lr=2e-3, warmup_ratio=0.1),
+        description="AdamW + schedule. lr: tiny model + LoRA 5e-4..2e-3; 7B + LoRA 5e-6..5e-5; "
+        "7B full 5e-7..1e-6 (TRL's default 1e-6).",
     )
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming the LR up.")
     max_length: int = Field(128, ge=8, description="Token budget for prompt + answer.")
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in backward (GPU memory saver; slower, off for tiny CPU runs)."
     )
     seed: int = Field(0, description="Random seed.")
+    precision: Precision = Field(Precision(), description="Weight dtype and mixed-precision autocast.")
+    logging: Logging = Field(Logging(), description="Metric cadence and external trackers.")
     # --- evaluation ---------------------------------------------------------------------------
     eval_limit: int = Field(500, ge=1, description="At most this many held-out pairs / questions per metric.")
     max_new_tokens: int = Field(8, ge=1, description="Greedy tokens per held-out question for exact match.")
@@ -100,22 +105,20 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     from skillbook.ml.evaluate import exact_match, preference_accuracy
 
     # ---- data: checked first, so a file missing a column fails before any model is loaded ---
-    data_dir = pt.default_data(ctx, "preference_data") if cfg.data is None else pt.artifact_dir(cfg.data, "data")
-    train_rows = pt.read_split(data_dir, "train", PAIR, "data")
-    test_rows = pt.read_split(data_dir, "test", PAIR, "data")[: cfg.eval_limit]
-    eval_dir = cfg.eval_data or (pt.default_data(ctx, "eval_data") if cfg.data is None else None)
-    qa_rows = (
-        pt.read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit] if eval_dir else []
-    )
-    model_ref = pt.resolve_model(cfg.model)
+    data_dir = default_data(ctx, "preference_data") if cfg.data is None else artifact_dir(cfg.data, "data")
+    train_rows = read_split(data_dir, "train", PAIR, "data")
+    test_rows = read_split(data_dir, "test", PAIR, "data")[: cfg.eval_limit]
+    eval_dir = cfg.eval_data or (default_data(ctx, "eval_data") if cfg.data is None else None)
+    qa_rows = read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit] if eval_dir else []
+    model_ref = resolve_model(cfg.model)
 
     # ---- policy (and, through LoRA, reference) model ----------------------------------------
     torch.manual_seed(cfg.seed)
-    tok = pt.load_tokenizer(model_ref)
-    model = pt.load_causal_lm(model_ref, quantization="4bit" if cfg.method == "qlora" else "none")
+    tok = load_tokenizer(model_ref)
+    model = load_causal_lm(model_ref, "4bit" if cfg.method == "qlora" else "none", cfg.precision.weights)
     model.generation_config.pad_token_id = tok.pad_token_id
     ctx.info(
-        f"policy {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
+        f"policy {model_ref}: {count_params(model)[1] / 1e6:.2f} M parameters; "
         f"{len(train_rows)} train pairs, {len(test_rows)} held-out pairs"
     )
 
@@ -127,23 +130,19 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     )
 
     # ---- trainer: no ref_model -> with a peft_config TRL uses the base with adapters disabled --
+    # (trl_args maps steps, batch and the optim/precision/logging blocks; the keywords here are DPO's own)
     # RPO: TRL sums the listed losses; an NLL term on the chosen answer keeps greedy answers from degrading
-    losses, weights = [cfg.loss_type], [1.0]
+    loss_types: list[str] = [cfg.loss_type]
+    weights = [1.0]
     if cfg.sft_weight:
-        losses, weights = losses + ["sft"], weights + [cfg.sft_weight]
+        loss_types, weights = loss_types + ["sft"], weights + [cfg.sft_weight]
     args = DPOConfig(
-        **pt.trl_args(
+        **trl_args(
+            cfg,
             ctx.out_dir / "trainer",
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-            lr=cfg.lr,
-            warmup_ratio=cfg.warmup_ratio,
-            seed=cfg.seed,
-            gradient_checkpointing=cfg.gradient_checkpointing,
             beta=cfg.beta,
             max_length=cfg.max_length,
-            loss_type=losses,
+            loss_type=loss_types,
             loss_weights=weights,
         )
     )
@@ -151,17 +150,19 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         model=model,
         args=args,
         processing_class=tok,
-        train_dataset=pt.to_dataset(train_rows, PAIR),
-        peft_config=pt.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
-        callbacks=[pt.log_callback(ctx, cfg.steps)],
+        train_dataset=to_dataset(train_rows, PAIR),
+        peft_config=lora_config(cfg.lora),
+        callbacks=[log_callback(ctx, cfg.steps)],
     )
-    pt.quiet_trainer(trainer)
-    trainable, total = pt.count_params(trainer.model)
-    ctx.info(f"training {trainable:,} of {total:,} parameters; beta={cfg.beta}, loss={cfg.loss_type}")
+    quiet_trainer(trainer)
+    trainable, total = count_params(trainer.model)
+    ctx.info(
+        f"training {trainable:,} of {total:,} parameters; beta={cfg.beta}, loss={cfg.loss_type}, {precision_name(args)}"
+    )
     trainer.train()
-    losses = pt.metric_history(trainer, "loss")
-    margins = pt.metric_history(trainer, "rewards/margins")
-    accuracies = pt.metric_history(trainer, "rewards/accuracies")
+    losses = metric_history(trainer, "loss")
+    margins = metric_history(trainer, "rewards/margins")
+    accuracies = metric_history(trainer, "rewards/accuracies")
 
     # ---- save: adapter, merged model (verified), tokenizer ----------------------------------
     if not ctx.is_main:
@@ -171,12 +172,12 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     tuned.save_pretrained(adapter_dir)
     tok.save_pretrained(adapter_dir)
     if cfg.method == "qlora":  # merge into a bf16 copy of the base, never into 4-bit weights
-        tuned = pt.reload_adapter_bf16(model_ref, adapter_dir)
-    merge_diff = pt.merge_and_save(tuned, tok, model_dir, [r["prompt"] + r["chosen"] for r in test_rows[:4]])
+        tuned = reload_adapter_bf16(model_ref, adapter_dir)
+    merge_diff = merge_and_save(tuned, tok, model_dir, [r["prompt"] + r["chosen"] for r in test_rows[:4]])
     ctx.info(f"merged model reloaded; max |logit difference| vs adapter model = {merge_diff:.2e}")
 
     # ---- measure again on the merged model --------------------------------------------------
-    merged = pt.load_causal_lm(str(model_dir))
+    merged = load_causal_lm(str(model_dir), weights=cfg.precision.weights)
     pref_after = preference_accuracy(merged, tok, test_rows)
     ctx.info(
         f"held-out preference accuracy after DPO: {pref_after['preference_accuracy']:.3f} "
@@ -196,7 +197,5 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     if qa_rows:
         em_after = exact_match(merged, tok, qa_rows, cfg.max_new_tokens)["exact_match"]
         ctx.summary.update(exact_match_before=em_before, exact_match_after=em_after)
-    ctx.report(
-        pt.report_md("DPO", f"{cfg.method}, beta={cfg.beta}, loss={cfg.loss_type}", model_ref, ctx.summary, losses)
-    )
+    ctx.report(report_md("DPO", f"{cfg.method}, beta={cfg.beta}, loss={cfg.loss_type}", model_ref, ctx.summary, losses))
     return {"adapter": adapter_dir, "model": model_dir}

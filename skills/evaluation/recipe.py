@@ -146,7 +146,7 @@ def measure(
     t0 = time.time()
     model, tok = ev.load_model_and_tokenizer(path, adapter, device=device, tokenizer=cfg.tokenizer)
     if cfg.chat_template:  # the rendering SFT/DPO trained on, or exact match measures a format mismatch
-        from skillbook.ml.posttrain import render_chat
+        from skillbook.ml.finetune_data import render_chat
 
         if not tok.chat_template:
             raise ConfigError(f"chat_template: the tokenizer of {path} has no chat template; set it false")

@@ -30,7 +30,10 @@ class Config(RecipeConfig):
     model: str = Field(..., description="hf-model directory (tokenizer inside) to export, e.g. the sft or dpo output.")
     exporter: Literal["dynamo", "torchscript"] = Field(
         "dynamo",
-        description="dynamo: torch.export + onnxscript, the maintained path (~30-50 s here); torchscript: the legacy tracer, frozen but ~20x faster to run (~2 s).",
+        description=(
+            "dynamo: torch.export + onnxscript, the maintained path (~30-50 s here); "
+            "torchscript: the legacy tracer, frozen but ~20x faster to run (~2 s)."
+        ),
     )
     opset: int = Field(
         18, ge=17, le=23, description="ONNX opset. 18 is what the dynamo exporter targets and onnxruntime >= 1.16 runs."
@@ -177,8 +180,14 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
             [
                 f"# export: {model_dir.name}",
                 "",
-                f"- ONNX: `{onnx_path}` ({onnx_path.stat().st_size / 1e6:.2f} MB, {cfg.exporter} exporter, opset {cfg.opset}, dynamic batch × sequence ≤ {max_len})",
-                f"- parity vs torch (fp32, onnxruntime CPU): max |Δlogit| = {worst:.2e} (tolerance {cfg.parity_tolerance:.0e})",
+                (
+                    f"- ONNX: `{onnx_path}` ({onnx_path.stat().st_size / 1e6:.2f} MB, {cfg.exporter} exporter, "
+                    f"opset {cfg.opset}, dynamic batch × sequence ≤ {max_len})"
+                ),
+                (
+                    f"- parity vs torch (fp32, onnxruntime CPU): max |Δlogit| = {worst:.2e} "
+                    f"(tolerance {cfg.parity_tolerance:.0e})"
+                ),
                 f"- hub folder: `{hub}` (safetensors, tokenizer, README.md model card)",
                 "",
                 "| shape | max abs diff | argmax agreement |",

@@ -13,15 +13,25 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from skillbook.ml import posttrain as pt
-from skillbook.run.recipe import RecipeConfig
+from skillbook.ml.finetune_data import question_dirs, read_split, to_dataset
+from skillbook.ml.hf_models import (
+    count_params,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    merge_and_save,
+    resolve_model,
+)
+from skillbook.ml.posttrain import log_callback, metric_history, precision_name, quiet_trainer, report_md, trl_args
+from skillbook.ml.rewards import answer_reward, mean_sampled_reward
+from skillbook.run.blocks import BlockConfig, Logging, LoRA, Optim, Precision
 from skillbook.run.runner import RunContext
 
 OUTPUTS = {"adapter": "adapter", "model": "hf-model"}
 INPUTS = {"model": "hf-model", "data": "sft-data", "eval_data": "sft-data"}
 
 
-class Config(RecipeConfig):
+class Config(BlockConfig):
     # --- inputs -------------------------------------------------------------------------------
     model: str = Field(
         ...,
@@ -61,12 +71,7 @@ class Config(RecipeConfig):
     loss_type: Literal["dapo", "grpo", "dr_grpo", "bnpo"] = Field(
         "dapo", description="How token losses are averaged; dapo (TRL default) removes the length bias of grpo."
     )
-    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (update scaled by alpha/r).")
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    lora_targets: list[str] = Field(
-        default_factory=lambda: list(pt.LLAMA_LORA_TARGETS), description="Module-name suffixes that get adapters."
-    )
+    lora: LoRA = Field(LoRA(), description="The adapter on the policy: rank, alpha, dropout, target modules.")
     # --- optimisation -------------------------------------------------------------------------
     steps: int = Field(40, ge=1, description="Optimizer steps (one group batch sampled per step).")
     batch_size: int = Field(
@@ -76,16 +81,18 @@ class Config(RecipeConfig):
         "must be a multiple of num_generations.",
     )
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(
-        1e-3,
-        gt=0,
-        description="Peak learning rate. Tiny model + LoRA: 5e-4..2e-3; 7B + LoRA: 1e-5..5e-5; "
-        "7B full: 1e-6 (TRL's default).",
+    optim: Optim = Field(
+        Optim(lr=1e-3, warmup_ratio=0.05),
+        description="AdamW + schedule. lr: tiny model + LoRA 5e-4..2e-3; 7B + LoRA 1e-5..5e-5; "
+        "7B full 1e-6 (TRL's default).",
     )
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming the LR up.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (GPU memory saver).")
     use_vllm: bool = Field(False, description="Generate the groups with vLLM (GPU only, colocated with training).")
     seed: int = Field(0, description="Random seed (sampling, data order).")
+    precision: Precision = Field(Precision(), description="Weight dtype and mixed-precision autocast.")
+    logging: Logging = Field(
+        Logging(every=2), description="Metric cadence (every 2 steps: a 40-step run has few) and external trackers."
+    )
     # --- evaluation ---------------------------------------------------------------------------
     train_limit: int | None = Field(
         64,
@@ -113,23 +120,23 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     from skillbook.ml.evaluate import exact_match
 
     # ---- data: questions with verifiable answers, checked before any model is loaded --------
-    data_dir, eval_dir = pt.question_dirs(ctx, cfg.data, cfg.eval_data)
-    train_rows = pt.read_split(data_dir, "train", ("prompt", "completion"), "data")[: cfg.train_limit]
-    eval_rows = pt.read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit]
-    model_ref = pt.resolve_model(cfg.model)
+    data_dir, eval_dir = question_dirs(ctx, cfg.data, cfg.eval_data)
+    train_rows = read_split(data_dir, "train", ("prompt", "completion"), "data")[: cfg.train_limit]
+    eval_rows = read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit]
+    model_ref = resolve_model(cfg.model)
 
     # ---- the verifiable reward: 1 if the answer (first line, normalised) is exactly right ----
     def exact_match_reward(prompts, completions, answer, **_) -> list[float]:
-        return [pt.answer_reward(c, a) for c, a in zip(completions, answer)]
+        return [answer_reward(c, a) for c, a in zip(completions, answer)]
 
     # ---- policy -----------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    tok = pt.load_tokenizer(model_ref)
+    tok = load_tokenizer(model_ref)
     tok.padding_side = "left"  # generation continues from the right end of every prompt
-    model = pt.load_causal_lm(model_ref)
+    model = load_causal_lm(model_ref, weights=cfg.precision.weights)
     model.generation_config.pad_token_id = tok.pad_token_id
     ctx.info(
-        f"policy {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
+        f"policy {model_ref}: {count_params(model)[1] / 1e6:.2f} M parameters; "
         f"{len(train_rows)} train questions, {len(eval_rows)} held-out questions"
     )
 
@@ -142,8 +149,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
             seed=cfg.seed,
         )
         return {
-            "mean_reward": pt.mean_sampled_reward(policy, tok, train_rows, **kw),
-            "heldout_mean_reward": pt.mean_sampled_reward(policy, tok, eval_rows, **kw),
+            "mean_reward": mean_sampled_reward(policy, tok, train_rows, **kw),
+            "heldout_mean_reward": mean_sampled_reward(policy, tok, eval_rows, **kw),
             "heldout_exact_match": exact_match(policy, tok, eval_rows, cfg.max_completion_length)["exact_match"],
         }
 
@@ -154,20 +161,12 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     )
 
     # ---- trainer: sample G answers per question, reward, group-normalised advantages ---------
-    dataset = pt.to_dataset(
-        [{"prompt": r["prompt"], "answer": r["completion"]} for r in train_rows], ("prompt", "answer")
-    )
+    # (trl_args maps steps, batch and the optim/precision/logging blocks; the keywords here are GRPO's own)
+    dataset = to_dataset([{"prompt": r["prompt"], "answer": r["completion"]} for r in train_rows], ("prompt", "answer"))
     args = GRPOConfig(
-        **pt.trl_args(
+        **trl_args(
+            cfg,
             ctx.out_dir / "trainer",
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-            lr=cfg.lr,
-            warmup_ratio=cfg.warmup_ratio,
-            seed=cfg.seed,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            logging_steps=2,
             num_generations=cfg.num_generations,
             max_completion_length=cfg.max_completion_length,
             temperature=cfg.temperature,
@@ -182,17 +181,17 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         args=args,
         train_dataset=dataset,
         processing_class=tok,
-        peft_config=pt.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
-        callbacks=[pt.log_callback(ctx, cfg.steps)],
+        peft_config=lora_config(cfg.lora),
+        callbacks=[log_callback(ctx, cfg.steps)],
     )
-    pt.quiet_trainer(trainer)
-    trainable, total = pt.count_params(trainer.model)
+    quiet_trainer(trainer)
+    trainable, total = count_params(trainer.model)
     ctx.info(
         f"training {trainable:,} of {total:,} parameters; {cfg.batch_size // cfg.num_generations} questions "
-        f"x {cfg.num_generations} samples per step"
+        f"x {cfg.num_generations} samples per step, {precision_name(args)}"
     )
     trainer.train()
-    train_rewards = pt.metric_history(trainer, "reward")
+    train_rewards = metric_history(trainer, "reward")
 
     # ---- save: adapter, merged model (verified), tokenizer ----------------------------------
     if not ctx.is_main:
@@ -201,12 +200,10 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     trainer.model.save_pretrained(adapter_dir)
     tok.padding_side = "right"
     tok.save_pretrained(adapter_dir)
-    merge_diff = pt.merge_and_save(
-        trainer.model, tok, model_dir, [r["prompt"] + r["completion"] for r in eval_rows[:4]]
-    )
+    merge_diff = merge_and_save(trainer.model, tok, model_dir, [r["prompt"] + r["completion"] for r in eval_rows[:4]])
 
     # ---- measure again on the merged model --------------------------------------------------
-    merged = pt.load_causal_lm(str(model_dir))
+    merged = load_causal_lm(str(model_dir), weights=cfg.precision.weights)
     after = measure(merged)
     ctx.info(
         f"after GRPO: mean reward {after['mean_reward']:.3f} on the training questions (before "
@@ -221,12 +218,12 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         merge_max_logit_diff=merge_diff,
     )
     ctx.report(
-        pt.report_md(
+        report_md(
             "GRPO",
             f"LoRA, G={cfg.num_generations}, loss={cfg.loss_type}",
             model_ref,
             ctx.summary,
-            pt.metric_history(trainer, "loss"),
+            metric_history(trainer, "loss"),
         )
     )
     return {"adapter": adapter_dir, "model": model_dir}

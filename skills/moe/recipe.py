@@ -18,9 +18,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from skillbook.ml import lm_data, training
-from skillbook.ml import moe as moe_lib
-from skillbook.ml import tokenizer_utils as tu
+from skillbook.ml import lm_data
+from skillbook.ml.moe import report, routing, upcycling
+from skillbook.ml.tokenizer_utils import load_tokenizer
+from skillbook.ml.training import distributed, metrics, optim, precision
 from skillbook.run.recipe import RecipeConfig, artifact_path
 from skillbook.run.runner import RunContext
 
@@ -29,22 +30,27 @@ INPUTS = {"corpus": "corpus", "tokenizer": "tokenizer", "dense_model": "hf-model
 
 
 class Config(RecipeConfig):
+    """The defaults are the CPU-tiny run: a 2-layer, 4-expert top-2 Mixtral and its dense twin (intermediate
+    2 x 256) trained on the same 200 batches of the embedded synthetic world; about a minute on 2 cores."""
+
     # --- inputs -------------------------------------------------------------------------------
     corpus: str | None = Field(
         None, description='Corpus directory (train.jsonl, val.jsonl of {"text"}); None = the embedded synthetic world.'
     )
     tokenizer: str | None = Field(
         None,
-        description="HF tokenizer directory; None = the dense model's own tokenizer when upcycling, else a byte-level BPE trained here on the corpus.",
+        description="HF tokenizer directory; None = the dense model's own tokenizer when upcycling, else one the "
+        "tokenization skill trains on the corpus (into run_dir/tokenization/).",
     )
     dense_model: str | None = Field(
         None, description="Dense Llama hf-model to upcycle (init=upcycle), e.g. the pretraining run's 'model' output."
     )
     init: Literal["scratch", "upcycle"] = Field(
         "scratch",
-        description="scratch: a fresh Mixtral of the shape below; upcycle: copy dense_model and turn each MLP into num_experts identical experts.",
+        description="scratch: a fresh Mixtral of the shape below; upcycle: copy dense_model and turn each MLP into "
+        "num_experts identical experts.",
     )
-    vocab_size: int = Field(1024, ge=300, description="Vocabulary of the tokenizer trained here when none is given.")
+    vocab_size: int = Field(1024, ge=300, description="Vocabulary of the tokenizer trained when none is given.")
     # --- model shape (scratch only; upcycling takes the dense model's shape) ------------------
     hidden_size: int = Field(128, ge=16, description="Model width d.")
     num_layers: int = Field(2, ge=1, description="Decoder layers; every one is a MoE layer.")
@@ -56,33 +62,39 @@ class Config(RecipeConfig):
     aux_loss_coef: float = Field(
         0.01,
         ge=0.0,
-        description="Weight of the Switch load-balancing loss (transformers' aux_loss, which is top_k at perfect balance). 0.01 = Switch/OLMoE; Mixtral's config default is 0.001; 0 = no balancing.",
+        description="Weight of the Switch load-balancing loss (transformers' aux_loss, which is top_k at perfect "
+        "balance). 0.01 = Switch/OLMoE; Mixtral's config default is 0.001; 0 = no balancing.",
     )
     z_loss_coef: float = Field(
         0.0,
         ge=0.0,
-        description="Weight of the ST-MoE router z-loss (mean logsumexp(logits)^2); 0.001 is typical for large runs, where router logits blow up in bf16.",
+        description="Weight of the ST-MoE router z-loss (mean logsumexp(logits)^2); 0.001 is typical for large runs, "
+        "where router logits blow up in bf16.",
     )
     router_jitter: float = Field(
         0.0,
         ge=0.0,
         lt=1.0,
-        description="Multiplicative uniform noise on router inputs during training (Mixtral's router_jitter_noise); 0.01 was used by Switch.",
+        description="Multiplicative uniform noise on router inputs during training (Mixtral's router_jitter_noise); "
+        "0.01 was used by Switch.",
     )
     capacity_factor: float = Field(
         1.25,
         gt=0.0,
-        description="For reporting only: share of assignments a capacity-limited router (Switch, DeepSpeed-MoE) would drop at this factor. Mixtral in transformers is dropless.",
+        description="For reporting only: share of assignments a capacity-limited router (Switch, DeepSpeed-MoE) "
+        "would drop at this factor. Mixtral in transformers is dropless.",
     )
     router_lr_scale: float = Field(
         1.0,
         gt=0.0,
-        description="Router learning rate = lr x this (routers get no weight decay). Below 1 steadies routing when small routers flip between experts every step.",
+        description="Router learning rate = lr x this (routers get no weight decay). Below 1 steadies routing when "
+        "small routers flip between experts every step.",
     )
     router_init_expert: int | None = Field(
         None,
         ge=0,
-        description="Initialise every router to favour this expert for all tokens (demonstrates collapse; pair with aux_loss_coef=0). None = normal init.",
+        description="Initialise every router to favour this expert for all tokens (demonstrates collapse; pair with "
+        "aux_loss_coef=0). None = normal init.",
     )
     router_init_scale: float = Field(
         10.0, gt=0.0, description="Strength of router_init_expert's preference (router weight on the shared channel)."
@@ -90,7 +102,8 @@ class Config(RecipeConfig):
     # --- baseline and optimisation ------------------------------------------------------------
     baseline: bool = Field(
         True,
-        description="Train a dense Llama twin on the same batches: from scratch with intermediate size top_k x expert size (equal active MLP parameters); when upcycling, the dense model itself, continued.",
+        description="Train a dense Llama twin on the same batches: from scratch with intermediate size top_k x "
+        "expert size (equal active MLP parameters); when upcycling, the dense model itself, continued.",
     )
     steps: int = Field(
         200,
@@ -102,7 +115,8 @@ class Config(RecipeConfig):
     lr: float = Field(
         3e-3,
         gt=0.0,
-        description="Peak learning rate (linear warmup, cosine decay to lr/10). Upcycling real models: about the dense run's final lr.",
+        description="Peak learning rate (linear warmup, cosine decay to lr/10). Upcycling real models: about the "
+        "dense run's final lr.",
     )
     warmup_steps: int = Field(20, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay on matrices.")
@@ -114,7 +128,8 @@ class Config(RecipeConfig):
     device: str = Field("auto", description="auto (cuda if present, else cpu), cpu, cuda or cuda:N.")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="Autocast dtype; auto = bf16 on bf16 GPUs and on native-bf16 CPUs for models of 5M+ params, else fp32; SKILLBOOK_AUTO_DTYPE overrides auto.",
+        description="Autocast dtype; auto = bf16 on bf16 GPUs and on native-bf16 CPUs for models of 5M+ params, else "
+        "fp32; SKILLBOOK_AUTO_DTYPE overrides auto.",
     )
     seed: int = Field(0, description="Seed for data order, initialisation and the default data.")
 
@@ -144,28 +159,22 @@ class Config(RecipeConfig):
 # ---------------------------------------------------------------------------------------------
 
 
-def corpus_and_tokenizer(cfg: Config, ctx: RunContext, dense_dir: Path | None, dist):
-    """The corpus dir and a tokenizer: given, the dense model's own, or a byte BPE trained here."""
+def corpus_and_tokenizer(cfg: Config, ctx: RunContext, dense_dir: Path | None):
+    """The corpus dir and a tokenizer: given, the dense model's own, or one the tokenization skill trains."""
     if cfg.corpus is None:
         from skillbook.ml.synthetic import write_default_data
 
         if ctx.is_main:  # one writer; the other ranks wait, then read the same files
             write_default_data(ctx.out_dir / "data", cfg.seed)
-        training.barrier(dist)
+        distributed.barrier()
         corpus = ctx.out_dir / "data" / "corpus"
     else:
         corpus = artifact_path(cfg.corpus, "corpus")
     if cfg.tokenizer or dense_dir:
-        return corpus, tu.load_tokenizer(artifact_path(cfg.tokenizer, "tokenizer") if cfg.tokenizer else dense_dir)
-    # The tokenization skill's own trainer, so the vocabulary matches what its recipe would produce.
-    from skillbook.run.recipe import import_module
-
-    tok_mod = import_module(Path(__file__).resolve().parents[1] / "tokenization" / "recipe.py", "tokenization")
-    specials = [tu.UNK, tu.BOS, tu.EOS, tu.PAD, *tu.ROLE_TOKENS]
-    backend = tok_mod.train_byte_bpe(
-        tok_mod.Config(vocab_size=cfg.vocab_size), tu.read_texts(corpus / "train.jsonl"), specials
-    )
-    return corpus, tu.wrap(backend)
+        return corpus, load_tokenizer(artifact_path(cfg.tokenizer, "tokenizer") if cfg.tokenizer else dense_dir)
+    # The tokenization skill itself (its byte-level BPE and specials) on this corpus, into run_dir/tokenization/
+    tok = ctx.run_skill("tokenization", {"corpus": str(corpus), "vocab_size": cfg.vocab_size, "seed": cfg.seed})
+    return corpus, load_tokenizer(tok["outputs"]["tokenizer"]["path"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +192,7 @@ def build_models(cfg: Config, tok, dense_dir: Path | None):
     router = dict(router_aux_loss_coef=cfg.aux_loss_coef, router_jitter_noise=cfg.router_jitter)
     if cfg.init == "upcycle":
         dense = AutoModelForCausalLM.from_pretrained(str(dense_dir), dtype=torch.float32)
-        moe = moe_lib.upcycle(dense, cfg.num_experts, cfg.top_k, seed=cfg.seed, **router)
+        moe = upcycling.upcycle(dense, cfg.num_experts, cfg.top_k, seed=cfg.seed, **router)
         return moe, (copy.deepcopy(dense) if cfg.baseline else None)
     vocab = -(-len(tok) // 64) * 64  # round up to a multiple of 64: tensor-core friendly, spare rows unused
     shape = dict(
@@ -232,8 +241,8 @@ def losses(model, x, y, cfg: Config, is_moe: bool):
     if not is_moe:
         return ce, ce, None, None
     # Per-layer Switch loss, not transformers' out.aux_loss, which pools layers (see references/load-balancing.md).
-    aux = moe_lib.per_layer_aux_loss(out.router_logits, cfg.num_experts, cfg.top_k)
-    z = moe_lib.router_z_loss(out.router_logits)
+    aux = routing.per_layer_aux_loss(out.router_logits, cfg.num_experts, cfg.top_k)
+    z = routing.router_z_loss(out.router_logits)
     return ce + cfg.aux_loss_coef * aux + cfg.z_loss_coef * z, ce, aux.detach() / cfg.top_k, z.detach()
 
 
@@ -243,7 +252,7 @@ def train_step(model, opt, x, y, lr: float, cfg: Config, is_moe: bool, device: s
 
     for group in opt.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
-    with training.autocast(device, dtype):
+    with precision.autocast(device, dtype):
         total, ce, aux, z = losses(model, x, y, cfg, is_moe)
     total.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -258,7 +267,7 @@ def evaluate(model, val, device: str, dtype: str) -> float:
     import torch.nn.functional as F
 
     model.eval()
-    with torch.no_grad(), training.autocast(device, dtype):
+    with torch.no_grad(), precision.autocast(device, dtype):
         logits = model(input_ids=val[0].to(device)).logits.float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), val[1].to(device).reshape(-1)).item()
     model.train()
@@ -272,37 +281,32 @@ def evaluate(model, val, device: str, dtype: str) -> float:
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     """Build, train MoE and dense twin on the same batches, record routing, save, reload, generate, report."""
-    import torch
-
     # ---- set-up: refuse a wrong dense model before any data or weights are touched -------------
-    dense_dir = moe_lib.check_upcycle_source(cfg.dense_model) if cfg.init == "upcycle" else None
-    device = training.pick_device(cfg.device)
-    dist = training.setup_distributed(device)
-    device = training.pick_device(cfg.device, dist.local_rank)
-    training.seed_everything(cfg.seed)
+    dense_dir = upcycling.check_upcycle_source(cfg.dense_model) if cfg.init == "upcycle" else None
+    device = ctx.setup_device(cfg.device)  # joins the process group first under torchrun
+    precision.seed_everything(cfg.seed)
 
-    corpus, tok = corpus_and_tokenizer(cfg, ctx, dense_dir, dist)
+    corpus, tok = corpus_and_tokenizer(cfg, ctx, dense_dir)
     tokens = lm_data.load_tokens(corpus, tok, cfg.seq_len)
     sampler = lm_data.WindowSampler(tokens["train"], cfg.seq_len, cfg.seed)
     val = lm_data.eval_windows(tokens["val"], cfg.seq_len, cfg.eval_windows)
 
     moe, dense = build_models(cfg, tok, dense_dir)
     if cfg.router_init_expert is not None:
-        moe_lib.favour_expert(moe, cfg.router_init_expert, cfg.router_init_scale)
-    counts = {"moe": moe_lib.param_counts(moe), **({"dense": moe_lib.param_counts(dense)} if dense else {})}
+        routing.favour_expert(moe, cfg.router_init_expert, cfg.router_init_scale)
+    counts = {"moe": routing.param_counts(moe), **({"dense": routing.param_counts(dense)} if dense else {})}
     ctx.info(
         f"{cfg.init} MoE: {cfg.num_experts} experts, top-{cfg.top_k}, {counts['moe']['total']:,} params, "
         f"{counts['moe']['active']:,} active per token"
         + (f"; dense twin {counts['dense']['total']:,}" if dense else "")
     )
-    dtype, dtype_reason = training.choose_dtype(cfg.dtype, device, counts["moe"]["total"])
+    dtype, dtype_reason = ctx.choose_dtype(cfg.dtype, counts["moe"]["total"])
     ctx.info(f"dtype {dtype} ({dtype_reason})")
-    ctx.summary.update(dtype=dtype, dtype_reason=dtype_reason)
     models = {"moe": moe.to(device), **({"dense": dense.to(device)} if dense else {})}
-    opts = {"moe": moe_lib.adamw_router_scaled(moe, cfg.lr, cfg.weight_decay, (0.9, 0.95), cfg.router_lr_scale)}
+    opts = {"moe": routing.adamw_router_scaled(moe, cfg.lr, cfg.weight_decay, (0.9, 0.95), cfg.router_lr_scale)}
     if dense is not None:
-        opts["dense"] = training.adamw(dense, cfg.lr, cfg.weight_decay, (0.9, 0.95))
-    wrapped = {k: training.wrap_model(m, dist, device) for k, m in models.items()}
+        opts["dense"] = optim.adamw(dense, cfg.lr, cfg.weight_decay, (0.9, 0.95))
+    wrapped = {k: distributed.wrap_model(m, device) for k, m in models.items()}  # DDP under torchrun
 
     # ---- step 0: the upcycled model must compute the dense model's function -------------------
     evals = {k: [(0, evaluate(m, val, device, dtype))] for k, m in models.items()}
@@ -313,25 +317,22 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     # ---- train: both models see exactly the same batch at every step -----------------------------
     ctx.progress(cfg.steps, "moe")
     history = {"steps": [], "loads": []}
-    with moe_lib.RoutingCounter(moe) as counter:
+    with routing.RoutingCounter(moe) as counter:
         for step in range(1, cfg.steps + 1):
-            idx = sampler.take(cfg.batch_size * dist.world_size)
-            x, y = sampler.windows(
-                idx[dist.rank * cfg.batch_size : (dist.rank + 1) * cfg.batch_size]
-            )  # this rank's rows
+            idx = sampler.take(cfg.batch_size * ctx.world_size)  # the global batch, the same on every rank
+            x, y = sampler.windows(idx[ctx.rank * cfg.batch_size : (ctx.rank + 1) * cfg.batch_size])  # our rows
             x, y = x.to(device), y.to(device)
-            lr = training.lr_at(step - 1, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr / 10)
+            lr = optim.lr_at(step - 1, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr / 10)
             record = {"lr": lr}
             counter.reset()  # counts below are this step's only
             for name, model in wrapped.items():
                 ce, aux, z = train_step(model, opts[name], x, y, lr, cfg, name == "moe", device, dtype)
-                record[f"{name}_loss"] = training.all_reduce_mean(ce, dist).item()
+                record[f"{name}_loss"] = distributed.all_reduce_mean(ce).item()
                 if aux is not None:
                     record.update(aux_loss_normalised=aux.item(), z_loss=z.item())
             # Routing counts of this step (summed over ranks): loads, utilization, entropies.
-            if dist.enabled:
-                torch.distributed.all_reduce(counter.counts)
-            stats = moe_lib.routing_stats(counter.counts, counter.router_entropy(), cfg.capacity_factor, cfg.top_k)
+            distributed.all_reduce_sum(counter.counts)
+            stats = routing.routing_stats(counter.counts, counter.router_entropy(), cfg.capacity_factor, cfg.top_k)
             history["steps"].append(step)
             history["loads"].append(stats["loads"])
             if step % cfg.eval_interval == 0 or step == cfg.steps:
@@ -348,8 +349,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         tok.save_pretrained(out)
         sample = reload_and_generate(out)
         plots = plot(ctx.out_dir, history, evals, cfg)
-        final = moe_lib.final_loads(history["loads"])  # mean load over the last 10% of steps
-        utils = [moe_lib.utilization(row) for row in final]
+        final = routing.final_loads(history["loads"])  # mean load over the last 10% of steps
+        utils = [routing.utilization(row) for row in final]
         ctx.summary.update(
             moe_val_loss=evals["moe"][-1][1],
             utilization_min=min(utils),
@@ -359,10 +360,9 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         )
         if dense is not None:
             ctx.summary["dense_val_loss"] = evals["dense"][-1][1]
-        ctx.report(moe_lib.render_report(cfg.model_dump(), counts, evals, final, sample, plots, out))
-    training.barrier(dist)
-    training.teardown_distributed(dist)
-    return {"model": out}
+        ctx.report(report.render_report(cfg.model_dump(), counts, evals, final, sample, plots, out))
+    distributed.barrier()
+    return {"model": out}  # the same on every rank; rank 0 alone wrote it
 
 
 def reload_and_generate(path: Path) -> str:
@@ -378,12 +378,11 @@ def reload_and_generate(path: Path) -> str:
 
 def plot(out_dir: Path, history: dict, evals: dict, cfg: Config) -> dict[str, str]:
     """expert_load.png (heat map per layer over training) and loss.png (MoE vs dense, same steps)."""
-    moe_lib.plot_load_heatmap(
+    report.plot_load_heatmap(
         history["steps"],
         history["loads"],
         out_dir / "expert_load.png",
         f"Expert load per layer (top-{cfg.top_k} of {cfg.num_experts}, aux coef {cfg.aux_loss_coef:g})",
     )
-    curves = {f"{k} (val)": ([s for s, _ in v], [l for _, l in v]) for k, v in evals.items()}
-    moe_lib.plot_loss_curves(curves, out_dir / "loss.png", "validation loss")
+    metrics.plot_losses({f"{k} (val)": v for k, v in evals.items()}, out_dir / "loss.png")
     return {"heatmap": "expert_load.png", "loss": "loss.png"}

@@ -32,7 +32,10 @@ class Config(RecipeConfig):
     )
     type: GGUFType = Field(
         "Q8_0",
-        description="The GGUF type returned as the `gguf` output. Q8_0: ~8.5 bits/weight, near-lossless; Q4_K_M: ~4.8 bits, the usual laptop choice.",
+        description=(
+            "The GGUF type returned as the `gguf` output. Q8_0: ~8.5 bits/weight, near-lossless; Q4_K_M: ~4.8 bits, "
+            "the usual laptop choice."
+        ),
     )
     types: list[GGUFType] = Field(
         default_factory=lambda: ["F32", "F16", "Q8_0", "Q4_K_M"],
@@ -40,7 +43,9 @@ class Config(RecipeConfig):
     )
     corpus: str | None = Field(
         None,
-        description="Corpus directory whose val.jsonl is the held-out perplexity set; None = the embedded synthetic world.",
+        description=(
+            "Corpus directory whose val.jsonl is the held-out perplexity set; None = the embedded synthetic world."
+        ),
     )
     eval_docs: int = Field(
         24,
@@ -53,14 +58,19 @@ class Config(RecipeConfig):
     threads: int = Field(
         1,
         ge=1,
-        description="CPU threads for llama.cpp and torch; pass it explicitly (llama.cpp defaults to half the cores). 1 for tiny models, whose ops are too small to split; physical cores for real ones.",
+        description=(
+            "CPU threads for llama.cpp and torch; pass it explicitly (llama.cpp defaults to half the cores). "
+            "1 for tiny models, whose ops are too small to split; physical cores for real ones."
+        ),
     )
     torch_int8: bool = Field(
         True, description="Also measure PyTorch dynamic int8 (torch.ao quantize_dynamic on nn.Linear, CPU inference)."
     )
     bnb_4bit: bool = Field(
         False,
-        description="Also load the model in bitsandbytes NF4 4-bit and measure it (needs a CUDA GPU and the `gpu` extra).",
+        description=(
+            "Also load the model in bitsandbytes NF4 4-bit and measure it (needs a CUDA GPU and the `gpu` extra)."
+        ),
     )
     name: str | None = Field(
         None, description="general.name written into the GGUF metadata; None = the model folder's name."
@@ -237,7 +247,10 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     lines = [
         f"# quantization: {model_dir.name}",
         "",
-        f"Perplexity on {len(docs)} held-out documents; decode = greedy, {new_tokens} new tokens, {cfg.threads} threads.",
+        (
+            f"Perplexity on {len(docs)} held-out documents; "
+            f"decode = greedy, {new_tokens} new tokens, {cfg.threads} threads."
+        ),
         "",
         "| format | file size | bits/weight | perplexity | Δ ppl | decode tok/s | × fp32 |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -13,8 +13,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from skillbook.ml import posttrain as pt
-from skillbook.run.recipe import RecipeConfig
+from skillbook.ml.finetune_data import artifact_dir, default_data, read_split, to_dataset
+from skillbook.ml.hf_models import count_params, load_tokenizer, lora_config, resolve_model, weights_dtype
+from skillbook.ml.posttrain import log_callback, metric_history, precision_name, quiet_trainer, report_md, trl_args
+from skillbook.ml.rewards import pairwise_accuracy
+from skillbook.run.blocks import BlockConfig, Logging, LoRA, Optim, Precision
 from skillbook.run.runner import RunContext
 
 OUTPUTS = {"model": "hf-model"}
@@ -22,7 +25,7 @@ INPUTS = {"model": "hf-model", "data": "preference-data"}
 PAIR = ("prompt", "chosen", "rejected")
 
 
-class Config(RecipeConfig):
+class Config(BlockConfig):
     # --- inputs -------------------------------------------------------------------------------
     model: str = Field(
         ...,
@@ -40,12 +43,8 @@ class Config(RecipeConfig):
         description="full: train every weight (best for small backbones); lora: adapters + a fully "
         "trained score head (the way to fit 7B+ reward models).",
     )
-    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank (method: lora).")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (method: lora).")
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input (method: lora).")
-    lora_targets: list[str] = Field(
-        default_factory=lambda: list(pt.LLAMA_LORA_TARGETS),
-        description="Module-name suffixes that get adapters (method: lora).",
+    lora: LoRA = Field(
+        LoRA(), description="The adapter (method lora; the score head is trained fully): rank, alpha, dropout, targets."
     )
     center_rewards: float | None = Field(
         0.01,
@@ -57,13 +56,19 @@ class Config(RecipeConfig):
     steps: int = Field(200, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Preference pairs per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(
-        5e-4, gt=0, description="Peak learning rate. Tiny full: 3e-4..1e-3; 7B full: 5e-6..1e-5; 7B LoRA: 5e-5..2e-4."
+    optim: Optim = Field(
+        Optim(lr=5e-4, warmup_ratio=0.1),
+        description="AdamW + schedule. lr: tiny full 3e-4..1e-3; 7B full 5e-6..1e-5; 7B LoRA 5e-5..2e-4.",
     )
-    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Fraction of steps spent warming the LR up.")
     max_length: int = Field(128, ge=8, description="Token budget for prompt + answer.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (GPU memory saver).")
     seed: int = Field(0, description="Random seed (score-head init, data order).")
+    precision: Precision = Field(
+        Precision(weights="float32"),
+        description="Weight dtype and mixed-precision autocast. Weights load in float32 here: the fresh score "
+        "head and a full fine-tune need fp32 master weights (bf16 autocast still applies on GPUs).",
+    )
+    logging: Logging = Field(Logging(), description="Metric cadence and external trackers.")
     eval_limit: int = Field(500, ge=1, description="At most this many held-out pairs for pairwise accuracy.")
 
 
@@ -73,42 +78,32 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     from trl import RewardConfig, RewardTrainer
 
     # ---- data: checked first, so a file missing a column fails before any model is loaded ---
-    data_dir = pt.default_data(ctx, "preference_data") if cfg.data is None else pt.artifact_dir(cfg.data, "data")
-    train_rows = pt.read_split(data_dir, "train", PAIR, "data")
-    test_rows = pt.read_split(data_dir, "test", PAIR, "data")[: cfg.eval_limit]
-    model_ref = pt.resolve_model(cfg.model)
+    data_dir = default_data(ctx, "preference_data") if cfg.data is None else artifact_dir(cfg.data, "data")
+    train_rows = read_split(data_dir, "train", PAIR, "data")
+    test_rows = read_split(data_dir, "test", PAIR, "data")[: cfg.eval_limit]
+    model_ref = resolve_model(cfg.model)
 
     # ---- backbone + a fresh one-output score head -------------------------------------------
     torch.manual_seed(cfg.seed)  # the score head is random: seed before creating it
-    tok = pt.load_tokenizer(model_ref)
-    model = AutoModelForSequenceClassification.from_pretrained(model_ref, num_labels=1, dtype=torch.float32)
+    tok = load_tokenizer(model_ref)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        model_ref, num_labels=1, dtype=weights_dtype(cfg.precision.weights)
+    )
     # The classifier reads the last non-pad token, so the model must know which id is padding.
     model.config.pad_token_id = tok.pad_token_id
     ctx.info(
-        f"reward model on {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
+        f"reward model on {model_ref}: {count_params(model)[1] / 1e6:.2f} M parameters; "
         f"{len(train_rows)} train pairs, {len(test_rows)} held-out pairs"
     )
-    acc_before, _ = pt.pairwise_accuracy(model, tok, test_rows)
+    acc_before, _ = pairwise_accuracy(model, tok, test_rows)
     ctx.info(f"held-out pairwise accuracy with the untrained head: {acc_before:.3f}")
 
     # ---- trainer: Bradley-Terry loss on (prompt+chosen, prompt+rejected) ---------------------
-    peft_config = (
-        None
-        if cfg.method == "full"
-        else pt.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, task_type="SEQ_CLS")
-    )
+    # (trl_args maps steps, batch and the optim/precision/logging blocks; the keywords here are the RM's own)
+    peft_config = None if cfg.method == "full" else lora_config(cfg.lora, task_type="SEQ_CLS")
     args = RewardConfig(
-        **pt.trl_args(
-            ctx.out_dir / "trainer",
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-            lr=cfg.lr,
-            warmup_ratio=cfg.warmup_ratio,
-            seed=cfg.seed,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            max_length=cfg.max_length,
-            center_rewards_coefficient=cfg.center_rewards,
+        **trl_args(
+            cfg, ctx.out_dir / "trainer", max_length=cfg.max_length, center_rewards_coefficient=cfg.center_rewards
         )
     )
     trainer = RewardTrainer(
@@ -116,14 +111,14 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         args=args,
         processing_class=tok,
         peft_config=peft_config,
-        train_dataset=pt.to_dataset(train_rows, PAIR),
-        callbacks=[pt.log_callback(ctx, cfg.steps)],
+        train_dataset=to_dataset(train_rows, PAIR),
+        callbacks=[log_callback(ctx, cfg.steps)],
     )
-    pt.quiet_trainer(trainer)
-    trainable, total = pt.count_params(trainer.model)
-    ctx.info(f"method={cfg.method}: training {trainable:,} of {total:,} parameters")
+    quiet_trainer(trainer)
+    trainable, total = count_params(trainer.model)
+    ctx.info(f"method={cfg.method}: training {trainable:,} of {total:,} parameters, {precision_name(args)}")
     trainer.train()
-    losses = pt.metric_history(trainer, "loss")
+    losses = metric_history(trainer, "loss")
 
     # ---- save: one hf-model directory (adapters merged) with its tokenizer -------------------
     if not ctx.is_main:
@@ -135,7 +130,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
 
     # ---- reload the way users will, and measure on held-out pairs ---------------------------
     reloaded = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-    acc_after, margin = pt.pairwise_accuracy(reloaded, tok, test_rows)
+    acc_after, margin = pairwise_accuracy(reloaded, tok, test_rows)
     ctx.info(
         f"held-out pairwise accuracy: {acc_after:.3f} (untrained head {acc_before:.3f}); "
         f"mean reward margin {margin:.2f}"
@@ -148,5 +143,5 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         train_loss_last=losses[-1] if losses else float("nan"),
         trainable_params=trainable,
     )
-    ctx.report(pt.report_md("Reward model", cfg.method, model_ref, ctx.summary, losses))
+    ctx.report(report_md("Reward model", cfg.method, model_ref, ctx.summary, losses))
     return {"model": model_dir}

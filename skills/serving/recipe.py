@@ -44,7 +44,9 @@ class VLLMConfig(BaseModel):
     max_model_len: int | None = Field(
         None,
         ge=16,
-        description="Longest prompt + output (--max-model-len); lower it when the KV cache does not fit. None = the model's.",
+        description=(
+            "Longest prompt + output (--max-model-len); lower it when the KV cache does not fit. None = the model's."
+        ),
     )
     quantization: Literal["awq", "gptq", "fp8", "bitsandbytes"] | None = Field(
         None, description="Weight quantization of the checkpoint (--quantization); None = as stored."
@@ -59,7 +61,9 @@ class VLLMConfig(BaseModel):
 class Config(RecipeConfig):
     model: str = Field(
         ...,
-        description="What to serve: a .gguf file (quantization output) or an hf-model directory (pretraining/sft/dpo output).",
+        description=(
+            "What to serve: a .gguf file (quantization output) or an hf-model directory (pretraining/sft/dpo output)."
+        ),
     )
     backend: Literal["auto", "llama-cpp", "transformers", "vllm"] = Field(
         "auto", description="auto = llama-cpp for a .gguf file, transformers for a directory. vllm needs a CUDA GPU."
@@ -78,7 +82,10 @@ class Config(RecipeConfig):
     )
     smoke: bool = Field(
         False,
-        description="Start, query (models, completion, chat, streamed chat), stop, write the report. Used by tests and pipelines.",
+        description=(
+            "Start, query (models, completion, chat, streamed chat), stop, write the report. "
+            "Used by tests and pipelines."
+        ),
     )
     prompt: str = Field(
         "Question: What colour is Mira's kite?\nAnswer:", description="Prompt the smoke and load tests send."
@@ -92,7 +99,10 @@ class Config(RecipeConfig):
     threads: int = Field(
         1,
         ge=1,
-        description="CPU threads for llama.cpp / torch (llama.cpp defaults to half the cores). 1 for tiny models, whose ops are too small to split; physical cores for real ones.",
+        description=(
+            "CPU threads for llama.cpp / torch (llama.cpp defaults to half the cores). 1 for tiny models, whose ops "
+            "are too small to split; physical cores for real ones."
+        ),
     )
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="transformers backend device; auto = cuda when available."
@@ -114,7 +124,8 @@ def pick_backend(cfg: Config, path: Path) -> str:
     backend = cfg.backend if cfg.backend != "auto" else ("llama-cpp" if is_gguf else "transformers")
     if backend == "llama-cpp" and not is_gguf:
         raise ConfigError(
-            f"model: backend llama-cpp serves a .gguf file, got {path}; run the quantization skill first or use backend=transformers"
+            f"model: backend llama-cpp serves a .gguf file, got {path}; "
+            "run the quantization skill first or use backend=transformers"
         )
     if backend in ("transformers", "vllm") and not (path / "config.json").is_file():
         raise ConfigError(f"model: backend {backend} needs an hf-model directory with config.json, got {path}")
@@ -125,7 +136,8 @@ def pick_backend(cfg: Config, path: Path) -> str:
 
         if not torch.cuda.is_available():
             raise ConfigError(
-                "backend: vllm needs a CUDA GPU and none is visible; use backend=llama-cpp (GGUF) or transformers on CPU"
+                "backend: vllm needs a CUDA GPU and none is visible; "
+                "use backend=llama-cpp (GGUF) or transformers on CPU"
             )
         if shutil.which("vllm") is None:
             raise ConfigError(
@@ -216,7 +228,7 @@ def wait_for_signal() -> str:
 
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
-    from skillbook.ml import serve_app
+    from skillbook.ml import serve_app, serve_clients
 
     path = artifact_path(cfg.model, "model")
     backend = pick_backend(cfg, path)
@@ -232,12 +244,12 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         ctx.info(f"{backend} server for {path.name} ready in {report['startup_s']:.1f} s")
         if cfg.smoke:
             # ---- smoke: the official client, the same calls an application makes -------------
-            report["smoke"] = serve_app.smoke_test(served.url, cfg.prompt, cfg.max_tokens, cfg.api_key)
+            report["smoke"] = serve_clients.smoke_test(served.url, cfg.prompt, cfg.max_tokens, cfg.api_key)
             ctx.info(
                 f"smoke: completion {report['smoke']['completion']['text']!r}, chat {report['smoke']['chat']['text']!r}"
             )
             if cfg.load_clients:
-                report["load"] = serve_app.load_test(
+                report["load"] = serve_clients.load_test(
                     served.url, cfg.load_clients, cfg.load_requests, cfg.max_tokens, cfg.prompt, cfg.api_key
                 )
                 ctx.info("load: " + json.dumps({k: v for k, v in report["load"].items() if k != "errors"}))

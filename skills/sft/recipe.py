@@ -13,15 +13,25 @@ from typing import Literal
 from pydantic import Field
 
 from skillbook.errors import ConfigError
-from skillbook.ml import posttrain as pt
-from skillbook.run.recipe import RecipeConfig
+from skillbook.ml.finetune_data import question_dirs, read_split, render_chat, to_dataset
+from skillbook.ml.hf_models import (
+    count_params,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    merge_and_save,
+    reload_adapter_bf16,
+    resolve_model,
+)
+from skillbook.ml.posttrain import log_callback, metric_history, precision_name, quiet_trainer, report_md, trl_args
+from skillbook.run.blocks import BlockConfig, Logging, LoRA, Optim, Precision
 from skillbook.run.runner import RunContext
 
 OUTPUTS = {"adapter": "adapter", "model": "hf-model"}
 INPUTS = {"model": "hf-model", "data": "sft-data", "eval_data": "sft-data"}
 
 
-class Config(RecipeConfig):
+class Config(BlockConfig):
     # --- inputs -------------------------------------------------------------------------------
     model: str = Field(
         ...,
@@ -44,15 +54,7 @@ class Config(RecipeConfig):
         description="lora: train a LoRA adapter on a frozen base; qlora: the same on a 4-bit base "
         "(CUDA + bitsandbytes); full: update every weight (no adapter).",
     )
-    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank: size of the low-rank update per target matrix.")
-    lora_alpha: int = Field(
-        32, ge=1, description="LoRA alpha; the update is scaled by alpha/r (2x r is a good default)."
-    )
-    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input; 0.05-0.1 on real data.")
-    lora_targets: list[str] = Field(
-        default_factory=lambda: list(pt.LLAMA_LORA_TARGETS),
-        description="Module-name suffixes that get adapters (all linear layers of a Llama block by default).",
-    )
+    lora: LoRA = Field(LoRA(), description="The adapter (method lora/qlora): rank, alpha, dropout, target modules.")
     chat_template: bool = Field(
         False,
         description="Render each prompt through the tokenizer's chat template "
@@ -63,13 +65,11 @@ class Config(RecipeConfig):
     steps: int = Field(120, ge=1, description="Optimizer steps.")
     batch_size: int = Field(16, ge=1, description="Sequences per device per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    lr: float = Field(
-        2e-3,
-        gt=0,
-        description="Peak learning rate (cosine decay). LoRA on the tiny model: 1e-3..3e-3; "
-        "LoRA on 7B: 1e-4..2e-4; full fine-tuning on 7B: 1e-5..2e-5.",
+    optim: Optim = Field(
+        Optim(lr=2e-3, warmup_ratio=0.05),
+        description="AdamW + schedule. lr: LoRA on the tiny model 1e-3..3e-3 (a 1 M-parameter model needs "
+        "~100x TRL's 2e-5 to move in 120 steps); LoRA on 7B 1e-4..2e-4; full fine-tuning on 7B 1e-5..2e-5.",
     )
-    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming the LR up.")
     max_length: int = Field(128, ge=8, description="Token budget per sequence (the packed block length with packing).")
     packing: bool = Field(
         False,
@@ -81,6 +81,8 @@ class Config(RecipeConfig):
         description="Recompute activations in backward: saves memory on GPUs, costs ~30% time; off for tiny CPU runs.",
     )
     seed: int = Field(0, description="Random seed (data order, adapter init).")
+    precision: Precision = Field(Precision(), description="Weight dtype and mixed-precision autocast.")
+    logging: Logging = Field(Logging(), description="Metric cadence and external trackers.")
     # --- evaluation ---------------------------------------------------------------------------
     eval_limit: int = Field(500, ge=1, description="At most this many held-out rows for exact match.")
     max_new_tokens: int = Field(8, ge=1, description="Greedy tokens generated per held-out prompt.")
@@ -93,22 +95,22 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     from skillbook.ml.evaluate import exact_match
 
     # ---- data: checked first, so a bad file fails before any model is loaded ----------------
-    data_dir, eval_dir = pt.question_dirs(ctx, cfg.data, cfg.eval_data)
-    train_rows = pt.read_split(data_dir, "train", ("prompt", "completion"), "data")
-    eval_rows = pt.read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit]
-    model_ref = pt.resolve_model(cfg.model)
+    data_dir, eval_dir = question_dirs(ctx, cfg.data, cfg.eval_data)
+    train_rows = read_split(data_dir, "train", ("prompt", "completion"), "data")
+    eval_rows = read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit]
+    model_ref = resolve_model(cfg.model)
 
     # ---- model + tokenizer ------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
-    tok = pt.load_tokenizer(model_ref)
+    tok = load_tokenizer(model_ref)
     if cfg.chat_template:  # same rendering for training and evaluation, or the metric measures a mismatch
         if not tok.chat_template:
             raise ConfigError(f"chat_template: the tokenizer of {model_ref} has no chat template; set it false")
-        train_rows, eval_rows = pt.render_chat(tok, train_rows), pt.render_chat(tok, eval_rows)
-    model = pt.load_causal_lm(model_ref, quantization="4bit" if cfg.method == "qlora" else "none")
+        train_rows, eval_rows = render_chat(tok, train_rows), render_chat(tok, eval_rows)
+    model = load_causal_lm(model_ref, "4bit" if cfg.method == "qlora" else "none", cfg.precision.weights)
     model.generation_config.pad_token_id = tok.pad_token_id
     ctx.info(
-        f"base model {model_ref}: {pt.count_params(model)[1] / 1e6:.2f} M parameters; "
+        f"base model {model_ref}: {count_params(model)[1] / 1e6:.2f} M parameters; "
         f"{len(train_rows)} train rows, {len(eval_rows)} held-out rows"
     )
 
@@ -116,22 +118,11 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     ctx.info(f"held-out exact match before SFT: {em_before:.3f}")
 
     # ---- trainer: TRL tokenizes prompt+completion, appends eos, masks the prompt out of the loss
-    peft_config = (
-        None if cfg.method == "full" else pt.lora_config(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-    )
+    # (trl_args maps steps, batch and the optim/precision/logging blocks; the keywords here are SFT's own)
+    peft_config = None if cfg.method == "full" else lora_config(cfg.lora)
     args = SFTConfig(
-        **pt.trl_args(
-            ctx.out_dir / "trainer",
-            steps=cfg.steps,
-            batch_size=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-            lr=cfg.lr,
-            warmup_ratio=cfg.warmup_ratio,
-            seed=cfg.seed,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            max_length=cfg.max_length,
-            packing=cfg.packing,
-            completion_only_loss=True,
+        **trl_args(
+            cfg, ctx.out_dir / "trainer", max_length=cfg.max_length, packing=cfg.packing, completion_only_loss=True
         )
     )
     trainer = SFTTrainer(
@@ -139,14 +130,17 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         args=args,
         processing_class=tok,
         peft_config=peft_config,
-        train_dataset=pt.to_dataset(train_rows, ("prompt", "completion")),
-        callbacks=[pt.log_callback(ctx, cfg.steps)],
+        train_dataset=to_dataset(train_rows, ("prompt", "completion")),
+        callbacks=[log_callback(ctx, cfg.steps)],
     )
-    pt.quiet_trainer(trainer)
-    trainable, total = pt.count_params(trainer.model)
-    ctx.info(f"method={cfg.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%)")
+    quiet_trainer(trainer)
+    trainable, total = count_params(trainer.model)
+    ctx.info(
+        f"method={cfg.method}: training {trainable:,} of {total:,} parameters ({100 * trainable / total:.2f}%), "
+        f"{precision_name(args)}"
+    )
     trainer.train()
-    losses = pt.metric_history(trainer, "loss")
+    losses = metric_history(trainer, "loss")
 
     # ---- save: adapter, then the merged model (verified) with its tokenizer -----------------
     adapter_dir, model_dir = ctx.out_dir / "adapter", ctx.out_dir / "model"
@@ -162,12 +156,12 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         tuned.save_pretrained(adapter_dir)
         tok.save_pretrained(adapter_dir)
         if cfg.method == "qlora":  # merge into a bf16 copy of the base, never into 4-bit weights
-            tuned = pt.reload_adapter_bf16(model_ref, adapter_dir)
-        merge_diff = pt.merge_and_save(tuned, tok, model_dir, [r["prompt"] + r["completion"] for r in eval_rows[:4]])
+            tuned = reload_adapter_bf16(model_ref, adapter_dir)
+        merge_diff = merge_and_save(tuned, tok, model_dir, [r["prompt"] + r["completion"] for r in eval_rows[:4]])
         ctx.info(f"merged model reloaded; max |logit difference| vs adapter model = {merge_diff:.2e}")
 
     # ---- measure again on the merged model --------------------------------------------------
-    merged = pt.load_causal_lm(str(model_dir))
+    merged = load_causal_lm(str(model_dir), weights=cfg.precision.weights)
     em_after = exact_match(merged, tok, eval_rows, cfg.max_new_tokens)["exact_match"]
     ctx.info(f"held-out exact match after SFT: {em_after:.3f} (before {em_before:.3f})")
     ctx.summary.update(
@@ -178,5 +172,5 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         merge_max_logit_diff=merge_diff,
         trainable_params=trainable,
     )
-    ctx.report(pt.report_md("SFT", cfg.method, model_ref, ctx.summary, losses))
+    ctx.report(report_md("SFT", cfg.method, model_ref, ctx.summary, losses))
     return {"adapter": adapter_dir, "model": model_dir}

@@ -63,17 +63,26 @@ class SpecialTokens(BaseModel):
 class Config(RecipeConfig):
     corpus: str | None = Field(
         None,
-        description='Corpus directory with train.jsonl and val.jsonl ({"text": ...} per line); None = the embedded synthetic world.',
+        description=(
+            'Corpus directory with train.jsonl and val.jsonl ({"text": ...} per line); '
+            "None = the embedded synthetic world."
+        ),
     )
     algorithm: Literal["byte-bpe", "sentencepiece-unigram", "sentencepiece-bpe"] = Field(
         "byte-bpe",
-        description="byte-bpe: HF tokenizers ByteLevel BPE (GPT-2/Llama-3 style, lossless); sentencepiece-*: the sentencepiece library with byte fallback (Llama-2/T5 style).",
+        description=(
+            "byte-bpe: HF tokenizers ByteLevel BPE (GPT-2/Llama-3 style, lossless); "
+            "sentencepiece-*: the sentencepiece library with byte fallback (Llama-2/T5 style)."
+        ),
     )
     vocab_size: int = Field(
         1024,
         ge=300,
         le=1_048_576,
-        description="Target vocabulary size including specials. The tiny world saturates near 950 (every word is a token); real models use 32000-262144.",
+        description=(
+            "Target vocabulary size including specials. The tiny world saturates near 950 (every word is a token); "
+            "real models use 32000-262144."
+        ),
     )
     min_frequency: int = Field(
         2,
@@ -82,17 +91,25 @@ class Config(RecipeConfig):
     )
     split_digits: bool = Field(
         False,
-        description="Put every digit in its own pre-token (Llama-style): better arithmetic, ~10% more tokens on this corpus.",
+        description=(
+            "Put every digit in its own pre-token (Llama-style): better arithmetic, ~10% more tokens on this corpus."
+        ),
     )
     add_bos: bool = Field(
         True,
-        description="tok(text) prepends BOS. The chat template adds BOS itself, so tokenize rendered chats with add_special_tokens=False.",
+        description=(
+            "tok(text) prepends BOS. The chat template adds BOS itself, so tokenize rendered chats with "
+            "add_special_tokens=False."
+        ),
     )
     special_tokens: SpecialTokens = Field(default_factory=SpecialTokens, description="Special token strings.")
     max_train_docs: int | None = Field(
         None,
         ge=1,
-        description="Train on a seeded random sample of this many documents (reservoir sampling, one pass); None = every document.",
+        description=(
+            "Train on a seeded random sample of this many documents (reservoir sampling, one pass); "
+            "None = every document."
+        ),
     )
     model_max_length: int = Field(
         2048, ge=16, description="Longest sequence the downstream model accepts; stored in tokenizer_config.json."

@@ -130,7 +130,8 @@ def train(texts: Iterable[str], vocab_size: int, min_frequency: int = 0) -> Byte
         # Rewrite each word containing the pair and record how neighbouring pair counts change.
         changed: Counter = Counter()
         for wi in sorted(where.pop(pair)):
-            symbols, i, out = words[wi], 0, []
+            symbols, i = words[wi], 0
+            out: list[int] = []
             while i < len(symbols):
                 if i + 1 < len(symbols) and symbols[i] == a and symbols[i + 1] == b:
                     if out:  # (prev, a) disappears, (prev, new) appears

@@ -82,13 +82,13 @@ def load_model_and_tokenizer(
     gguf = str(path).endswith(".gguf")
     model_dir, extra = (str(Path(path).parent), {"gguf_file": Path(path).name}) if gguf else (str(path), {})
     if tokenizer is not None:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tok = AutoTokenizer.from_pretrained(str(tokenizer))
     elif adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter))  # sft/dpo may add chat tokens
+        tok = AutoTokenizer.from_pretrained(str(adapter))  # sft/dpo may add chat tokens
     else:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, **extra)
-    if tokenizer.pad_token is None:  # generation pads batches; eos is the usual stand-in
-        tokenizer.pad_token = tokenizer.eos_token
+        tok = AutoTokenizer.from_pretrained(model_dir, **extra)
+    if tok.pad_token is None:  # generation pads batches; eos is the usual stand-in
+        tok.pad_token = tok.eos_token
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **extra)
     if adapter is not None:
@@ -96,8 +96,9 @@ def load_model_and_tokenizer(
 
         # Merging once makes every later forward pass as cheap as the base model's.
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
-    model.to(device).eval()
-    return model, tokenizer
+    # PreTrainedModel.to is decorated with functools.wraps, which typeshed types as an unbound function
+    model.to(device).eval()  # type: ignore[arg-type]
+    return model, tok
 
 
 # ---------------------------------------------------------------------------------------------

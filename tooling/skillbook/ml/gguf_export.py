@@ -131,13 +131,45 @@ def write_gguf(model_dir: Path, out_path: Path, ftype: str = "F16", name: str | 
         raise ValueError(f"{model_dir}: model_type is {cfg.model_type!r}; the GGUF writer handles 'llama' only")
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    n_head, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    n_vocab = model.get_input_embeddings().weight.shape[0]
+    embeddings = model.get_input_embeddings()
+    assert isinstance(embeddings, torch.nn.Embedding)  # LlamaModel.embed_tokens
+    n_vocab = embeddings.num_embeddings  # may be padded past the tokenizer's vocab
 
     w = gguf.GGUFWriter(out_path, "llama")
-    # ---- hyper-parameters: llama.cpp refuses files without these four, and rope dims must equal the head size
-    w.add_name(name or model_dir.name)
+    _add_hyperparameters(w, cfg, name or model_dir.name, n_vocab, ftype)
+    n_merges = _add_tokenizer(w, tok, model_dir, n_vocab)
+    n_params, n_bytes, counts = _add_tensors(w, model.state_dict(), cfg, ftype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return {
+        "path": str(out_path),
+        "type": ftype,
+        "n_params": int(n_params),
+        "tensor_bytes": int(n_bytes),
+        "file_bytes": out_path.stat().st_size,
+        "bits_per_weight": 8.0 * n_bytes / n_params,
+        "tensor_types": counts,
+        "n_vocab": n_vocab,
+        "n_merges": n_merges,
+    }
+
+
+def _heads(cfg) -> tuple[int, int, int]:
+    """Query heads, key/value heads and the head size of a Llama config."""
+    n_head = cfg.num_attention_heads
+    n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    return n_head, n_kv, head_dim
+
+
+def _add_hyperparameters(w, cfg, name: str, n_vocab: int, ftype: str) -> None:
+    """llama.cpp refuses files without the four lengths, and its rope dims must equal the head size."""
+    import gguf
+
+    n_head, n_kv, head_dim = _heads(cfg)
+    w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_block_count(cfg.num_hidden_layers)
@@ -153,7 +185,9 @@ def write_gguf(model_dir: Path, out_path: Path, ftype: str = "F16", name: str | 
     w.add_file_type(getattr(gguf.LlamaFileType, {"F32": "ALL_F32", "F16": "MOSTLY_F16"}.get(ftype, f"MOSTLY_{ftype}")))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    # ---- tokenizer: a GPT-2 style vocab (tokens + types + merges) with the GPT-2 pre-tokenizer regex
+
+def _add_tokenizer(w, tok, model_dir: Path, n_vocab: int) -> int:
+    """A GPT-2 style vocab (tokens + types + merges) with the GPT-2 pre-tokenizer regex; returns the merge count."""
     tokens, types, merges, _ = _vocab(model_dir, n_vocab)
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("gpt-2")  # HF ByteLevel(use_regex=True) splits text with exactly GPT-2's regex
@@ -170,11 +204,20 @@ def write_gguf(model_dir: Path, out_path: Path, ftype: str = "F16", name: str | 
     w.add_add_eos_token(False)
     if tok.chat_template:
         w.add_chat_template(tok.chat_template)
+    return len(merges)
 
-    # ---- tensors: name map, rotary permutation, per-tensor type
+
+def _add_tensors(w, state_dict: dict, cfg, ftype: str) -> tuple[int, int, dict[str, int]]:
+    """Every weight under its llama.cpp name, q/k permuted to the rotary layout, in its target type.
+
+    Returns the parameter count, the tensor bytes and how many tensors of each ggml type were written.
+    """
+    import gguf
+
+    n_head, n_kv, _ = _heads(cfg)
     n_params, n_bytes = 0, 0
     counts: dict[str, int] = {}
-    for hf_name, p in model.state_dict().items():
+    for hf_name, p in state_dict.items():
         gname = gguf_name(hf_name)
         if gname is None or (gname == "output.weight" and cfg.tie_word_embeddings):
             continue  # tied output: llama.cpp reuses token_embd
@@ -196,22 +239,7 @@ def write_gguf(model_dir: Path, out_path: Path, ftype: str = "F16", name: str | 
             data = gguf.quants.quantize(arr, qtype)
             w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtype)
         n_bytes += data.nbytes
-
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return {
-        "path": str(out_path),
-        "type": ftype,
-        "n_params": int(n_params),
-        "tensor_bytes": int(n_bytes),
-        "file_bytes": out_path.stat().st_size,
-        "bits_per_weight": 8.0 * n_bytes / n_params,
-        "tensor_types": counts,
-        "n_vocab": n_vocab,
-        "n_merges": len(merges),
-    }
+    return n_params, n_bytes, counts
 
 
 def quantize_gguf(src: Path, dst: Path, qtype: str = "Q4_K_M", threads: int = 2) -> dict:
@@ -266,7 +294,7 @@ def load_gguf(path: Path, n_ctx: int = 0, threads: int = 2, logits_all: bool = F
     """
     import llama_cpp
 
-    kv = {"type_k": llama_cpp.GGML_TYPE_F32, "type_v": llama_cpp.GGML_TYPE_F32} if kv_f32 else {}
+    kv_type = llama_cpp.GGML_TYPE_F32 if kv_f32 else None  # None: llama.cpp's default (f16)
     return llama_cpp.Llama(
         model_path=str(path),
         n_ctx=n_ctx,
@@ -275,7 +303,8 @@ def load_gguf(path: Path, n_ctx: int = 0, threads: int = 2, logits_all: bool = F
         logits_all=logits_all,
         verbose=False,
         seed=0,
-        **kv,
+        type_k=kv_type,
+        type_v=kv_type,
     )
 
 

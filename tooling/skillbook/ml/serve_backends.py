@@ -149,6 +149,7 @@ class LlamaCppBackend(Backend):
                 repeat_penalty=1.0,
                 min_p=0.0,
             )
+            assert not isinstance(stream, dict)  # stream=True: an iterator of chunks, not one response
             for chunk in stream:
                 choice = chunk["choices"][0]
                 yield Piece(choice["text"], choice.get("finish_reason"))
@@ -168,7 +169,9 @@ class TransformersBackend(Backend):
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
         self.tok = AutoTokenizer.from_pretrained(model_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        # PreTrainedModel.to is decorated with functools.wraps, which typeshed types as an unbound function
+        self.model = model.to(self.device).eval()  # type: ignore[arg-type]
         self.n_ctx = n_ctx or int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.model_id = model_id or Path(model_dir).name
 
@@ -178,7 +181,9 @@ class TransformersBackend(Backend):
     def chat_prompt(self, messages: list[dict]) -> str:
         if not self.tok.chat_template:
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert isinstance(prompt, str)  # tokenize=False returns the rendered text
+        return prompt
 
     def generate(self, prompt: str, sp: Sampling) -> Iterator[Piece]:
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -206,9 +211,8 @@ class TransformersBackend(Backend):
             pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id,
         )
         if not greedy:
-            kwargs.update(
-                temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k
-            )  # 0 = off (not the config default)
+            # top_k=0 is off here, not the generation config's default
+            kwargs.update(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k)
         result: dict = {}
 
         def work() -> None:
@@ -218,7 +222,7 @@ class TransformersBackend(Backend):
                 out = self.model.generate(**kwargs)
                 result["n_new"] = int(out.shape[1] - ids.shape[1])
                 result["eos"] = bool(out[0, -1].item() == self.tok.eos_token_id)
-            except BaseException as exc:  # surfaced to the caller below
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
                 result["error"] = exc
                 streamer.end()
 

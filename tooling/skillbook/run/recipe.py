@@ -68,20 +68,60 @@ class Recipe:
         return self.path.read_text()
 
     def code_text(self) -> str:
-        """recipe.py plus every `skillbook.ml` module it imports, transitively (the pipeline cache key:
-        a change to a shared helper such as the synthetic data generator must rerun the steps using it)."""
-        ml_dir = Path(__file__).parents[1] / "ml"
-        found: dict[str, str] = {}
-        todo = ml_imports(self.source_text(), in_ml=False)
+        """The pipeline cache key's code: recipe.py, every skill it runs through `ctx.run_skill("name")`
+        (its recipe.py and recipe.yaml, transitively), and every `skillbook.ml` module or package they
+        import, transitively. A change to a shared helper such as the synthetic data generator, or to
+        the tokenizer recipe that pretraining runs inside itself, must rerun the steps using it."""
+        skills = {self.name: self.source_text()}
+        todo = skill_calls(self.source_text())
         while todo:
             name = todo.pop()
-            path = ml_dir / f"{name}.py"
-            if name in found or not path.is_file():
+            path = self.skill_dir.parent / name / "recipe.py"
+            if name in skills or not path.is_file():
                 continue
-            found[name] = path.read_text()
-            todo |= ml_imports(found[name], in_ml=True)
+            skills[name] = path.read_text()
+            todo |= skill_calls(skills[name])
+        ml_dir = Path(__file__).parents[1] / "ml"
+        found: dict[str, str] = {}
+        todo = set().union(*(ml_imports(text, in_ml=False) for text in skills.values()))
+        while todo:
+            name = todo.pop()
+            if name in found:
+                continue
+            files = [ml_dir / f"{name}.py", *sorted((ml_dir / name).glob("*.py"))]  # a module, or a package
+            text = "\n".join(f.read_text() for f in files if f.is_file())
+            if text:
+                found[name] = text
+                todo |= ml_imports(text, in_ml=True)
+        called = sorted(set(skills) - {self.name})
+        yamls = [self.skill_dir.parent / n / "recipe.yaml" for n in called]
         # sorted: set order varies with PYTHONHASHSEED, and the key must not
-        return "\n".join([self.source_text()] + [found[name] for name in sorted(found)])
+        return "\n".join(
+            [self.source_text()]
+            + [skills[n] for n in called]
+            + [y.read_text() for y in yamls if y.is_file()]
+            + [found[name] for name in sorted(found)]
+        )
+
+
+def skill_calls(source: str) -> set[str]:
+    """Names of the skills `source` runs inside itself: string literals passed to `.run_skill(...)`.
+
+    Parsed with `ast`, like `ml_imports`; a name built at run time cannot be seen, so recipes pass literals.
+    """
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return set()
+    names = set()
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        if node.func.attr != "run_skill":
+            continue
+        args = [*node.args[:1], *(k.value for k in node.keywords if k.arg == "name")]
+        names |= {a.value for a in args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
+    return names
 
 
 def ml_imports(source: str, in_ml: bool) -> set[str]:

@@ -1,9 +1,11 @@
-"""Run a recipe: the run directory, metrics, logs, env capture, outputs and launchers.
+"""Run a recipe: the RunContext it gets, the run directory, metrics, logs, outputs and launchers.
 
 A run directory `runs/<skill>/<time>-<confighash>/` holds config.yaml, metrics.jsonl,
-log.txt, outputs.json, env.json and report.md. Nothing is created before the config
-validates. `--launcher torchrun` hands the same run directory to `torch.distributed.run`,
-whose workers re-enter through `skillbook.run.worker`; rank 0 alone writes.
+log.txt, outputs.json, env.json (skillbook.run.environment) and report.md. Nothing is created
+before the config validates. `--launcher torchrun` hands the same run directory to
+`torch.distributed.run`, whose workers re-enter through `skillbook.run.worker`; every rank
+returns the same outputs, rank 0 alone writes. A skill run by another (`ctx.run_skill`) runs
+in-process into a sub-directory of the caller's run.
 """
 
 from __future__ import annotations
@@ -11,36 +13,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import platform
+import shutil
 import subprocess
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from skillbook.errors import SkillbookError
+from skillbook.run import environment, threads
 from skillbook.run import recipe as recipe_mod
-from skillbook.run import threads
-
-TRACKED_PACKAGES = (
-    "torch",
-    "transformers",
-    "trl",
-    "peft",
-    "tokenizers",
-    "sentencepiece",
-    "datasets",
-    "accelerate",
-    "gguf",
-    "llama_cpp_python",
-    "onnxruntime",
-    "vllm",
-    "pydantic",
-)
 
 
 def _now() -> str:
@@ -66,50 +51,13 @@ def hash_path(path: Path) -> str:
     return h.hexdigest()
 
 
-def package_versions() -> dict[str, str]:
-    out = {}
-    for name in TRACKED_PACKAGES:
-        try:
-            out[name.replace("_", "-")] = metadata.version(name.replace("_", "-"))
-        except metadata.PackageNotFoundError:
-            continue
-    return out
-
-
-def git_sha(root: Path) -> str | None:
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        return res.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def env_info(root: Path) -> dict:
-    info: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "packages": package_versions(),
-        "git_sha": git_sha(root),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-    }
-    torch = sys.modules.get("torch")  # only describe the device if the recipe already loaded torch
-    if torch is not None:
-        info["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-        info["torch_threads"] = torch.get_num_threads()
-    info["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
-    return info
-
-
 class Progress:
     """A progress bar on stderr (rich), quiet on non-main ranks."""
 
     def __init__(self, enabled: bool):
         self.enabled = enabled
-        self._bar = None
-        self._task = None
+        self._bar: Any = None  # a rich Progress while a bar is shown
+        self._task: Any = None
 
     def start(self, total: int, description: str) -> None:
         if not self.enabled:
@@ -146,19 +94,29 @@ class Progress:
 
 @dataclass
 class RunContext:
-    """What a recipe gets besides its config: where to write, how to log, who it is."""
+    """What a recipe gets besides its config: where to write, how to log, who it is, what it runs on.
+
+    `rank`, `world_size` and `local_rank` come from torchrun's environment (0, 1, 0 in a plain process);
+    `setup_device()` joins the process group and sets `device`, `choose_dtype()` sets `dtype`, and
+    `run_skill()` runs another skill inside this run. This is the one record of them: the training
+    helpers (skillbook.ml.training) ask torch's process group, which `setup_device` joined.
+    """
 
     skill: str
     run_dir: Path
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: str | None = None  # set by setup_device
+    dtype: str | None = None  # set by choose_dtype
+    skills_dir: Path | None = None  # where the skills that run_skill names live (this skill's siblings)
     summary: dict = field(default_factory=dict)
     quiet: bool = False
 
     def __post_init__(self) -> None:
         self._progress = Progress(enabled=self.is_main and not self.quiet)
         self._t0 = time.time()
+        self._joined = False  # this context joined the process group, so it leaves it on close()
 
     @property
     def out_dir(self) -> Path:
@@ -172,6 +130,63 @@ class RunContext:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
+
+    def setup_device(self, requested: str = "auto") -> str:
+        """This rank's device, also kept as `ctx.device`: 'auto' = cuda:<local_rank> with a GPU, else cpu.
+
+        Under torchrun (world_size > 1) it first joins the process group (nccl on GPUs, gloo on CPU);
+        call it once, before any collective or `run_skill`. The group is left when the run ends.
+        """
+        from skillbook.ml.training import distributed
+
+        self.device, joined = distributed.setup(requested, self.world_size, self.local_rank)
+        self._joined = self._joined or joined
+        return self.device
+
+    def choose_dtype(self, requested: str, n_params: int | None = None):
+        """The autocast dtype for `ctx.device` and why (skillbook.ml.training.precision.choose_dtype).
+
+        Kept as `ctx.dtype`; dtype and dtype_reason go into the summary (tests and reports read them).
+        """
+        from skillbook.ml.training import precision
+
+        if self.device is None:
+            raise SkillbookError("ctx.choose_dtype needs the device: call ctx.setup_device() first")
+        choice = precision.choose_dtype(requested, self.device, n_params)
+        self.dtype = choice.dtype
+        self.summary.update(dtype=choice.dtype, dtype_reason=choice.reason)
+        return choice
+
+    def run_skill(self, name: str, overrides: dict | None = None) -> dict:
+        """Run skill `name` inside this run; its result (what its outputs.json holds) on every rank.
+
+        Its config resolves through the usual layers (field defaults < its recipe.yaml < `overrides`), and
+        it runs in this process into `run_dir/<name>/`: nothing is written outside this run. Rank 0 runs
+        it; under torchrun the other ranks wait for it (call setup_device first). A finished sub-run with
+        the same config is reused, so a resumed run does not redo it. Pass `name` as a string literal:
+        the pipeline's cache key includes the code of every skill called so (Recipe.code_text).
+        """
+        if self.skills_dir is None:
+            raise SkillbookError(f"ctx.run_skill({name!r}): this context was made without skills_dir")
+        rec = recipe_mod.load(self.skills_dir / name)
+        cfg = recipe_mod.resolve(rec, overrides=overrides)
+        sub = self.run_dir / name
+        done = (sub / "outputs.json").is_file() and (sub / "config.yaml").read_text() == recipe_mod.dump(cfg)
+        if self.is_main and not done:
+            recipe_mod.check_inputs(rec, cfg)
+            shutil.rmtree(sub, ignore_errors=True)  # an unfinished or differently configured earlier try
+            child = RunContext(name, prepare(rec, cfg, run_dir=sub), skills_dir=self.skills_dir, quiet=True)
+            run_in(rec, cfg, child)
+            self.info(f"ran skill '{name}' into {sub}")
+        if self.distributed:
+            from skillbook.ml.training import distributed
+
+            if distributed.world_size() == 1:
+                raise SkillbookError(
+                    "ctx.run_skill under torchrun needs the process group: call ctx.setup_device() first"
+                )
+            distributed.barrier()  # the other ranks wait until rank 0 has written the sub-run
+        return json.loads((sub / "outputs.json").read_text())
 
     def info(self, message: str) -> None:
         """A log line: log.txt and stderr (main rank only)."""
@@ -191,11 +206,8 @@ class RunContext:
         """One metrics.jsonl record (main rank only) and a progress-bar update."""
         if not self.is_main:
             return
-        record = (
-            {"step": step, "time": round(time.time() - self._t0, 3), **metrics}
-            if step is not None
-            else {"time": round(time.time() - self._t0, 3), **metrics}
-        )
+        record: dict[str, Any] = {"step": step} if step is not None else {}
+        record.update(time=round(time.time() - self._t0, 3), **metrics)
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
         self._progress.update(step, metrics)
@@ -206,16 +218,24 @@ class RunContext:
             (self.run_dir / "report.md").write_text(markdown)
 
     def close(self) -> None:
+        """Stop the progress bar and leave the process group this context joined."""
         self._progress.stop()
+        if self._joined:
+            from skillbook.ml.training import distributed
+
+            distributed.teardown()
+            self._joined = False
 
 
-def context_from_env(skill: str, run_dir: Path, quiet: bool = False) -> RunContext:
+def context_from_env(skill: str, run_dir: Path, quiet: bool = False, skills_dir: Path | None = None) -> RunContext:
+    """The context of one process: torchrun's RANK, WORLD_SIZE, LOCAL_RANK (a plain process is rank 0 of 1)."""
     return RunContext(
         skill=skill,
         run_dir=run_dir,
         rank=int(os.environ.get("RANK", "0")),
         world_size=int(os.environ.get("WORLD_SIZE", "1")),
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        skills_dir=skills_dir,
         quiet=quiet,
     )
 
@@ -240,13 +260,18 @@ def new_run_dir(skill: str, cfg: recipe_mod.RecipeConfig, runs_dir: Path | None 
     return run_dir
 
 
-def finalize(recipe: recipe_mod.Recipe, ctx: RunContext, outputs: dict, started: float) -> dict:
-    """Check the returned artifacts, write outputs.json and env.json, return the result."""
+def check_outputs(recipe: recipe_mod.Recipe, outputs: Any) -> dict:
+    """run()'s return value, checked on every rank: a dict holding every declared output."""
     if not isinstance(outputs, dict):
         raise SkillbookError(f"recipe '{recipe.name}': run() must return a dict of output name -> path")
     missing = sorted(set(recipe.OUTPUTS) - set(outputs))
     if missing:
         raise SkillbookError(f"recipe '{recipe.name}': run() did not return declared outputs {missing}")
+    return outputs
+
+
+def finalize(recipe: recipe_mod.Recipe, ctx: RunContext, outputs: dict, started: float) -> dict:
+    """Check the returned artifacts exist, write outputs.json and env.json, return the result (rank 0)."""
     arts = {}
     for name, path in outputs.items():
         path = Path(path)
@@ -261,7 +286,8 @@ def finalize(recipe: recipe_mod.Recipe, ctx: RunContext, outputs: dict, started:
         "outputs": arts,
         "summary": ctx.summary,
     }
-    (ctx.run_dir / "env.json").write_text(json.dumps(env_info(recipe.skill_dir.parent.parent), indent=2) + "\n")
+    env = environment.env_info(recipe.skill_dir.parent.parent, ctx.device, ctx.dtype)
+    (ctx.run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     if not (ctx.run_dir / "report.md").exists():
         ctx.report(default_report(recipe, ctx, result))
     (ctx.run_dir / "outputs.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
@@ -285,22 +311,29 @@ def default_report(recipe: recipe_mod.Recipe, ctx: RunContext, result: dict) -> 
 
 
 def execute(recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, run_dir: Path, quiet: bool = False) -> dict:
-    """Run the recipe in this process (one rank). Rank 0 writes outputs.json; others return {}."""
-    ctx = context_from_env(recipe.name, run_dir, quiet=quiet)
-    started = time.time()
+    """Run the recipe in this process: the only one, or one rank of a torchrun job."""
+    ctx = context_from_env(recipe.name, run_dir, quiet=quiet, skills_dir=recipe.skill_dir.parent)
     choice = threads.choose_threads()
     threads.apply(choice)
     ctx.info(f"threads: {choice.threads} ({choice.reason})")
+    return run_in(recipe, cfg, ctx)
+
+
+def run_in(recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, ctx: RunContext) -> dict:
+    """recipe.run(cfg, ctx) and its result. Every rank checks that the declared outputs came back; rank 0
+    alone writes outputs.json (or error.txt), the other ranks return the paths without hashes."""
+    started = time.time()
     try:
-        outputs = recipe.run(cfg, ctx)
+        outputs = check_outputs(recipe, recipe.run(cfg, ctx))
         ctx.close()
-        if not ctx.is_main:
-            return {}
-        return finalize(recipe, ctx, outputs, started)
+        if ctx.is_main:
+            return finalize(recipe, ctx, outputs, started)
+        paths = {name: {"path": str(path), "kind": recipe.OUTPUTS.get(name, "file")} for name, path in outputs.items()}
+        return {"skill": recipe.name, "run_dir": str(ctx.run_dir.resolve()), "rank": ctx.rank, "outputs": paths}
     except BaseException:
         ctx.close()
         if ctx.is_main:
-            (run_dir / "error.txt").write_text(traceback.format_exc())
+            (ctx.run_dir / "error.txt").write_text(traceback.format_exc())
         raise
 
 

@@ -143,13 +143,15 @@ def config_rows(schema: dict, prefix: str = "", defs: dict | None = None) -> lis
 
 def tested_with(metadata: dict[str, str]) -> list[tuple[str, str]]:
     """(package, version) pairs from `tested-with*` metadata keys; `tested-with: torch==2.13 trl==1.16` works too."""
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for key, value in metadata.items():
         if not key.startswith("tested-with"):
             continue
         items = [v for v in re.split(r"[\s,;]+", value.strip()) if v]
         if items and all(re.match(r"^[\w.\-\[\]]+(==|=|@)\S+$", v) for v in items):
-            pairs += [tuple(re.split(r"==|=|@", v, maxsplit=1)) for v in items]
+            for v in items:  # the pattern above has a separator and maxsplit=1: always two parts
+                package, version = re.split(r"==|=|@", v, maxsplit=1)
+                pairs.append((package, version))
         else:
             pairs.append((key.removeprefix("tested-with").strip("-:.") or "versions", value))
     return pairs
@@ -212,7 +214,7 @@ def skill_facts(skill, root: Path, pipelines: dict) -> dict:
         path = skill.path / "configs" / f"{name}.yaml"
         text = path.read_text(encoding="utf-8")
         first = next(
-            (l.lstrip("# ").strip() for l in text.splitlines() if l.startswith("#") and "$schema" not in l), ""
+            (ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#") and "$schema" not in ln), ""
         )
         presets.append({"name": name, "page": f"files/{rel}/configs/{name}.yaml.html", "note": first, "text": text})
         sources.append(f"{rel}/configs/{name}.yaml")

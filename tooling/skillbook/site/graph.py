@@ -7,6 +7,7 @@ box and a producer feeding eight steps (the data step) draws one lane, not eight
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from html import escape
 
@@ -55,8 +56,23 @@ def _inputs_line(sid: str, graph: list[Edge]) -> str:
     return text if len(text) <= INPUT_CHARS else text[: INPUT_CHARS - 1] + "…"
 
 
-def svg(steps: list[dict], href=lambda step: None, title: str = "pipeline") -> str:
-    """The graph as an inline SVG element; `href(step)` gives each node's link (or None)."""
+@dataclass
+class Layout:
+    """Where everything goes: box corners, bus lanes, the heights of horizontal runs, edge ends."""
+
+    graph: list[Edge]
+    skips: list[Edge]  # edges that jump over a row: they travel on their producer's bus
+    buses: list[str]  # producers with a bus, in lane order (one lane each)
+    pos: dict[str, tuple[float, float]]  # step id -> top-left corner of its box
+    run_y: dict[tuple[str, str], float]  # ("out", src) / ("in", "src>dst") -> y of that horizontal run
+    x_out: dict[str, float]  # "src>dst" for curves, "bus:src" for a bus -> x where it leaves its box
+    x_in: dict[str, float]  # "src>dst" -> x where it enters its box
+    width: float
+    height: float
+
+
+def layout(steps: list[dict]) -> Layout:
+    """Rows from `layers`, a lane per bus on the left, gaps tall enough for the runs they hold."""
     graph = [e for e in edges(steps) if e.src in {s["id"] for s in steps}]
     layer = layers(steps, graph)
     rows: dict[int, list[str]] = {}
@@ -89,9 +105,15 @@ def svg(steps: list[dict], href=lambda step: None, title: str = "pipeline") -> s
         x0 = left + ((width - left - PAD) - span) / 2
         for i, sid in enumerate(ids):
             pos[sid] = (x0 + i * (NODE_W + GAP_X), top[row])
+    x_out, x_in = _edge_ends(graph, skips, buses, pos)
+    return Layout(graph, skips, buses, pos, run_y, x_out, x_in, width, height)
 
-    # Where edges leave and enter a box: spread over its width so arrows do not overlap.
-    x_out: dict[str, float] = {}  # "src>dst" for curves, "bus:src" for a bus
+
+def _edge_ends(
+    graph: list[Edge], skips: list[Edge], buses: list[str], pos: dict[str, tuple[float, float]]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Where edges leave and enter a box: spread over its width so arrows do not overlap."""
+    x_out: dict[str, float] = {}
     x_in: dict[str, float] = {}
     for sid in pos:
         outs = [f"{e.src}>{e.dst}" for e in graph if e.src == sid and e not in skips] + (
@@ -101,46 +123,69 @@ def svg(steps: list[dict], href=lambda step: None, title: str = "pipeline") -> s
         for keys, table in ((outs, x_out), (ins, x_in)):
             for i, key in enumerate(keys):
                 table[key] = pos[sid][0] + NODE_W * (i + 1) / (len(keys) + 1)
-    parts = [
-        f'<svg class="dag" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width:.0f} {height:.0f}" '
-        f'width="{width:.0f}" height="{height:.0f}" role="img" aria-label="{escape(title)}">',
-        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
-        'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" class="dag-arrow"/></marker></defs>',
-    ]
-    for i, src in enumerate(buses):
-        lane, x1, y1 = PAD + LANE * i, x_out[f"bus:{src}"], pos[src][1] + NODE_H
-        bottom = max(run_y[("in", f"{e.src}>{e.dst}")] for e in skips if e.src == src)
+    return x_out, x_in
+
+
+def _bus_paths(lay: Layout) -> list[str]:
+    """Each bus: down out of its producer, left to its lane, down to the last branch."""
+    parts = []
+    for i, src in enumerate(lay.buses):
+        lane, x1, y1 = PAD + LANE * i, lay.x_out[f"bus:{src}"], lay.pos[src][1] + NODE_H
+        bottom = max(lay.run_y[("in", f"{e.src}>{e.dst}")] for e in lay.skips if e.src == src)
         parts.append(
-            f'<path class="dag-bus" d="M{x1:.0f},{y1:.0f} V{run_y[("out", src)]:.0f} H{lane:.0f} V{bottom:.0f}"/>'
+            f'<path class="dag-bus" d="M{x1:.0f},{y1:.0f} V{lay.run_y[("out", src)]:.0f} H{lane:.0f} V{bottom:.0f}"/>'
         )
-    for e in graph:
+    return parts
+
+
+def _edge_paths(lay: Layout) -> list[str]:
+    """A curve between neighbouring rows; a branch off its bus for an edge that skips rows."""
+    parts = []
+    for e in lay.graph:
         key = f"{e.src}>{e.dst}"
-        x2, y2 = x_in[key], pos[e.dst][1]
-        if e in skips:
-            lane, y = PAD + LANE * buses.index(e.src), run_y[("in", key)]
+        x2, y2 = lay.x_in[key], lay.pos[e.dst][1]
+        if e in lay.skips:
+            lane, y = PAD + LANE * lay.buses.index(e.src), lay.run_y[("in", key)]
             d = f"M{lane:.0f},{y:.0f} H{x2:.0f} V{y2 - 1:.0f}"
         else:
-            x1, y1 = x_out[key], pos[e.src][1] + NODE_H
+            x1, y1 = lay.x_out[key], lay.pos[e.src][1] + NODE_H
             mid = (y1 + y2) / 2
             d = f"M{x1:.0f},{y1:.0f} C{x1:.0f},{mid:.0f} {x2:.0f},{mid:.0f} {x2:.0f},{y2 - 1:.0f}"
         parts.append(
             f'<g class="dag-edge"><title>{escape(e.src)} → {escape(e.dst)}: {escape(", ".join(e.outputs))}</title>'
             f'<path d="{d}" marker-end="url(#arrow)"/></g>'
         )
-    for s in steps:
-        x, y = pos[s["id"]]
-        cx = x + NODE_W / 2
-        sub = s["skill"] + (f" · {s['preset']}" if s.get("preset") else "")
-        reads = ", ".join(f"{o} ← {e.src}" for e in graph if e.dst == s["id"] for o in e.outputs)
-        node = (
-            f"<title>{escape(s['id'])}: runs {escape(sub)}{'; reads ' + escape(reads) if reads else ''}</title>"
-            f'<rect x="{x:.0f}" y="{y:.0f}" width="{NODE_W}" height="{NODE_H}" rx="8"/>'
-            f'<text class="dag-id" x="{cx:.0f}" y="{y + 20:.0f}">{escape(s["id"])}</text>'
-            f'<text class="dag-skill" x="{cx:.0f}" y="{y + 36:.0f}">{escape(sub)}</text>'
-            f'<text class="dag-in" x="{cx:.0f}" y="{y + 53:.0f}">{escape(_inputs_line(s["id"], graph))}</text>'
-        )
-        link = href(s)
-        node = f'<a href="{escape(link)}">{node}</a>' if link else node
-        parts.append(f'<g class="dag-node" id="node-{escape(s["id"])}">{node}</g>')
-    parts.append("</svg>")
+    return parts
+
+
+def _node(s: dict, lay: Layout, link: str | None) -> str:
+    """One step's box: id, skill (and preset), the inputs line, a tooltip with every input."""
+    x, y = lay.pos[s["id"]]
+    cx = x + NODE_W / 2
+    sub = s["skill"] + (f" · {s['preset']}" if s.get("preset") else "")
+    reads = ", ".join(f"{o} ← {e.src}" for e in lay.graph if e.dst == s["id"] for o in e.outputs)
+    node = (
+        f"<title>{escape(s['id'])}: runs {escape(sub)}{'; reads ' + escape(reads) if reads else ''}</title>"
+        f'<rect x="{x:.0f}" y="{y:.0f}" width="{NODE_W}" height="{NODE_H}" rx="8"/>'
+        f'<text class="dag-id" x="{cx:.0f}" y="{y + 20:.0f}">{escape(s["id"])}</text>'
+        f'<text class="dag-skill" x="{cx:.0f}" y="{y + 36:.0f}">{escape(sub)}</text>'
+        f'<text class="dag-in" x="{cx:.0f}" y="{y + 53:.0f}">{escape(_inputs_line(s["id"], lay.graph))}</text>'
+    )
+    node = f'<a href="{escape(link)}">{node}</a>' if link else node
+    return f'<g class="dag-node" id="node-{escape(s["id"])}">{node}</g>'
+
+
+def svg(steps: list[dict], href: Callable[[dict], str | None] = lambda step: None, title: str = "pipeline") -> str:
+    """The graph as an inline SVG element; `href(step)` gives each node's link (or None)."""
+    lay = layout(steps)
+    parts = [
+        f'<svg class="dag" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {lay.width:.0f} {lay.height:.0f}" '
+        f'width="{lay.width:.0f}" height="{lay.height:.0f}" role="img" aria-label="{escape(title)}">',
+        '<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" '
+        'orient="auto-start-reverse"><path d="M0,0 L10,5 L0,10 z" class="dag-arrow"/></marker></defs>',
+        *_bus_paths(lay),
+        *_edge_paths(lay),
+        *(_node(s, lay, href(s)) for s in steps),
+        "</svg>",
+    ]
     return "\n".join(parts)

@@ -104,10 +104,10 @@ def check(out: Path, origins: dict[tuple[str, str], str] | None = None) -> list[
     """Walk every HTML page under `out`; return the links and anchors that do not resolve."""
     origins = origins or {}
     pages: dict[str, tuple[set[str], list[str]]] = {}
-    for path in sorted(out.rglob("*.html")):
-        pages[path.relative_to(out).as_posix()] = _scan(path.read_text(encoding="utf-8"))
+    for html_file in sorted(out.rglob("*.html")):
+        pages[html_file.relative_to(out).as_posix()] = _scan(html_file.read_text(encoding="utf-8"))
     broken: list[Broken] = []
-    for page, (ids, hrefs) in pages.items():
+    for page, (_ids, hrefs) in pages.items():
         for href in hrefs:
             if not href or is_external(href):
                 continue

@@ -1,0 +1,103 @@
+"""Clients for an OpenAI-compatible server: a smoke test and a load test.
+
+Both use the official `openai` package, so they also work against `vllm serve` or llama.cpp's server,
+not only against skillbook.ml.serve_app.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+
+def _client(url: str, api_key: str | None, timeout: float = 120.0):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key=api_key or "none", timeout=timeout, max_retries=0)
+
+
+def smoke_test(
+    url: str,
+    prompt: str = "Question: What colour is Mira's kite?\nAnswer:",
+    max_tokens: int = 16,
+    api_key: str | None = None,
+) -> dict:
+    """List models, one completion, one chat, one streamed chat; latencies and texts in a dict."""
+    client = _client(url, api_key)
+    model = client.models.list().data[0].id
+    out: dict = {"url": url, "model": model}
+    t = time.perf_counter()
+    comp = client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, seed=0)
+    out["completion"] = {
+        "text": comp.choices[0].text,
+        "finish_reason": comp.choices[0].finish_reason,
+        "latency_s": time.perf_counter() - t,
+        "completion_tokens": comp.usage.completion_tokens,
+    }
+    t = time.perf_counter()
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens, temperature=0)
+    out["chat"] = {"text": chat.choices[0].message.content, "latency_s": time.perf_counter() - t}
+    t, first, parts = time.perf_counter(), None, []
+    for chunk in client.chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+    ):
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter() - t
+            parts.append(chunk.choices[0].delta.content)
+    out["stream"] = {
+        "text": "".join(parts),
+        "chunks": len(parts),
+        "ttft_s": first,
+        "latency_s": time.perf_counter() - t,
+    }
+    # greedy decoding: the streamed chat must equal the non-streamed one, token for token
+    out["ok"] = bool(comp.usage.completion_tokens > 0 and out["stream"]["text"] == out["chat"]["text"])
+    return out
+
+
+def load_test(
+    url: str,
+    clients: int = 16,
+    requests_per_client: int = 2,
+    max_tokens: int = 16,
+    prompt: str = "Question: What colour is Mira's kite?\nAnswer:",
+    api_key: str | None = None,
+) -> dict:
+    """N concurrent clients, each sending completions in turn: p50/p95 latency, requests/s, tokens/s."""
+    client = _client(url, api_key, timeout=300.0)
+    model = client.models.list().data[0].id
+
+    def one(i: int) -> list[tuple[float, int, str | None]]:
+        rows: list[tuple[float, int, str | None]] = []
+        for j in range(requests_per_client):
+            t = time.perf_counter()
+            try:
+                r = client.completions.create(
+                    model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.8, seed=i * 1000 + j
+                )
+                rows.append((time.perf_counter() - t, r.usage.completion_tokens, None))
+            except Exception as exc:  # noqa: BLE001 - counted, not raised: the report says how many failed
+                rows.append((time.perf_counter() - t, 0, f"{type(exc).__name__}: {exc}"))
+        return rows
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=clients) as pool:
+        rows = [r for rs in pool.map(one, range(clients)) for r in rs]
+    wall = time.perf_counter() - t0
+    lat = sorted(r[0] for r in rows if r[2] is None)
+    errors = [r[2] for r in rows if r[2] is not None]
+    q = statistics.quantiles(lat, n=20, method="inclusive") if len(lat) >= 2 else lat * 19
+    return {
+        "clients": clients,
+        "requests": len(rows),
+        "succeeded": len(lat),
+        "failed": len(errors),
+        "errors": errors[:5],
+        "wall_s": wall,
+        "latency_p50_s": statistics.median(lat) if lat else None,
+        "latency_p95_s": q[18] if lat else None,
+        "requests_per_s": len(lat) / wall,
+        "generated_tokens_per_s": sum(r[1] for r in rows) / wall,
+    }
