@@ -93,3 +93,20 @@ def sft_model(sft_run) -> Path:
 @pytest.fixture
 def repo_root() -> Path:
     return catalog.repo_root(ROOT)
+
+
+@pytest.fixture(scope="session")
+def family_model(tokenizer_dir, tmp_path_factory):
+    """A factory: family name -> a tiny random-init model dir of that family (built once per session) that
+    carries the session's byte-level BPE tokenizer. See tests/families.py."""
+    from families import build_family_model
+
+    built: dict[str, Path] = {}
+    root = tmp_path_factory.mktemp("families")
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_family_model(family, tokenizer_dir, root / family)
+        return built[family]
+
+    return get
