@@ -15,7 +15,7 @@ STAMP   := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 LLAMA_V := $(shell sed -n 's/^llama[-_]cpp[-_]python==//p' $(LOCK))
 BUILD   := $(VENV)/llama-build
 
-.PHONY: setup browser test check code demo lint schema site clean lock
+.PHONY: setup browser test check code demo lint schema site clean lock support
 
 setup: $(STAMP)
 
@@ -64,10 +64,20 @@ browser:
 
 # The suite, then again the tests whose numbers depend on the autocast dtype, with bf16 forced on: a bf16-only
 # failure shows on every CPU, including AVX2-only ones where `dtype: auto` never picks bf16.
+# The family-matrix tests record their cells in build/family-matrix.json; the published support table
+# (tests/support/family-matrix.json, shown in README.md and on the site) must agree with them.
 test: setup browser code
 	$(SKILLS) lint
-	$(PY) -m pytest -q
+	rm -f build/family-matrix.json
+	SKILLBOOK_SUPPORT_OUT=build/family-matrix.json $(PY) -m pytest -q
+	$(SKILLS) support --check build/family-matrix.json
 	SKILLBOOK_AUTO_DTYPE=bfloat16 $(PY) -m pytest -q -m autocast
+
+# Re-measure the skill x model-family table and write it into README.md (commit both).
+support: setup
+	rm -f tests/support/family-matrix.json
+	SKILLBOOK_SUPPORT_OUT=tests/support/family-matrix.json $(PY) -m pytest -q -m family_matrix
+	$(SKILLS) support --write
 
 # The code itself: ruff's lint rules and formatting, and mypy (configured in pyproject.toml).
 code: setup

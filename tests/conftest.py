@@ -7,6 +7,7 @@ catalog never pay for them.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -110,3 +111,65 @@ def family_model(tokenizer_dir, tmp_path_factory):
         return built[family]
 
     return get
+
+
+# ---------------------------------------------------------------------------------------------
+# The support table: every `family_matrix` test records its (skill, family) cell; with SKILLBOOK_SUPPORT_OUT set,
+# the session writes them there (see skillbook.catalog.support). A test that asserts a refusal records the
+# message with `record_property("support_reason", message)`, which turns its cell into "refused".
+# ---------------------------------------------------------------------------------------------
+
+_support_cells: dict[str, dict[str, dict]] = {}
+
+
+def _support_cell(item, report) -> tuple[str, str] | None:
+    marker = item.get_closest_marker("family_matrix")
+    family = getattr(item, "callspec", None) and item.callspec.params.get("family")
+    if marker is None or not family:
+        return None
+    skill = marker.args[0] if marker.args else item.originalname.removeprefix("test_").removesuffix("_on_family")
+    return skill.replace("_", "-"), family
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    where = _support_cell(item, report)
+    if where is None or (report.when != "call" and not report.failed and not report.skipped):
+        return
+    skill, family = where
+    reason = next((v for k, v in item.user_properties if k == "support_reason"), None)
+    if report.skipped:
+        cell = {"status": "skip", "reason": str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""}
+    elif report.failed:
+        cell = {"status": "fail"}
+    else:
+        cell = {"status": "refused", "reason": reason} if reason else {"status": "pass"}
+    if _support_cells.get(skill, {}).get(family, {}).get("status") != "fail":  # a failed setup/teardown sticks
+        _support_cells.setdefault(skill, {})[family] = cell
+
+
+def pytest_sessionfinish(session, exitstatus):
+    out = os.environ.get("SKILLBOOK_SUPPORT_OUT")
+    if not out or not _support_cells:
+        return
+    from families import FAMILIES
+    from skillbook.catalog import support
+
+    path = Path(out)
+    old = support.load(path) if path.is_file() else {}
+    dtype = os.environ.get("SKILLBOOK_AUTO_DTYPE", "fp32 (tiny models: `dtype: auto` picks fp32)")
+    merged = support.merge(old, _support_cells, list(FAMILIES), f"{_cpu_name()}, {dtype}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+
+
+def _cpu_name() -> str:
+    """'AMD EPYC 7B13 (2 cores)': the machine a support table was measured on."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            name = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "unknown CPU")
+    except OSError:
+        name = "unknown CPU"
+    return f"{name} ({len(os.sched_getaffinity(0))} cores)"

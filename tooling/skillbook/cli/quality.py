@@ -1,4 +1,5 @@
-"""`skills doctor` and `skills examples`: tested-with versions and the code blocks CI executes."""
+"""`skills doctor`, `skills examples` and `skills support`: tested-with versions, the code blocks CI executes,
+and the skill x model-family support table."""
 
 from __future__ import annotations
 
@@ -86,4 +87,46 @@ def examples_cmd(names, timeout, as_json) -> None:
     sys.exit(1 if any(not r.ok for r in results) else 0)
 
 
-COMMANDS: list[click.Command] = [doctor, examples_cmd]
+@click.command("support")
+@click.option("--write", is_flag=True, help="Rewrite README.md's support table from the published results.")
+@click.option(
+    "--check",
+    "fresh",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Results of a fresh family-matrix run: exit 1 where they disagree with the published table.",
+)
+def support_cmd(write: bool, fresh: Path | None) -> None:
+    """The skill x model-family table from the family-matrix tests (`make support` refreshes it)."""
+    from skillbook import catalog
+    from skillbook.catalog import support
+    from skillbook.errors import SkillbookError
+
+    root = catalog.repo_root()
+    published_path = root / support.RESULTS
+    if not published_path.is_file():
+        raise SkillbookError(f"{published_path} is missing; run `make support` to measure the family matrix")
+    published = support.load(published_path)
+    if fresh is not None:
+        problems = support.disagreements(published, support.load(fresh))
+        if problems:
+            raise SkillbookError(
+                "the published support table disagrees with this run; fix the skill or run `make support`:\n  "
+                + "\n  ".join(problems)
+            )
+        click.echo(f"support table agrees with {fresh}", err=True)
+        return
+    table = support.markdown_table(published)
+    if write:
+        readme = root / "README.md"
+        try:
+            text = support.with_table(readme.read_text(encoding="utf-8"), table)
+        except ValueError as exc:
+            raise SkillbookError(str(exc)) from None
+        readme.write_text(text, encoding="utf-8")
+        click.echo(f"wrote the support table into {readme}", err=True)
+    else:
+        click.echo(table, nl=False)
+
+
+COMMANDS: list[click.Command] = [doctor, examples_cmd, support_cmd]

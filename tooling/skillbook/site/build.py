@@ -61,6 +61,7 @@ def _write_site(r: Renderer) -> None:
     entries.append(pages.contributing_page(r))
     pages.home_and_search_pages(r)
     pages.catalog_page(r)
+    pages.support_page(r)
     pages.extra_pages(r)  # last: every page before may have queued linked files
     _write_search_index(r.out, entries)
     _copy_static(r.assets / "static", r.out / "static")

@@ -264,6 +264,46 @@ def contributing_page(r: Renderer) -> dict:
     )
 
 
+def support_page(r: Renderer) -> None:
+    """The skill x model-family table of the last family-matrix run (see skillbook.catalog.support)."""
+    from markupsafe import Markup
+
+    from skillbook.catalog import support
+
+    src = r.root / support.RESULTS
+    text = (
+        "# Model families\n\n"
+        + FAMILIES_INTRO
+        + "\n\n"
+        + (
+            support.markdown_table(support.load(src))
+            if src.is_file()
+            else "No family-matrix results yet: run `make support`."
+        )
+    )
+    doc = parse_doc(src, text)
+    body = Markup(r.render_md(doc, "support.html"))
+    r.write(
+        "support.html",
+        "doc.html.j2",
+        title="Model families",
+        heading=None,
+        body=body,
+        toc=doc.toc,
+        crumbs=[],
+        source=r.source_rel(src),
+        active="",
+    )
+
+
+FAMILIES_INTRO = (
+    "Each cell is one test in the family-matrix suite: a tiny random-init model of that family, built from its "
+    "transformers config class with a byte-level BPE tokenizer, run through the skill's recipe with the same "
+    "behavioural checks as the project's own Llama. `make support` re-measures the table; CI fails when a run "
+    "disagrees with it."
+)
+
+
 def home_and_search_pages(r: Renderer) -> None:
     r.write("index.html", "home.html.j2", title="", active="home")
     r.write("search.html", "search.html.j2", title="Search", active="search")
