@@ -285,7 +285,8 @@ def test_recipe_refuses_missing_model(tmp_path):
 
 
 def test_recipe_refuses_data_dir_without_split(tiny, tmp_path):
-    with pytest.raises(ConfigError, match=r"eval_data: .* has no test.jsonl"):
+    # a corpus folder's val.jsonl is a held-out split by name (data_files.HELD_OUT_NAMES), but not questions
+    with pytest.raises(ConfigError, match=r"eval_data: .*val\.jsonl:1 has no 'prompt' column"):
         run_skill(
             "evaluation",
             tmp_path,

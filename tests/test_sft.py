@@ -79,7 +79,7 @@ def test_sft_data_missing_completion_fails_before_model_load(tmp_path):
     model_dir = tmp_path / "not-a-model"  # exists but holds no model: the data check must come first
     model_dir.mkdir()
     with pytest.raises(ConfigError) as info:
-        run_skill("sft", tmp_path / "runs", {"model": str(model_dir), "data": str(bad), "eval_data": str(bad)})
+        run_skill("sft", tmp_path / "runs", {"model": str(model_dir), "data": str(bad)})
     msg = str(info.value)
     assert "train.jsonl" in msg and "'completion'" in msg
 

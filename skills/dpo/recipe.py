@@ -13,12 +13,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from skillbook.ml.finetune_data import artifact_dir, default_data, read_split, to_dataset
+from skillbook.ml.data_files import DataPath, EvalDataPath
+from skillbook.ml.finetune_data import default_data, held_out_rows, pair_rows, to_dataset
 from skillbook.ml.hf_models import (
     count_params,
     load_causal_lm,
     load_tokenizer,
     lora_config,
+    lora_targets,
     merge_and_save,
     reload_adapter_bf16,
     resolve_model,
@@ -39,16 +41,18 @@ class Config(BlockConfig):
         description="Policy to start from, normally the sft run's merged 'model' output "
         "(a local hf-model directory with its tokenizer, or a hub id when online).",
     )
-    data: str | None = Field(
+    data: DataPath | None = Field(
         None,
-        description="preference-data directory: train.jsonl and test.jsonl rows "
-        "{prompt, chosen, rejected}; None = the embedded synthetic pairs.",
+        description="Pairs {prompt, chosen, rejected}: a .jsonl/.json/.parquet file (split by eval_fraction) or "
+        "a preference-data folder (train.jsonl + test.jsonl); None = the embedded synthetic pairs.",
     )
-    eval_data: str | None = Field(
+    eval_data: EvalDataPath | None = Field(
         None,
-        description="Held-out sft-data directory (test.jsonl) for exact match "
-        "before/after; None = the embedded eval set when data is None, "
-        "else skipped.",
+        description="Held-out {prompt, completion} rows for exact match before/after: a file (every row) or a "
+        "folder (test.jsonl, or eval/validation); None = the embedded eval set when data is None, else skipped.",
+    )
+    eval_fraction: float = Field(
+        0.1, gt=0, le=0.5, description="Share of a single data file (or a train-only folder) held out, seeded by seed."
     )
     # --- DPO ----------------------------------------------------------------------------------
     beta: float = Field(
@@ -105,12 +109,12 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     from skillbook.ml.evaluate import exact_match, preference_accuracy
 
     # ---- data: checked first, so a file missing a column fails before any model is loaded ---
-    data_dir = default_data(ctx, "preference_data") if cfg.data is None else artifact_dir(cfg.data, "data")
-    train_rows = read_split(data_dir, "train", PAIR, "data")
-    test_rows = read_split(data_dir, "test", PAIR, "data")[: cfg.eval_limit]
-    eval_dir = cfg.eval_data or (default_data(ctx, "eval_data") if cfg.data is None else None)
-    qa_rows = read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit] if eval_dir else []
+    train_rows, test_rows = pair_rows(ctx, cfg.data, cfg.eval_fraction, cfg.seed, PAIR)
+    test_rows = test_rows[: cfg.eval_limit]
+    eval_ref = cfg.eval_data or (default_data(ctx, "eval_data") if cfg.data is None else None)
+    qa_rows = held_out_rows(ctx, eval_ref, "eval_data")[: cfg.eval_limit] if eval_ref else []
     model_ref = resolve_model(cfg.model)
+    ctx.info(f"LoRA targets: {', '.join(lora_targets(model_ref, cfg.lora))}")  # a misfit fails before loading
 
     # ---- policy (and, through LoRA, reference) model ----------------------------------------
     torch.manual_seed(cfg.seed)

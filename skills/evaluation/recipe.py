@@ -16,6 +16,7 @@ from pathlib import Path
 from pydantic import Field
 
 from skillbook.errors import ConfigError
+from skillbook.ml.data_files import EvalCorpusPath, EvalDataPath
 from skillbook.run.recipe import HUB_ID_RE, RecipeConfig, artifact_path
 from skillbook.run.runner import RunContext
 
@@ -58,17 +59,27 @@ class Config(RecipeConfig):
         ),
     )
     # ---- on what
-    corpus: str | None = Field(
-        None, description=("Corpus dir whose val.jsonl is scored for perplexity; None = the embedded default corpus.")
-    )
-    eval_data: str | None = Field(
+    corpus: EvalCorpusPath | None = Field(
         None,
         description=(
-            "Held-out question dir with test.jsonl rows {prompt, completion}; None = the embedded default held-out set."
+            "Held-out text scored for perplexity: a .jsonl/.json/.parquet file of {text} rows or a .txt file (every "
+            "document), or a corpus folder (its val.jsonl); None = eval_data's prompt + completion text when "
+            "eval_data is set, else the embedded synthetic world (the summary's perplexity_data says which)."
         ),
     )
-    preference_data: str | None = Field(
-        None, description=("Optional preference-data dir; adds preference accuracy on its test.jsonl. None = skipped.")
+    eval_data: EvalDataPath | None = Field(
+        None,
+        description=(
+            "Held-out {prompt, completion} rows: a .jsonl/.json/.parquet file (every row is scored) or a folder "
+            "(test.jsonl, or eval/validation); None = the embedded default held-out set."
+        ),
+    )
+    preference_data: EvalDataPath | None = Field(
+        None,
+        description=(
+            "Optional {prompt, chosen, rejected} pairs for preference accuracy: a file (every row) or a "
+            "preference-data folder (its test.jsonl). None = skipped."
+        ),
     )
     chat_template: bool = Field(
         False,
@@ -119,13 +130,39 @@ def model_path(ref: str, field: str) -> str:
     return ref  # looks like owner/name and we are online: transformers downloads it
 
 
-def split_file(ref: str, field: str, names: tuple[str, ...]) -> Path:
-    """The first of `names` inside the artifact dir `ref`; ConfigError naming the field otherwise."""
-    base = artifact_path(ref, field)
-    for name in names:
-        if (base / name).is_file():
-            return base / name
-    raise ConfigError(f"{field}: {base} has no {' or '.join(names)}; pass the directory an earlier run wrote")
+def held_out_data(cfg: Config, ctx: RunContext) -> tuple[list[str], list[dict], list[dict]]:
+    """(documents, questions, pairs) to score, the first max_examples of each, every row checked; the log and
+    the summary say where the perplexity text came from, so the embedded world is never used silently."""
+    from skillbook.ml.data_files import load_held_out, read_texts
+
+    defaults: dict[str, Path] = {}
+    if cfg.corpus is None or cfg.eval_data is None:
+        from skillbook.ml.synthetic import write_default_data
+
+        defaults = write_default_data(ctx.out_dir / "data", seed=0)  # the held-out splits of the default world
+    n = cfg.max_examples
+    q = load_held_out(cfg.eval_data or defaults["eval_data"], "eval_data", ("prompt", "completion"))
+    questions = q.held[:n]
+    q_from = q.held_source if cfg.eval_data else "the embedded synthetic held-out set"
+    ctx.info(f"eval_data: scoring {len(questions):,} of {len(q.held):,} rows of {q_from}")
+    if cfg.corpus:
+        c = load_held_out(cfg.corpus, "corpus", None)
+        texts, source = c.held[:n], c.held_source
+    elif cfg.eval_data:  # the user's own text, not the synthetic world their model has never seen
+        texts, source = [r["prompt"] + r["completion"] for r in questions], f"eval_data prompt + completion ({q_from})"
+        ctx.info("no corpus given: perplexity is on eval_data's prompt + completion text (corpus=FILE to choose)")
+    else:
+        texts = read_texts(defaults["corpus"] / "val.jsonl")[:n]
+        source = "embedded synthetic world"
+        ctx.info("no corpus given: perplexity is on the embedded synthetic world, not your data (set corpus=FILE)")
+    ctx.info(f"corpus: perplexity on {len(texts):,} documents of {source}")
+    ctx.summary["perplexity_data"] = source
+    pairs: list[dict] = []
+    if cfg.preference_data:
+        p = load_held_out(cfg.preference_data, "preference_data", ("prompt", "chosen", "rejected"))
+        pairs = p.held[:n]
+        ctx.info(f"preference_data: scoring {len(pairs):,} of {len(p.held):,} pairs of {p.held_source}")
+    return texts, questions, pairs
 
 
 def measure(
@@ -178,27 +215,14 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     compare_ref = model_path(cfg.compare_model, "compare_model") if cfg.compare_model else None
     if not ctx.is_main:  # scoring is cheap next to training: under torchrun, rank 0 evaluates alone
         return {}
-    if cfg.corpus is None or cfg.eval_data is None:
-        from skillbook.ml.synthetic import write_default_data
-
-        defaults = write_default_data(ctx.out_dir / "data", seed=0)  # the held-out splits of the default world
-    corpus = cfg.corpus or str(defaults["corpus"])
-    eval_data = cfg.eval_data or str(defaults["eval_data"])
-    val_file = split_file(corpus, "corpus", ("val.jsonl",))
-    q_file = split_file(eval_data, "eval_data", ("test.jsonl",))
-    p_file = split_file(cfg.preference_data, "preference_data", ("test.jsonl",)) if cfg.preference_data else None
+    # Take the first N rows, not a random subset: two runs (or two models) then see the same examples.
+    texts, questions, pairs = held_out_data(cfg, ctx)
 
     import torch
 
     from skillbook.ml import evaluate as ev
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    # Take the first N rows, not a random subset: two runs (or two models) then see the same examples.
-    texts = [r["text"] for r in ev.read_jsonl(val_file)][: cfg.max_examples]
-    questions = ev.read_jsonl(q_file)[: cfg.max_examples]
-    pairs = ev.read_jsonl(p_file)[: cfg.max_examples] if p_file else []
-    if not texts or not questions:
-        raise ConfigError(f"corpus / eval_data: {val_file} or {q_file} has no rows to score")
     ctx.info(f"device {device}; {len(texts)} documents, {len(questions)} questions, {len(pairs)} preference pairs")
     ctx.progress(2 if compare_ref else 1, "evaluating")
 

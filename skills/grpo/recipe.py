@@ -13,12 +13,14 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from skillbook.ml.finetune_data import question_dirs, read_split, to_dataset
+from skillbook.ml.data_files import DataPath, EvalDataPath
+from skillbook.ml.finetune_data import question_rows, to_dataset
 from skillbook.ml.hf_models import (
     count_params,
     load_causal_lm,
     load_tokenizer,
     lora_config,
+    lora_targets,
     merge_and_save,
     resolve_model,
 )
@@ -38,15 +40,19 @@ class Config(BlockConfig):
         description="Policy to start from, normally the sft run's merged 'model' output: GRPO "
         "only learns from questions the model sometimes answers right.",
     )
-    data: str | None = Field(
+    data: DataPath | None = Field(
         None,
-        description="sft-data directory: train.jsonl rows {prompt, completion}; the "
-        "completion is the verifiable answer. None = the embedded world.",
+        description="Rows {prompt, completion} (the completion is the verifiable answer): a .jsonl/.json/"
+        ".parquet file (split by eval_fraction unless eval_data is set) or an sft-data folder (train.jsonl + "
+        "test.jsonl); None = the embedded world.",
     )
-    eval_data: str | None = Field(
+    eval_data: EvalDataPath | None = Field(
         None,
-        description="Held-out sft-data directory (test.jsonl) for mean reward "
-        "before/after; None = the embedded eval set, or <data>/test.jsonl.",
+        description="Held-out rows for mean reward before/after: a file (every row) or a folder (test.jsonl, "
+        "or eval/validation); None = data's held-out part, or the embedded eval set when data is None.",
+    )
+    eval_fraction: float = Field(
+        0.1, gt=0, le=0.5, description="Share of a single data file held out (seeded by seed) when eval_data is None."
     )
     # --- GRPO ---------------------------------------------------------------------------------
     num_generations: int = Field(
@@ -120,10 +126,10 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     from skillbook.ml.evaluate import exact_match
 
     # ---- data: questions with verifiable answers, checked before any model is loaded --------
-    data_dir, eval_dir = question_dirs(ctx, cfg.data, cfg.eval_data)
-    train_rows = read_split(data_dir, "train", ("prompt", "completion"), "data")[: cfg.train_limit]
-    eval_rows = read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit]
+    train_rows, eval_rows = question_rows(ctx, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed)
+    train_rows, eval_rows = train_rows[: cfg.train_limit], eval_rows[: cfg.eval_limit]
     model_ref = resolve_model(cfg.model)
+    ctx.info(f"LoRA targets: {', '.join(lora_targets(model_ref, cfg.lora))}")  # a misfit fails before loading
 
     # ---- the verifiable reward: 1 if the answer (first line, normalised) is exactly right ----
     def exact_match_reward(prompts, completions, answer, **_) -> list[float]:

@@ -19,6 +19,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from skillbook.ml import lm_data
+from skillbook.ml.data_files import CorpusPath, corpus_sources
 from skillbook.ml.moe import report, routing, upcycling
 from skillbook.ml.tokenizer_utils import load_tokenizer
 from skillbook.ml.training import distributed, metrics, optim, precision
@@ -34,8 +35,14 @@ class Config(RecipeConfig):
     2 x 256) trained on the same 200 batches of the embedded synthetic world; about a minute on 2 cores."""
 
     # --- inputs -------------------------------------------------------------------------------
-    corpus: str | None = Field(
-        None, description='Corpus directory (train.jsonl, val.jsonl of {"text"}); None = the embedded synthetic world.'
+    corpus: CorpusPath | None = Field(
+        None,
+        description='Corpus: a folder (train.jsonl, val.jsonl of {"text"}), or one .jsonl/.json/.parquet file of '
+        "{text} rows or a .txt file (a document per blank-line-separated paragraph), split by val_fraction; "
+        "None = the embedded synthetic world.",
+    )
+    val_fraction: float = Field(
+        0.05, gt=0, le=0.5, description="Share of a single corpus file held out for validation (seeded by seed)."
     )
     tokenizer: str | None = Field(
         None,
@@ -160,7 +167,8 @@ class Config(RecipeConfig):
 
 
 def corpus_and_tokenizer(cfg: Config, ctx: RunContext, dense_dir: Path | None):
-    """The corpus dir and a tokenizer: given, the dense model's own, or one the tokenization skill trains."""
+    """The corpus (a folder or one file) and a tokenizer: given, the dense model's own, or one the tokenization
+    skill trains on the same train split."""
     if cfg.corpus is None:
         from skillbook.ml.synthetic import write_default_data
 
@@ -173,7 +181,8 @@ def corpus_and_tokenizer(cfg: Config, ctx: RunContext, dense_dir: Path | None):
     if cfg.tokenizer or dense_dir:
         return corpus, load_tokenizer(artifact_path(cfg.tokenizer, "tokenizer") if cfg.tokenizer else dense_dir)
     # The tokenization skill itself (its byte-level BPE and specials) on this corpus, into run_dir/tokenization/
-    tok = ctx.run_skill("tokenization", {"corpus": str(corpus), "vocab_size": cfg.vocab_size, "seed": cfg.seed})
+    sets = {"corpus": str(corpus), "vocab_size": cfg.vocab_size, "seed": cfg.seed, "val_fraction": cfg.val_fraction}
+    tok = ctx.run_skill("tokenization", sets)
     return corpus, load_tokenizer(tok["outputs"]["tokenizer"]["path"])
 
 
@@ -287,7 +296,9 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     precision.seed_everything(cfg.seed)
 
     corpus, tok = corpus_and_tokenizer(cfg, ctx, dense_dir)
-    tokens = lm_data.load_tokens(corpus, tok, cfg.seq_len)
+    train_texts, val_texts, note = corpus_sources(corpus, "corpus", cfg.val_fraction, cfg.seed)
+    ctx.info(note)
+    tokens = lm_data.load_tokens({"train": train_texts, "val": val_texts}, tok, cfg.seq_len)
     sampler = lm_data.WindowSampler(tokens["train"], cfg.seq_len, cfg.seed)
     val = lm_data.eval_windows(tokens["val"], cfg.seq_len, cfg.eval_windows)
 

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 
 from skillbook.errors import ConfigError
 from skillbook.ml import lm_data
+from skillbook.ml.data_files import CorpusPath, corpus_sources
 from skillbook.ml.training import checkpoints, distributed, metrics, optim, precision
 from skillbook.run.recipe import RecipeConfig, artifact_path
 from skillbook.run.runner import RunContext
@@ -33,8 +34,14 @@ class Config(RecipeConfig):
     world, ~90 s on 2 CPU cores. 300 steps at a high, barely-decayed LR: the model learns the world's facts
     (cloze accuracy ~0.99), not just its grammar. The presets in configs/ scale it to GPUs."""
 
-    corpus: str | None = Field(
-        None, description='Corpus dir (train.jsonl, val.jsonl of {"text"}); None = the embedded synthetic world.'
+    corpus: CorpusPath | None = Field(
+        None,
+        description='Corpus: a folder (train.jsonl, val.jsonl of {"text"}), or one .jsonl/.json/.parquet file of '
+        "{text} rows or a .txt file (a document per blank-line-separated paragraph), split by val_fraction; "
+        "None = the embedded synthetic world.",
+    )
+    val_fraction: float = Field(
+        0.05, gt=0, le=0.5, description="Share of a single corpus file held out for validation (seeded by seed)."
     )
     tokenizer: str | None = Field(
         None,
@@ -195,7 +202,7 @@ def get_inputs(cfg: Config, ctx: RunContext) -> tuple[Path, Path]:
     if cfg.tokenizer:
         return corpus, Path(cfg.tokenizer)
     # the tokenization skill with its own defaults, on our corpus, into run_dir/tokenization/
-    tok = ctx.run_skill("tokenization", {"corpus": str(corpus), "seed": cfg.seed})
+    tok = ctx.run_skill("tokenization", {"corpus": str(corpus), "seed": cfg.seed, "val_fraction": cfg.val_fraction})
     ctx.info("no tokenizer given: trained one with the tokenization skill")
     return corpus, Path(tok["outputs"]["tokenizer"]["path"])
 
@@ -227,7 +234,9 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     device = ctx.setup_device(cfg.device)
     corpus, tok_dir = get_inputs(cfg, ctx)
     tok = check_vocab(cfg, load_tokenizer(tok_dir), tok_dir)
-    data = lm_data.load_tokens(corpus, tok, cfg.seq_len)
+    train_texts, val_texts, note = corpus_sources(corpus, "corpus", cfg.val_fraction, cfg.seed)  # one split rule
+    ctx.info(note)
+    data = lm_data.load_tokens({"train": train_texts, "val": val_texts}, tok, cfg.seq_len)
 
     # ---- model: random init, seeded identically on every rank; optimizer; FLOPs -----------------------
     precision.seed_everything(cfg.seed)
@@ -356,7 +365,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         return {"model": out}
 
     # ---- samples (from the saved model, as a user loads it), summary, report ----------------------------
-    samples = greedy_samples(out, cfg.sample_prompts, lm_data.read_corpus_split(corpus, "val"), cfg.sample_tokens)
+    samples = greedy_samples(out, cfg.sample_prompts, val_texts, cfg.sample_tokens)
     steady = hist["tps"][len(hist["tps"]) // 4 :] or [0.0]  # skip the first steps: warm-up, compile
     ctx.summary.update(
         params=n_params,

@@ -13,8 +13,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from skillbook.ml.finetune_data import artifact_dir, default_data, read_split, to_dataset
-from skillbook.ml.hf_models import count_params, load_tokenizer, lora_config, resolve_model, weights_dtype
+from skillbook.ml.data_files import DataPath
+from skillbook.ml.finetune_data import pair_rows, to_dataset
+from skillbook.ml.hf_models import (
+    count_params,
+    load_tokenizer,
+    lora_config,
+    lora_targets,
+    resolve_model,
+    weights_dtype,
+)
 from skillbook.ml.posttrain import log_callback, metric_history, precision_name, quiet_trainer, report_md, trl_args
 from skillbook.ml.rewards import pairwise_accuracy
 from skillbook.run.blocks import BlockConfig, Logging, LoRA, Optim, Precision
@@ -32,10 +40,13 @@ class Config(BlockConfig):
         description="Backbone: a local hf-model directory (normally the sft model, which "
         "already reads the prompt format) or a hub id when online.",
     )
-    data: str | None = Field(
+    data: DataPath | None = Field(
         None,
-        description="preference-data directory: train.jsonl and test.jsonl rows "
-        "{prompt, chosen, rejected}; None = the embedded synthetic pairs.",
+        description="Pairs {prompt, chosen, rejected}: a .jsonl/.json/.parquet file (split by eval_fraction) or "
+        "a preference-data folder (train.jsonl + test.jsonl); None = the embedded synthetic pairs.",
+    )
+    eval_fraction: float = Field(
+        0.1, gt=0, le=0.5, description="Share of a single data file (or a train-only folder) held out, seeded by seed."
     )
     # --- method -------------------------------------------------------------------------------
     method: Literal["full", "lora"] = Field(
@@ -78,10 +89,11 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     from trl import RewardConfig, RewardTrainer
 
     # ---- data: checked first, so a file missing a column fails before any model is loaded ---
-    data_dir = default_data(ctx, "preference_data") if cfg.data is None else artifact_dir(cfg.data, "data")
-    train_rows = read_split(data_dir, "train", PAIR, "data")
-    test_rows = read_split(data_dir, "test", PAIR, "data")[: cfg.eval_limit]
+    train_rows, test_rows = pair_rows(ctx, cfg.data, cfg.eval_fraction, cfg.seed, PAIR)
+    test_rows = test_rows[: cfg.eval_limit]
     model_ref = resolve_model(cfg.model)
+    if cfg.method == "lora":  # checked on a weightless skeleton: a target that fits no layer fails here
+        ctx.info(f"LoRA targets: {', '.join(lora_targets(model_ref, cfg.lora, 'SEQ_CLS'))}")
 
     # ---- backbone + a fresh one-output score head -------------------------------------------
     torch.manual_seed(cfg.seed)  # the score head is random: seed before creating it

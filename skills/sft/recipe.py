@@ -13,12 +13,14 @@ from typing import Literal
 from pydantic import Field
 
 from skillbook.errors import ConfigError
-from skillbook.ml.finetune_data import question_dirs, read_split, render_chat, to_dataset
+from skillbook.ml.data_files import DataPath, EvalDataPath
+from skillbook.ml.finetune_data import question_rows, render_chat, to_dataset
 from skillbook.ml.hf_models import (
     count_params,
     load_causal_lm,
     load_tokenizer,
     lora_config,
+    lora_targets,
     merge_and_save,
     reload_adapter_bf16,
     resolve_model,
@@ -38,15 +40,18 @@ class Config(BlockConfig):
         description="Base model: a local hf-model directory (with its tokenizer), e.g. the "
         "pretraining run's 'model' output, or a hub id when online.",
     )
-    data: str | None = Field(
+    data: DataPath | None = Field(
         None,
-        description="sft-data directory with train.jsonl (and test.jsonl) rows "
-        "{prompt, completion}; None = the embedded synthetic data.",
+        description="Rows {prompt, completion}: a .jsonl/.json/.parquet file (split by eval_fraction unless "
+        "eval_data is set) or an sft-data folder (train.jsonl + test.jsonl); None = the embedded synthetic data.",
     )
-    eval_data: str | None = Field(
+    eval_data: EvalDataPath | None = Field(
         None,
-        description="Held-out sft-data directory (test.jsonl) for exact match before/"
-        "after; None = the embedded eval set, or <data>/test.jsonl.",
+        description="Held-out rows for exact match before/after: a file (every row) or a folder (test.jsonl, "
+        "or eval/validation); None = data's held-out part, or the embedded eval set when data is None.",
+    )
+    eval_fraction: float = Field(
+        0.1, gt=0, le=0.5, description="Share of a single data file held out (seeded by seed) when eval_data is None."
     )
     # --- method -------------------------------------------------------------------------------
     method: Literal["lora", "qlora", "full"] = Field(
@@ -95,10 +100,11 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     from skillbook.ml.evaluate import exact_match
 
     # ---- data: checked first, so a bad file fails before any model is loaded ----------------
-    data_dir, eval_dir = question_dirs(ctx, cfg.data, cfg.eval_data)
-    train_rows = read_split(data_dir, "train", ("prompt", "completion"), "data")
-    eval_rows = read_split(eval_dir, "test", ("prompt", "completion"), "eval_data")[: cfg.eval_limit]
+    train_rows, eval_rows = question_rows(ctx, cfg.data, cfg.eval_data, cfg.eval_fraction, cfg.seed)
+    eval_rows = eval_rows[: cfg.eval_limit]
     model_ref = resolve_model(cfg.model)
+    if cfg.method != "full":  # checked on a weightless skeleton: a target that fits no layer fails here
+        ctx.info(f"LoRA targets: {', '.join(lora_targets(model_ref, cfg.lora))}")
 
     # ---- model + tokenizer ------------------------------------------------------------------
     torch.manual_seed(cfg.seed)

@@ -1,6 +1,7 @@
 """Tokenization: train a byte-level BPE (or SentencePiece) tokenizer on a corpus and save it for AutoTokenizer.
 
-Reads a `corpus` artifact (train.jsonl / val.jsonl of {"text"}), trains with HF `tokenizers` (default)
+Reads a `corpus` (a folder with train.jsonl / val.jsonl of {"text"}, or one .jsonl/.json/.parquet/.txt
+file split by val_fraction), trains with HF `tokenizers` (default)
 or the `sentencepiece` library, adds BOS/EOS/PAD/UNK, role markers and a chat template, saves a
 directory that `AutoTokenizer.from_pretrained` loads, and measures bytes/token and the round trip
 decode(encode(x)) == x on the validation split.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import io
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from skillbook.errors import ConfigError
 from skillbook.ml import tokenizer_utils as tu
+from skillbook.ml.data_files import CorpusPath, corpus_sources
 from skillbook.run.recipe import RecipeConfig, artifact_path
 from skillbook.run.runner import RunContext
 
@@ -61,12 +63,16 @@ class SpecialTokens(BaseModel):
 
 
 class Config(RecipeConfig):
-    corpus: str | None = Field(
+    corpus: CorpusPath | None = Field(
         None,
         description=(
-            'Corpus directory with train.jsonl and val.jsonl ({"text": ...} per line); '
-            "None = the embedded synthetic world."
+            'Corpus: a folder with train.jsonl and val.jsonl ({"text": ...} per line), or one .jsonl/.json/.parquet '
+            "file of {text} rows or a .txt file (a document per blank-line-separated paragraph), split by "
+            "val_fraction; None = the embedded synthetic world."
         ),
+    )
+    val_fraction: float = Field(
+        0.05, gt=0, le=0.5, description="Share of a single corpus file held out for validation (seeded by seed)."
     )
     algorithm: Literal["byte-bpe", "sentencepiece-unigram", "sentencepiece-bpe"] = Field(
         "byte-bpe",
@@ -122,13 +128,15 @@ class Config(RecipeConfig):
 # ---------------------------------------------------------------------------------------------
 
 
-def training_texts(path: Path, max_docs: int | None, seed: int) -> Iterator[str]:
-    """Every document, or a uniform random sample of `max_docs` of them (reservoir sampling)."""
+def training_texts(source: Path | Iterable[str], max_docs: int | None, seed: int) -> Iterator[str]:
+    """Every document of a corpus file (or of the texts given), or a uniform random sample of `max_docs` of them
+    (reservoir sampling)."""
+    texts = tu.read_texts(source) if isinstance(source, Path) else source
     if max_docs is None:
-        yield from tu.read_texts(path)
+        yield from texts
         return
     rng, sample = random.Random(seed), []
-    for n, text in enumerate(tu.read_texts(path)):
+    for n, text in enumerate(texts):
         if n < max_docs:
             sample.append(text)
         elif (j := rng.randrange(n + 1)) < max_docs:
@@ -233,13 +241,9 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         ctx.info(f"no corpus given: wrote the embedded synthetic world to {corpus}")
     else:
         corpus = artifact_path(cfg.corpus, "corpus")
-    train_file, val_file = corpus / "train.jsonl", corpus / "val.jsonl"
-    for f in (train_file, val_file):
-        if not f.is_file():
-            raise ConfigError(
-                f"corpus: {corpus} has no {f.name}; a corpus is a directory with train.jsonl and "
-                f'val.jsonl, one {{"text": ...}} per line (`skills run data-preparation` writes one)'
-            )
+    # a folder's train split is streamed; one file is split by val_fraction (every line checked here, first)
+    train_texts, val, note = corpus_sources(corpus, "corpus", cfg.val_fraction, cfg.seed)
+    ctx.info(note)
     ctx.log(step=1)
 
     # ---- train ----------------------------------------------------------------------------------
@@ -247,7 +251,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     specials = [st.unk, st.bos, st.eos, st.pad, *tu.ROLE_TOKENS, *st.extra]  # ids follow this order
     out = ctx.out_dir / "tokenizer"
     out.mkdir(parents=True, exist_ok=True)
-    texts = training_texts(train_file, cfg.max_train_docs, cfg.seed)
+    texts = training_texts(train_texts, cfg.max_train_docs, cfg.seed)
     t0 = time.time()
     if cfg.algorithm == "byte-bpe":
         backend, spm_path = train_byte_bpe(cfg, texts, specials), None
@@ -271,7 +275,6 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
 
     # ---- measure on the validation split, through the reloaded tokenizer (what users get) ------
     tok = AutoTokenizer.from_pretrained(str(out))
-    val = list(tu.read_texts(val_file))
     bpt, n_bytes, n_tokens = tu.bytes_per_token(tok, val)
     round_trip = sum(tok.decode(tok.encode(t, add_special_tokens=False)) == t for t in val) / max(len(val), 1)
     ctx.summary.update(

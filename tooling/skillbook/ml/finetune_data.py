@@ -1,18 +1,19 @@
-"""Data for the post-training recipes (sft, dpo, reward-modeling, grpo): jsonl splits checked before
-any model is loaded, the embedded synthetic sets as the default, and chat-template rendering.
+"""Data for the post-training recipes (sft, dpo, reward-modeling, grpo): the user's file or folder (read by
+skillbook.ml.data_files: jsonl/json/parquet, split by a seeded fraction when it has no held-out part), the
+embedded synthetic sets as the default, and chat-template rendering.
 
-Every problem is a ConfigError naming the config field, the file, the line and the column, so a bad
-file fails in a second instead of after the model has loaded. Heavy libraries load inside functions.
+Every problem is a ConfigError naming the config field, the file and the line, so a bad file fails in a
+second instead of after the model has loaded. Each loader logs which rows train and which are held out.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from skillbook.errors import ConfigError
-from skillbook.run.recipe import artifact_path
+from skillbook.ml.data_files import load_held_out, load_splits, read_rows
+
+QA = ("prompt", "completion")
 
 
 def default_data(ctx: Any, key: str) -> Path:
@@ -22,56 +23,47 @@ def default_data(ctx: Any, key: str) -> Path:
     return Path(write_default_data(ctx.out_dir / "data")[key])
 
 
-def artifact_dir(ref: str | Path, field: str) -> Path:
-    """An existing input directory, or ConfigError naming the field."""
-    path = artifact_path(ref, field)
-    if not path.is_dir():
-        raise ConfigError(f"{field}: {path} is a file; pass the directory that holds train.jsonl/test.jsonl")
-    return path
+def held_out_rows(ctx: Any, ref: str | Path, fld: str, columns: tuple[str, ...] = QA) -> list[dict]:
+    """Every row of an eval file, or an eval folder's held-out split (test.jsonl, eval.jsonl, ...), logged."""
+    got = load_held_out(ref, fld, columns)
+    ctx.info(got.note)
+    return got.held
 
 
-def question_dirs(ctx: Any, data: str | None, eval_data: str | None) -> tuple[Path, Path]:
-    """(train dir, held-out dir) of prompt/completion data: the embedded sets when `data` is None,
-    else `data` with `eval_data` (or `data`'s own test split) for the held-out rows."""
+def question_rows(
+    ctx: Any, data: str | None, eval_data: str | None, fraction: float, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) prompt/completion rows: the embedded sets when `data` is None; else `data`, whose
+    held-out part (its test split, or a seeded `fraction` of a single file) is used unless `eval_data` is given."""
     if data is None:
-        return default_data(ctx, "sft_data"), Path(eval_data) if eval_data else default_data(ctx, "eval_data")
-    data_dir = artifact_dir(data, "data")
-    return data_dir, Path(eval_data) if eval_data else data_dir
+        train = read_rows(default_data(ctx, "sft_data") / "train.jsonl", "data", QA)
+        ctx.info(f"data: the embedded synthetic world ({len(train):,} rows) train")
+        if eval_data is None:
+            held = read_rows(default_data(ctx, "eval_data") / "test.jsonl", "eval_data", QA)
+            ctx.info(f"eval_data: the embedded synthetic held-out set ({len(held):,} rows)")
+            return train, held
+        return train, held_out_rows(ctx, eval_data, "eval_data")
+    got = load_splits(data, "data", QA, fraction, seed, split=eval_data is None)
+    ctx.info(got.note)
+    return got.train, (held_out_rows(ctx, eval_data, "eval_data") if eval_data else got.held)
 
 
-def read_split(data_dir: Path | str, split: str, columns: tuple[str, ...], field: str) -> list[dict]:
-    """Rows of `<data_dir>/<split>.jsonl`; every row must hold non-empty string `columns`.
-
-    Raises ConfigError naming the config field, the file, the line and the missing column.
-    """
-    path = Path(data_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise ConfigError(
-            f"{field}: {path} does not exist; a {field} directory needs {split}.jsonl "
-            f"with one JSON object per line holding {', '.join(repr(c) for c in columns)}"
+def pair_rows(
+    ctx: Any, data: str | None, fraction: float, seed: int, columns: tuple[str, ...]
+) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) preference pairs: the embedded pairs when `data` is None, else `data`'s test split or
+    a seeded `fraction` of a single file."""
+    if data is None:
+        folder = default_data(ctx, "preference_data")
+        train, held = (
+            read_rows(folder / "train.jsonl", "data", columns),
+            read_rows(folder / "test.jsonl", "data", columns),
         )
-    rows = []
-    with open(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"{field}: {path}:{lineno} is not valid JSON ({exc.msg})") from None
-            missing = [c for c in columns if not isinstance(row, dict) or c not in row]
-            if missing:
-                raise ConfigError(
-                    f"{field}: {path}:{lineno} has no {missing[0]!r} column; each row needs "
-                    f"{', '.join(repr(c) for c in columns)}"
-                )
-            bad = [c for c in columns if not isinstance(row[c], str)]
-            if bad:
-                raise ConfigError(f"{field}: {path}:{lineno} column {bad[0]!r} must be a string")
-            rows.append(row)
-    if not rows:
-        raise ConfigError(f"{field}: {path} has no rows")
-    return rows
+        ctx.info(f"data: the embedded synthetic pairs ({len(train):,} train / {len(held):,} held-out)")
+        return train, held
+    got = load_splits(data, "data", columns, fraction, seed)
+    ctx.info(got.note)
+    return got.train, got.held
 
 
 def to_dataset(rows: list[dict], columns: tuple[str, ...]):

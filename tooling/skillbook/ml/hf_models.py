@@ -1,6 +1,7 @@
 """Models for the post-training recipes: resolve the `model` input with one clear error, load the
 tokenizer and the causal LM in the dtype the Precision block asks for, build the LoRA adapter from
-the LoRA block, and merge an adapter into its base with a logits check.
+the LoRA block (its targets checked first against a weightless skeleton of the model), and merge an
+adapter into its base with a logits check.
 
 Heavy libraries are imported inside functions so `skills list/lint` stay fast.
 """
@@ -125,15 +126,63 @@ def count_params(model) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------
 
 
+def model_skeleton(ref: str, task_type: str = "CAUSAL_LM"):
+    """The model built from its config.json on the meta device: every module, no weights read or allocated."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(ref, num_labels=1)  # num_labels: the reward model's one-output head
+    auto = AutoModelForSequenceClassification if task_type == "SEQ_CLS" else AutoModelForCausalLM
+    with torch.device("meta"):
+        return auto.from_config(config)
+
+
+def linear_layers(model) -> list[str]:
+    """Dotted names of the Linear and Conv1D (GPT-2) layers: what PEFT's 'all-linear' starts from."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return [name for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+
+
+def lora_targets(ref: str, lora: LoRA, task_type: str = "CAUSAL_LM") -> list[str]:
+    """The layer-name suffixes LoRA will adapt on `ref`, read from a weightless skeleton of the model.
+
+    'all-linear' is PEFT's rule: every Linear/Conv1D layer but the output head (lm_head, or the score
+    head of a reward model, which trains fully). An explicit list must have every entry match a layer
+    (PEFT matches a name or a dotted suffix); otherwise ConfigError names the model's linear layers.
+    """
+    import torch
+
+    model = model_skeleton(ref, task_type)
+    linear = linear_layers(model)
+    if lora.targets == "all-linear":
+        heads = [model.get_output_embeddings(), getattr(model, "score", None)]
+        head_names = {name for name, m in model.named_modules() if any(m is h for h in heads if h is not None)}
+        return list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear if n not in head_names))
+    adaptable = linear + [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)]
+    suffixes = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in linear))
+    unmatched = [t for t in lora.targets if not any(n == t or n.endswith(f".{t}") for n in adaptable)]
+    if unmatched:
+        arch = getattr(model.config, "model_type", "this model")
+        verb = "matches" if len(unmatched) == 1 else "match"
+        raise ConfigError(
+            f"lora.targets: {', '.join(map(repr, unmatched))} {verb} no layer of {ref} ({arch}); its linear "
+            f"layers are {', '.join(suffixes)}. Set lora.targets to some of them (comma-separated), or to "
+            f"'all-linear' (the default: every linear layer but the output head)"
+        )
+    return list(lora.targets)
+
+
 def lora_config(lora: LoRA, task_type: str = "CAUSAL_LM"):
-    """A PEFT LoraConfig from the LoRA block; `targets` are module-name suffixes."""
+    """A PEFT LoraConfig from the LoRA block; `targets` are 'all-linear' or module-name suffixes."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.targets),
+        target_modules=lora.targets if isinstance(lora.targets, str) else list(lora.targets),
         task_type=task_type,
         bias="none",
     )

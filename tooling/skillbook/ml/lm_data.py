@@ -1,4 +1,5 @@
-"""Language-model data: a corpus artifact -> one flat token tensor -> deterministic, resumable batches.
+"""Language-model data: a corpus (file or folder, read by skillbook.ml.data_files) -> one flat token tensor ->
+deterministic, resumable batches.
 
 Documents are tokenised as BOS + text + EOS and concatenated (GPT-2 style packing: no padding, every
 position is a training target, attention may look across a document boundary, which EOS marks). The
@@ -12,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from skillbook.errors import SkillbookError
+from skillbook.errors import ConfigError, SkillbookError
+from skillbook.ml import data_files
 
 
 def tokenize_texts(tokenizer, texts: Iterable[str], batch: int = 512):
@@ -38,36 +40,24 @@ def tokenize_texts(tokenizer, texts: Iterable[str], batch: int = 512):
 
 
 def read_corpus_split(corpus: Path, split: str) -> list[str]:
-    """The "text" of every line of corpus/<split>.jsonl, failing clearly on a malformed file."""
-    import json
-
-    path = corpus / f"{split}.jsonl"
-    if not path.is_file():
-        raise SkillbookError(
-            f"corpus: {corpus} has no {split}.jsonl; a corpus is a directory with train.jsonl and "
-            f'val.jsonl, one {{"text": ...}} per line (`skills run data-preparation` writes one)'
-        )
-    texts = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise SkillbookError(f'corpus: {path}:{n} is not a JSON object with a "text" field') from None
-    return texts
+    """The documents of a corpus folder's "train" or "val" split (train.jsonl, val.jsonl or another name and
+    format skillbook.ml.data_files accepts), failing with one clear ConfigError on a malformed file."""
+    lay = data_files.layout(corpus, "corpus", "corpus", need_train=split == "train")
+    path = lay.file or (lay.train if split == "train" else lay.held)
+    if path is None:
+        raise ConfigError(f"corpus: {corpus} has no {split} split; give it a val.jsonl, or pass a single file")
+    return data_files.read_texts(path)
 
 
-def load_tokens(corpus: Path, tokenizer, seq_len: int) -> dict:
-    """{"train": tensor, "val": tensor} for a corpus dir; each split must hold at least one window."""
+def load_tokens(splits: dict[str, Iterable[str]], tokenizer, seq_len: int) -> dict:
+    """{"train": tensor, "val": tensor} from the documents of each split; each must hold at least one window."""
     out = {}
     for split in ("train", "val"):
-        out[split] = tokenize_texts(tokenizer, read_corpus_split(corpus, split))
+        out[split] = tokenize_texts(tokenizer, splits[split])
         if len(out[split]) < seq_len + 1:
-            raise SkillbookError(
-                f"corpus: {split}.jsonl has {len(out[split])} tokens, fewer than one window of "
-                f"seq_len + 1 = {seq_len + 1}; add text or lower seq_len"
+            raise ConfigError(
+                f"corpus: the {split} split has {len(out[split])} tokens, fewer than one window of "
+                f"seq_len + 1 = {seq_len + 1}; add text, raise val_fraction (a single file) or lower seq_len"
             )
     return out
 

@@ -7,7 +7,6 @@ on one role format and prompted with another quietly loses most of what SFT taug
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -41,13 +40,11 @@ CHAT_TEMPLATE = (
 
 
 def read_texts(path: Path, limit: int | None = None) -> Iterator[str]:
-    """The "text" field of each line of a jsonl file (at most `limit` documents)."""
-    with open(path) as fh:
-        for n, line in enumerate(fh):
-            if limit is not None and n >= limit:
-                return
-            if line.strip():
-                yield json.loads(line)["text"]
+    """The documents of one corpus file (at most `limit`): "text" of .jsonl/.json/.parquet rows, or .txt
+    paragraphs (skillbook.ml.data_files.iter_texts); a malformed file is one ConfigError naming the line."""
+    from skillbook.ml.data_files import iter_texts
+
+    return iter_texts(Path(path), "corpus", limit)
 
 
 def batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:

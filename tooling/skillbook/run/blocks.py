@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from skillbook.run.recipe import RecipeConfig
 
-# Every linear layer of a Llama block: LoRA on all of them learns faster than attention-only LoRA.
-LLAMA_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# PEFT's keyword for every Linear/Conv1D layer but the output head, whatever the family names them.
+ALL_LINEAR: Literal["all-linear"] = "all-linear"
 
 Beta = Annotated[float, Field(ge=0.0, lt=1.0)]
 
@@ -45,11 +45,22 @@ class LoRA(Block):
     dropout: float = Field(
         0.0, ge=0.0, lt=1.0, description="Dropout on the adapter input; 0 for tiny runs, 0.05-0.1 on real data."
     )
-    targets: list[str] = Field(
-        default_factory=lambda: list(LLAMA_LORA_TARGETS),
-        min_length=1,
-        description="Module-name suffixes that get adapters (default: all 7 linear layers of a Llama block).",
+    targets: Literal["all-linear"] | Annotated[list[str], Field(min_length=1)] = Field(
+        ALL_LINEAR,
+        description="Layers that get adapters: 'all-linear' (every linear layer but the output head, as PEFT "
+        "finds them: q_proj..down_proj on Llama, c_attn/c_proj/c_fc on GPT-2) or module-name suffixes, "
+        "e.g. q_proj,v_proj; a suffix that matches no layer of the model is refused before it loads.",
     )
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _split_targets(cls, value: Any) -> Any:
+        """`--set lora.targets=c_attn,c_proj` (one string) -> a list; any spelling of all-linear -> the keyword."""
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if isinstance(value, list) and [str(v).lower() for v in value] == [ALL_LINEAR]:
+            return ALL_LINEAR
+        return value
 
 
 class Optim(Block):
