@@ -14,10 +14,14 @@ WHEELS  ?= $(HOME)/.cache/skillbook/wheels
 STAMP   := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 LLAMA_V := $(shell sed -n 's/^llama[-_]cpp[-_]python==//p' $(LOCK))
 BUILD   := $(VENV)/llama-build
+# The llama-cpp-python sdist, downloaded once: the wheel compiles from it and llama.cpp's own HF -> GGUF
+# converter (convert_hf_to_gguf.py, conversion/, gguf-py/) is extracted from it, so both are the same llama.cpp.
+SDIST   := $(WHEELS)/llama_cpp_python-$(LLAMA_V).tar.gz
+CONVERT := $(VENV)/llama.cpp-convert
 
 .PHONY: setup browser test check code demo lint schema site clean lock support
 
-setup: $(STAMP)
+setup: $(STAMP) $(CONVERT)/convert_hf_to_gguf.py
 
 # llama-cpp-python ships only as source. Its compile (~6 min on 2 cores) starts first, in the background,
 # into a wheelhouse that later set-ups reuse; the locked packages download and install meanwhile.
@@ -25,8 +29,9 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || python3 -m venv $(VENV)
 	@mkdir -p $(WHEELS) && rm -f $(BUILD).rc
 	@if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_V)-*.whl >/dev/null 2>&1; then \
+	  $(MAKE) --no-print-directory $(SDIST) && \
 	  echo "compiling llama-cpp-python $(LLAMA_V) in the background (log: $(BUILD).log)"; \
-	  (python3 -m pip wheel -q --no-deps -w $(WHEELS) 'llama-cpp-python==$(LLAMA_V)' > $(BUILD).log 2>&1; \
+	  (python3 -m pip wheel -q --no-deps -w $(WHEELS) $(SDIST) > $(BUILD).log 2>&1; \
 	   echo $$? > $(BUILD).rc) & \
 	else echo 0 > $(BUILD).rc; fi
 	$(PY) -m pip install -q --upgrade pip
@@ -42,6 +47,17 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PY) -m pip check
 	rm -f $(VENV)/.installed-*
 	touch $@
+
+$(SDIST):
+	@mkdir -p $(WHEELS)
+	python3 -m pip download -q --no-deps --no-binary :all: 'llama-cpp-python==$(LLAMA_V)' -d $(WHEELS)
+
+# llama.cpp's converter, only the files it runs (+ its MIT licence); skillbook.ml.gguf_convert finds it here.
+$(CONVERT)/convert_hf_to_gguf.py: $(LOCK) | $(SDIST)
+	rm -rf $(CONVERT) $(CONVERT).tmp && mkdir -p $(CONVERT).tmp
+	tar -xzf $(SDIST) -C $(CONVERT).tmp --strip-components=3 \
+	  $(addprefix llama_cpp_python-$(LLAMA_V)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py LICENSE)
+	mv $(CONVERT).tmp $(CONVERT) && touch $@
 
 # Re-resolve pyproject.toml's ranges to the newest releases, rewrite the lock from a fresh install, install it
 # here, and record the new versions as every skill's tested-with. Then run `make test` and commit if it passes.

@@ -25,7 +25,9 @@ PROMPTS = ["Question: What colour is Mira's kite?\nAnswer:", "Mira lives in", "T
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
-        "--model", default=os.environ.get("SKILLBOOK_MODEL"), help="hf-model directory (Llama, tokenizer inside)"
+        "--model",
+        default=os.environ.get("SKILLBOOK_MODEL"),
+        help="hf-model directory (any family llama.cpp's converter supports, tokenizer inside)",
     )
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per prompt")
     ap.add_argument("--threads", type=int, default=2, help="CPU threads for both engines")
@@ -37,28 +39,25 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from skillbook.ml import gguf_convert as gc
     from skillbook.ml import gguf_export as gx
 
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    n_ctx = int(model.config.max_position_embeddings)
+    n_ctx = int(getattr(model.config, "max_position_embeddings", None) or model.config.n_positions)
     prompts = [[tok.bos_token_id] + tok(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
     new = min(args.tokens, n_ctx - max(map(len, prompts)) - 1)
 
     # best over prompts (as timeit takes the minimum time): on a shared machine the slow runs are noise
     results = {"transformers fp32": max(gx.torch_decode_speed(model, p, new) for p in prompts)}
     with tempfile.TemporaryDirectory() as tmp:
-        f16 = Path(tmp) / "F16.gguf"
-        gx.write_gguf(model_dir, f16, "F16")
+        # llama.cpp's converter writes every type in one run (K-quants and Q4_0 by its quantizer from F16)
+        files = gc.convert_many(model_dir, {t: Path(tmp) / f"{t}.gguf" for t in args.types.split(",")})
         sizes, spread = {}, {}
-        for qtype in args.types.split(","):
-            path = Path(tmp) / f"{qtype}.gguf"
-            if qtype in gx.LLAMA_CPP_TYPES:
-                gx.quantize_gguf(f16, path, qtype, threads=args.threads)
-            elif qtype != "F16":
-                gx.write_gguf(model_dir, path, qtype)
+        for qtype, info in files.items():
+            path = Path(info["path"])
             llm = gx.load_gguf(path, n_ctx=n_ctx, threads=args.threads)
             gx.gguf_decode_speed(llm, prompts[0], 8)  # warm-up
             speeds = [gx.gguf_decode_speed(llm, p, new) for p in prompts]

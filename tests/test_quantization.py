@@ -1,8 +1,10 @@
-"""quantization: GGUF files written by skillbook.ml.gguf_export load in llama.cpp and match transformers.
+"""quantization: GGUF files written by llama.cpp's converter (skillbook.ml.gguf_convert) load in llama.cpp and
+match transformers on the project's pretrained Llama. tests/test_gguf_families.py does the same for every family.
 
 Parity runs on the pretrained tiny model with its q/k projections scaled up 3x: attention then
-depends sharply on the rotary layout, so a missing q/k permutation moves the logits by whole
-units (checked below as a negative control) instead of hiding under a near-uniform softmax.
+depends sharply on the rotary layout, so a wrong q/k permutation would move the logits by whole
+units (0.49 to 0.91 relative, measured with the former hand-written writer) instead of hiding under a
+near-uniform softmax.
 
 Tolerances (max |logit difference| / max |logit| over every position of 4 held-out documents),
 with llama.cpp's KV cache in f32 (its default f16 cache alone adds 2e-4 to 1e-3 relative error):
@@ -12,8 +14,8 @@ with llama.cpp's KV cache in f32 (its default f16 cache alone adds 2e-4 to 1e-3 
 - F16: every weight rounded to 11 significant bits (relative error <= 2^-11 = 4.9e-4 each), and
   llama.cpp also rounds activations to f16 for the matmuls. Observed 3.0e-4 to 1.2e-3 on the
   same models. We allow 1e-2.
-- A missing q/k permutation gives 0.49 to 0.91 on the same models: both tolerances sit far below
-  it, and the negative-control test asserts > 0.05.
+- A missing q/k permutation gave 0.49 to 0.91 on the same models: both tolerances sit far below it
+  (the negative control for the parity check itself is in test_gguf_families: Gemma 2's query scale).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from conftest import output, run_skill
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -e '.[serve]')")
 
+from skillbook.ml import gguf_convert as gc  # noqa: E402
 from skillbook.ml import gguf_export as gx  # noqa: E402
 
 
@@ -67,6 +70,13 @@ def hf_logits(model_dir: Path, docs: list[list[int]]) -> list[np.ndarray]:
         return [model(torch.tensor([ids])).logits[0].numpy() for ids in docs]
 
 
+@pytest.fixture(scope="module")
+def sharp_ggufs(sharp_model, tmp_path_factory) -> dict[str, dict]:
+    """F32, F16 and Q8_0 of the sharp model from one converter run."""
+    out = tmp_path_factory.mktemp("sharp-gguf")
+    return gc.convert_many(sharp_model, {t: out / f"m-{t}.gguf" for t in ("F32", "F16", "Q8_0")})
+
+
 def max_rel_diff(path: Path, docs: list[list[int]], ref: list[np.ndarray]) -> float:
     llm = gx.load_gguf(path, n_ctx=128, logits_all=True, kv_f32=True)
     worst = 0.0
@@ -81,26 +91,24 @@ def reference(sharp_model, docs) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("ftype,tol", [("F32", 5e-5), ("F16", 1e-2)])
-def test_gguf_logits_match_transformers(sharp_model, docs, reference, tmp_path, ftype, tol):
-    info = gx.write_gguf(sharp_model, tmp_path / f"m-{ftype}.gguf", ftype)
-    assert info["tensor_types"].get(ftype, 0) > 0
-    assert max_rel_diff(tmp_path / f"m-{ftype}.gguf", docs, reference) < tol
+def test_gguf_logits_match_transformers(sharp_ggufs, docs, reference, ftype, tol):
+    info = sharp_ggufs[ftype]
+    assert info["tensor_types"].get(ftype, 0) > 0 and info["architecture"] == "LlamaForCausalLM"
+    assert max_rel_diff(Path(info["path"]), docs, reference) < tol
 
 
-def test_missing_rotary_permutation_is_caught(sharp_model, docs, reference, tmp_path, monkeypatch):
-    """Negative control: skip the q/k permutation and the same check fails by a wide margin."""
-    monkeypatch.setattr(gx, "permute_rotary", lambda w, n_head: w)
-    gx.write_gguf(sharp_model, tmp_path / "bad.gguf", "F32")
-    assert max_rel_diff(tmp_path / "bad.gguf", docs, reference) > 0.05
+def test_write_gguf_keeps_its_name(sharp_model, tmp_path):
+    """The former writer's entry point (serving and evaluation tests call it) now runs the converter."""
+    info = gx.write_gguf(sharp_model, tmp_path / "m.gguf", "Q8_0")
+    assert info["pre_tokenizer"] == "gpt-2" and info["tensor_types"].get("Q8_0", 0) > 0
 
 
-def test_llama_cpp_tokenizer_matches_hf(sharp_model, prepared, tmp_path):
-    """The GPT-2 style vocab + merges + pre type reproduce the HF tokenizer's ids on held-out text."""
+def test_llama_cpp_tokenizer_matches_hf(sharp_model, sharp_ggufs, prepared):
+    """The converter's vocab + merges + the pre-tokenizer read from tokenizer.json reproduce the HF ids."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(sharp_model)
-    gx.write_gguf(sharp_model, tmp_path / "m.gguf", "Q8_0")
-    llm = gx.load_gguf(tmp_path / "m.gguf", n_ctx=128)
+    llm = gx.load_gguf(Path(sharp_ggufs["Q8_0"]["path"]), n_ctx=128)
     val = output(prepared, "corpus") / "val.jsonl"
     texts = [json.loads(line)["text"] for line in val.read_text().splitlines()[:20]]
     for text in texts:
@@ -131,8 +139,7 @@ def test_q8_0_greedy_decoding_agrees_with_f32(pretrained_model, tmp_path):
         "In Calder,",
         "Ada likes",
     ]
-    for ftype in ("F32", "Q8_0"):
-        gx.write_gguf(pretrained_model, tmp_path / f"{ftype}.gguf", ftype)
+    gc.convert_many(pretrained_model, {t: tmp_path / f"{t}.gguf" for t in ("F32", "Q8_0")})
     f32 = gx.load_gguf(tmp_path / "F32.gguf", n_ctx=128)
     q8 = gx.load_gguf(tmp_path / "Q8_0.gguf", n_ctx=128, logits_all=True)
     same = total = 0
@@ -176,6 +183,8 @@ def test_quantization_recipe_reports_every_type(pretrained_model, prepared, tmp_
     assert rows["torch dynamic int8"]["perplexity"] < base * 1.1
     assert all(r["decode_tokens_per_s"] > 0 for r in rows.values())
     assert "| GGUF Q8_0 |" in (Path(res["run_dir"]) / "report.md").read_text()
+    assert s["architecture"] == "LlamaForCausalLM" and s["pre_tokenizer"] == "gpt-2"
+    assert s["f32_logit_rel_diff"] < 1e-4 and s["tokenization_equal_docs"] == 8
 
 
 def test_refuses_bad_inputs(tmp_path, pretrained_model):

@@ -1,10 +1,15 @@
-"""Quantization: convert an hf-model (Llama) to GGUF at several precisions and measure what each costs.
+"""Quantization: convert an hf-model of any family llama.cpp runs to GGUF at several precisions, prove the file
+matches transformers, and measure what each precision costs.
 
-GGUF F32/F16/Q8_0/Q4_0 are written by the `gguf` package (skillbook.ml.gguf_export); K-quants
-(Q4_K_M, Q5_K_M, Q6_K) by llama.cpp's own quantizer from the F16 file. Every GGUF is measured
-through llama-cpp-python: file size, bits per weight, perplexity on the held-out corpus split
-(delta vs the unquantized transformers model) and greedy decode tokens/s. Optional extra rows:
-PyTorch dynamic int8 (CPU) and bitsandbytes NF4 (CUDA only).
+GGUF F32/F16/BF16/Q8_0 are written by llama.cpp's own converter (skillbook.ml.gguf_convert, its
+`convert_hf_to_gguf.py` classes); Q4_0 and the K-quants (Q4_K_M, Q5_K_M, Q6_K) by llama.cpp's quantizer
+from an F16 file. Before anything loads, the converter must know the architecture and the tokenizer's
+pre-tokenizer (its hash table, else tokenizer.json's own definition). After writing: llama.cpp must
+tokenize the held-out text exactly as the HF tokenizer does, and the F32 file's logits must match
+transformers' (max |Δ| <= 1 % of the largest |logit|). Every GGUF is then measured through
+llama-cpp-python: file size, bits per weight, perplexity on the held-out documents (delta vs the
+unquantized transformers model) and greedy decode tokens/s. Optional extra rows: PyTorch dynamic int8
+(CPU) and bitsandbytes NF4 (CUDA only).
 """
 
 from __future__ import annotations
@@ -16,19 +21,24 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from skillbook.errors import ConfigError
+from skillbook.ml.data_files import EvalCorpusPath
 from skillbook.run.recipe import RecipeConfig, artifact_path
 from skillbook.run.runner import RunContext
 
 OUTPUTS = {"gguf": "gguf"}
 INPUTS = {"model": "hf-model", "corpus": "corpus"}
 
-GGUFType = Literal["F32", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
+GGUFType = Literal["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K"]
+PARITY_TOLERANCE = 0.01  # F32 GGUF vs transformers: max |Δ logit| / max |logit|
 
 
 class Config(RecipeConfig):
     model: str = Field(
         ...,
-        description="hf-model directory (Llama architecture, tokenizer inside), e.g. the pretraining or sft output.",
+        description=(
+            "hf-model directory with config.json and tokenizer.json, of any architecture llama.cpp's converter "
+            "supports (Llama, Mistral, Qwen2/3, Gemma 2, Phi-3, GPT-2, ...), e.g. the pretraining or sft output."
+        ),
     )
     type: GGUFType = Field(
         "Q8_0",
@@ -38,13 +48,15 @@ class Config(RecipeConfig):
         ),
     )
     types: list[GGUFType] = Field(
-        default_factory=lambda: ["F32", "F16", "Q8_0", "Q4_K_M"],
+        default_factory=lambda: list[GGUFType](["F32", "F16", "Q8_0", "Q4_K_M"]),
         description="Further GGUF types to write and measure in the same run (the report compares them all).",
     )
-    corpus: str | None = Field(
+    corpus: EvalCorpusPath | None = Field(
         None,
         description=(
-            "Corpus directory whose val.jsonl is the held-out perplexity set; None = the embedded synthetic world."
+            "Held-out perplexity text: a .jsonl/.json/.parquet file of {text} rows or a .txt file (every document), "
+            "or a corpus folder (its val.jsonl); None = the embedded synthetic world (the summary's perplexity_data "
+            "says which)."
         ),
     )
     eval_docs: int = Field(
@@ -72,6 +84,13 @@ class Config(RecipeConfig):
             "Also load the model in bitsandbytes NF4 4-bit and measure it (needs a CUDA GPU and the `gpu` extra)."
         ),
     )
+    check_f32: bool = Field(
+        True,
+        description=(
+            "Compare an F32 GGUF's logits with transformers on 4 held-out docs (written temporarily when F32 is "
+            "not in types: 4 bytes per parameter of disk). Token-id equality is always checked."
+        ),
+    )
     name: str | None = Field(
         None, description="general.name written into the GGUF metadata; None = the model folder's name."
     )
@@ -90,25 +109,31 @@ class Config(RecipeConfig):
 
 
 def held_out_docs(cfg: Config, ctx: RunContext, tok, n_ctx: int) -> list[list[int]]:
-    """First `eval_docs` val.jsonl documents, tokenized with BOS and cut to the context."""
+    """First `eval_docs` held-out documents (a corpus file, or a corpus folder's val split), tokenized with BOS
+    and cut to the context; the log and the summary say where they came from."""
+    from skillbook.ml.data_files import load_held_out, read_texts
+
     if cfg.corpus is None:
         from skillbook.ml.synthetic import write_default_data
 
         corpus = write_default_data(ctx.out_dir / "data", seed=cfg.seed)["corpus"]
+        texts, source = read_texts(corpus / "val.jsonl"), "embedded synthetic world"
+        ctx.info("no corpus given: perplexity is on the embedded synthetic world, not your data (set corpus=FILE)")
     else:
-        corpus = artifact_path(cfg.corpus, "corpus")
-    val = Path(corpus) / "val.jsonl"
-    if not val.is_file():
-        raise ConfigError(f"corpus: {val} is missing; pass a corpus directory with train.jsonl and val.jsonl")
-    texts = [json.loads(line)["text"] for line in val.read_text().splitlines() if line.strip()][: cfg.eval_docs]
+        got = load_held_out(cfg.corpus, "corpus", None)
+        texts, source = got.held, got.held_source
+    texts = texts[: cfg.eval_docs]
+    ctx.info(f"corpus: perplexity on {len(texts)} documents of {source}")
+    ctx.summary["perplexity_data"] = source
     bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
     return [(bos + tok(t, add_special_tokens=False)["input_ids"])[:n_ctx] for t in texts]
 
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from skillbook.ml import gguf_convert as gc
     from skillbook.ml import gguf_export as gx
 
     model_dir = artifact_path(cfg.model, "model")
@@ -116,15 +141,27 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         raise ConfigError(
             f"model: {model_dir} needs config.json and tokenizer.json (an hf-model dir with its tokenizer)"
         )
-    arch = AutoConfig.from_pretrained(model_dir).model_type
-    if arch != "llama":
-        raise ConfigError(f"model: architecture {arch!r} is not supported; the GGUF writer handles Llama models")
     if cfg.bnb_4bit and not torch.cuda.is_available():
         raise ConfigError("bnb_4bit: bitsandbytes 4-bit needs a CUDA GPU; set bnb_4bit=false on CPU")
+
+    # ---- GGUF files: llama.cpp's converter writes every type in one run -------------------------
+    # It refuses an architecture or pre-tokenizer it cannot reproduce before writing or loading anything.
+    order = [t for t in gx.ALL_TYPES if t in cfg.types]
+    gguf_dir = ctx.out_dir / "gguf"
+    gguf_dir.mkdir(exist_ok=True)
+    stem = cfg.name or model_dir.name
+    paths: dict[str, Path] = {t: gguf_dir / f"{stem}-{t}.gguf" for t in order}
+    f32 = paths.get("F32") or (gguf_dir / f".{stem}-F32-parity.gguf" if cfg.check_f32 else None)
+    plan = gc.convert_many(model_dir, paths | ({"F32": f32} if f32 else {}), name=cfg.name)[cfg.type]
+    ctx.info(
+        f"llama.cpp converter: {plan['architecture']}, pre-tokenizer {plan['pre_tokenizer']!r} "
+        f"({plan['pre_tokenizer_source']}); wrote {', '.join(order)}"
+        + (f"; {plan['name_note']}" if plan["name_note"] else "")
+    )
     torch.set_num_threads(cfg.threads)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    n_ctx = int(model.config.max_position_embeddings)
+    n_ctx = int(getattr(model.config, "max_position_embeddings", None) or model.config.n_positions)
     docs = held_out_docs(cfg, ctx, tok, n_ctx)
     prompt = docs[0][: max(2, min(16, n_ctx - cfg.decode_tokens - 1))]
     new_tokens = min(cfg.decode_tokens, n_ctx - len(prompt) - 1)
@@ -148,24 +185,16 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     )
     ctx.info(f"fp32 baseline: perplexity {base_ppl:.4f}, decode {rows[0]['decode_tokens_per_s']:.0f} tok/s")
 
-    # ---- GGUF files: direct types first, K-quants from the F16 file ----------------------------
-    order = [t for t in ("F32", "F16", "Q8_0", "Q4_0", "Q4_K_M", "Q5_K_M", "Q6_K") if t in cfg.types]
-    gguf_dir = ctx.out_dir / "gguf"
-    gguf_dir.mkdir(exist_ok=True)
-    stem = cfg.name or model_dir.name
-    paths: dict[str, Path] = {}
-    ctx.progress(len(order), "quantize + measure")
+    # ---- the GGUF must tokenize as HF does and (F32) compute the same logits; then measure each ----
+    try:
+        fidelity = _fidelity(model, tok, docs, paths[cfg.type], f32, n_ctx, cfg.threads)
+    finally:
+        if f32 is not None and "F32" not in paths:
+            f32.unlink(missing_ok=True)
+    ctx.info(", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in fidelity.items()))
+    ctx.progress(len(order), "measure")
     for i, qtype in enumerate(order, 1):
-        path = gguf_dir / f"{stem}-{qtype}.gguf"
-        if qtype in gx.LLAMA_CPP_TYPES:
-            f16 = gguf_dir / f"{stem}-F16.gguf"
-            if not f16.exists():  # K-quants are made from F16, as llama.cpp's llama-quantize does
-                gx.write_gguf(model_dir, f16, "F16", name=stem)
-            gx.quantize_gguf(f16, path, qtype, threads=cfg.threads)
-            if "F16" not in cfg.types:
-                f16.unlink()
-        else:
-            gx.write_gguf(model_dir, path, qtype, name=stem)
+        path = paths[qtype]
         types = gx.gguf_tensor_types(path)
         if qtype.startswith("Q") and "_K" in qtype and not any("_K" in t for t in types):
             ctx.info(f"{qtype}: no row width is a multiple of 256, so llama.cpp fell back to {types}")
@@ -173,7 +202,6 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         ppl = gx.gguf_perplexity(llm, docs)
         speed = gx.gguf_decode_speed(llm, prompt, new_tokens)
         del llm
-        paths[qtype] = path
         rows.append(
             {
                 "name": f"GGUF {qtype}",
@@ -236,6 +264,9 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     main = next(r for r in rows if r["name"] == f"GGUF {cfg.type}")
     ctx.summary.update(
         type=cfg.type,
+        architecture=plan["architecture"],
+        pre_tokenizer=plan["pre_tokenizer"],
+        **{k: round(v, 8) if isinstance(v, float) else v for k, v in fidelity.items()},
         gguf_size_bytes=main["size_bytes"],
         bits_per_weight=round(main["bits_per_weight"], 3),
         perplexity=round(main["perplexity"], 4),
@@ -264,6 +295,33 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     ctx.report("\n".join(lines) + "\n")
     ctx.info("\n".join(lines[4:]))
     return {"gguf": paths[cfg.type]}
+
+
+def _fidelity(model, tok, docs: list[list[int]], main: Path, f32: Path | None, n_ctx: int, threads: int) -> dict:
+    """llama.cpp must tokenize the held-out text as the HF tokenizer does, and the F32 file compute its logits."""
+    from skillbook.ml import gguf_export as gx
+    from skillbook.ml.gguf_convert import ConversionMismatch
+
+    texts = [tok.decode(ids, skip_special_tokens=True) for ids in docs]  # the documents' text, as scored
+    llm = gx.load_gguf(main, n_ctx=n_ctx, threads=threads)
+    bad = gx.token_mismatches(llm, tok, texts)
+    del llm
+    if bad:
+        raise ConversionMismatch(
+            f"llama.cpp tokenizes {len(bad)} of {len(texts)} held-out documents differently from the HF tokenizer "
+            f"(first: {bad[0][:80]!r}); the GGUF would see other token ids than the model was trained on"
+        )
+    out: dict = {"tokenization_equal_docs": len(texts)}
+    if f32 is not None:
+        llm = gx.load_gguf(f32, n_ctx=n_ctx, threads=threads, logits_all=True, kv_f32=True)
+        out["f32_logit_rel_diff"] = rel = gx.logit_parity(llm, model, docs[:4])
+        del llm
+        if rel > PARITY_TOLERANCE:
+            raise ConversionMismatch(
+                f"the F32 GGUF's logits differ from transformers' by {rel:.2%} of the largest logit (allowed "
+                f"{PARITY_TOLERANCE:.0%}): llama.cpp runs this {type(model).__name__} differently"
+            )
+    return out
 
 
 def _cuda_perplexity(model, docs: list[list[int]]) -> float:
