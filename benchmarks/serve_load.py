@@ -1,10 +1,12 @@
-"""Serving load test: N concurrent openai clients against the OpenAI-compatible server.
+"""Serving load test: N concurrent openai clients against a maintained OpenAI-compatible server.
 
-Starts the server for --model (a .gguf -> llama-cpp backend, an hf-model dir -> transformers) on a
-free loopback port, or targets a running server with --url; prints JSON with p50/p95 latency,
-requests/s and generated tokens/s. Usage:
+Starts the server the serving recipe would for --model (a .gguf -> `python -m llama_cpp.server`, an
+hf-model dir -> `transformers serve --continuous-batching`) on a free loopback port, or targets a
+running server with --url; prints JSON with p50/p95 latency, requests/s, generated tokens/s and the
+p50 ratio to a single client alone (≈ clients for a server that runs one request at a time). Usage:
 
     python benchmarks/serve_load.py --model model-Q8_0.gguf --clients 16 --requests 4
+    python benchmarks/serve_load.py --model runs/pretraining/<run>/model --clients 16 --no-batching
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --clients 64   # e.g. a vllm serve
 """
 
@@ -14,7 +16,28 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
+
+
+def start(path: Path, threads: int, batching: bool, tmp: Path):
+    from skillbook.ml import serve_clients, serve_procs
+
+    port, cwd, env = serve_procs.free_port(), None, {}
+    if path.suffix == ".gguf":
+        argv = serve_procs.llama_cpp_argv(path, port, model_id="bench", threads=threads)
+    else:
+        cwd = tmp
+        serve_procs.transformers_model_dir(path, cwd, "bench")
+        argv = serve_procs.transformers_argv(
+            "bench", port, device="cpu", continuous_batching=batching, kv_blocks=16, max_batch_tokens=256
+        )
+        env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    server = serve_procs.ServerProcess(argv, f"http://127.0.0.1:{port}", "bench", tmp / "server.log")
+    server.start(300, cwd=cwd, env=env)
+    if path.suffix != ".gguf":
+        serve_clients.warm_up(server.url, "bench")
+    return server
 
 
 def main() -> int:
@@ -24,11 +47,12 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16, help="concurrent clients")
     ap.add_argument("--requests", type=int, default=4, help="requests per client, sent one after another")
     ap.add_argument("--max-tokens", type=int, default=16, help="max_tokens per request")
-    ap.add_argument("--threads", type=int, default=2, help="CPU threads of the server")
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads of the server")
+    ap.add_argument("--no-batching", action="store_true", help="transformers serve without continuous batching")
     ap.add_argument("--api-key", default=None, help="bearer token, if the server wants one")
     args = ap.parse_args()
 
-    from skillbook.ml import serve_app, serve_backends, serve_clients
+    from skillbook.ml import serve_clients
 
     if args.url:
         result = serve_clients.load_test(args.url, args.clients, args.requests, args.max_tokens, api_key=args.api_key)
@@ -37,17 +61,15 @@ def main() -> int:
         if not args.model:
             ap.error("--model or --url is required (or set SKILLBOOK_MODEL)")
         path = Path(args.model)
-        if path.suffix == ".gguf":
-            backend = serve_backends.LlamaCppBackend(path, n_threads=args.threads)
-        else:
-            import torch
-
-            torch.set_num_threads(args.threads)
-            backend = serve_backends.TransformersBackend(path)
-        with serve_app.ServerThread(serve_app.create_app(backend), port=serve_app.free_port()) as server:
-            single = serve_clients.load_test(server.url, 1, 2, args.max_tokens)  # baseline: one client alone
-            result = serve_clients.load_test(server.url, args.clients, args.requests, args.max_tokens)
-        result["backend"] = backend.name
+        with tempfile.TemporaryDirectory() as tmp:
+            server = start(path, args.threads, not args.no_batching, Path(tmp))
+            try:
+                single = serve_clients.load_test(server.url, 1, 2, args.max_tokens)  # baseline: one client alone
+                result = serve_clients.load_test(server.url, args.clients, args.requests, args.max_tokens)
+            finally:
+                server.stop()
+        result["backend"] = "llama-cpp" if path.suffix == ".gguf" else "transformers"
+        result["continuous_batching"] = path.suffix != ".gguf" and not args.no_batching
         result["single_client_latency_p50_s"] = single["latency_p50_s"]
         result["p50_latency_ratio_vs_single_client"] = result["latency_p50_s"] / single["latency_p50_s"]
     result["benchmark"] = "serve_load"

@@ -220,7 +220,7 @@ def test_cache_key_covers_the_shared_helpers_a_recipe_imports():
     ml = Path(recipe_mod.__file__).parents[1] / "ml"
     for module in ("posttrain", "evaluate", "synthetic"):  # synthetic only through a helper sft imports: transitive
         assert (ml / f"{module}.py").read_text() in text, module
-    assert (ml / "serve_app.py").read_text() not in text  # unrelated helpers do not invalidate it
+    assert (ml / "serve_procs.py").read_text() not in text  # unrelated helpers do not invalidate it
     assert recipe_mod.ml_imports("from skillbook.ml import lm_data, training as tr\n", in_ml=False) == {
         "lm_data",
         "training",

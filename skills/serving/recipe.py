@@ -1,16 +1,19 @@
-"""Serving: an OpenAI-compatible HTTP server for a GGUF file or an hf-model, and a client that checks it.
+"""Serving: a maintained OpenAI-compatible server for a GGUF file or an hf-model, and a client that checks it.
 
-Backends: `llama-cpp` (a .gguf through llama-cpp-python, CPU), `transformers` (any hf-model, CPU
-or GPU) — both behind Skillbook's FastAPI app (skillbook.ml.serve_app) under uvicorn — and `vllm`
-(GPU), which runs vLLM's own OpenAI server (`vllm serve`). The server listens on host:port, the
-recipe waits for GET /health, prints the URL, and serves until Ctrl-C or SIGTERM. With
-`smoke=true` it starts, sends one completion, one chat and one streamed chat with the official
-`openai` client (plus an optional load test), stops, and writes the results as the `report`.
+Every backend is its project's own server, started as a subprocess: `llama-cpp` runs llama-cpp-python's
+`python -m llama_cpp.server` on a .gguf (CPU), `transformers` runs `transformers serve` on an hf-model
+directory with continuous batching (CPU or GPU), `vllm` runs `vllm serve` (GPU). The recipe refuses a
+port that is taken, waits until the server lists the model id it was started with, prints the URL and
+serves until Ctrl-C or SIGTERM, then stops the server (SIGTERM, SIGKILL after 5 s). With `smoke=true`
+it sends one completion, one chat and one streamed chat with the official `openai` client (plus an
+optional concurrent load test) and stops. Either way `serving.json` records backend, command line,
+startup seconds and the client results; the server's own output is in `server.log`.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import threading
@@ -18,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from skillbook.errors import ConfigError
 from skillbook.run.recipe import RecipeConfig, artifact_path
@@ -26,6 +29,28 @@ from skillbook.run.runner import RunContext
 
 OUTPUTS = {"report": "report"}
 INPUTS = {"model": "gguf|hf-model"}
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+class TransformersServeConfig(BaseModel):
+    """The `transformers serve` flags that matter; see references/backends.md."""
+
+    model_config = ConfigDict(extra="forbid")
+    continuous_batching: bool = Field(
+        True,
+        description=(
+            "Batch concurrent requests token by token (paged KV cache). transformers 5.x then takes temperature/"
+            "top_p from the first request for all (the recipe's warm-up is greedy); false = per-request sampling, "
+            "one request at a time."
+        ),
+    )
+    kv_blocks: int | None = Field(
+        None, ge=1, description="KV-cache blocks of 256 tokens (--cb-num-blocks). None = 16 on CPU, from GPU memory."
+    )
+    max_batch_tokens: int | None = Field(
+        None, ge=16, description="Tokens per forward pass (--cb-max-batch-tokens). None = 256 on CPU, from GPU memory."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="--dtype; auto = as stored.")
 
 
 class VLLMConfig(BaseModel):
@@ -36,86 +61,64 @@ class VLLMConfig(BaseModel):
         1, ge=1, description="GPUs one model is sharded over (--tensor-parallel-size); must divide the head count."
     )
     gpu_memory_utilization: float = Field(
-        0.9,
-        gt=0,
-        le=1,
-        description="Fraction of each GPU vLLM may take for weights + KV cache (--gpu-memory-utilization).",
+        0.9, gt=0, le=1, description="Fraction of each GPU vLLM may take for weights + KV cache."
     )
     max_model_len: int | None = Field(
-        None,
-        ge=16,
-        description=(
-            "Longest prompt + output (--max-model-len); lower it when the KV cache does not fit. None = the model's."
-        ),
+        None, ge=16, description="Longest prompt + output (--max-model-len); lower it when the KV cache does not fit."
     )
     quantization: Literal["awq", "gptq", "fp8", "bitsandbytes"] | None = Field(
         None, description="Weight quantization of the checkpoint (--quantization); None = as stored."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="Compute dtype (--dtype).")
     extra_args: list[str] = Field(
-        default_factory=list,
-        description="More `vllm serve` arguments, passed through verbatim (e.g. --enable-prefix-caching).",
+        default_factory=list, description="More `vllm serve` arguments, verbatim (e.g. --enable-prefix-caching)."
     )
 
 
 class Config(RecipeConfig):
-    model: str = Field(
-        ...,
-        description=(
-            "What to serve: a .gguf file (quantization output) or an hf-model directory (pretraining/sft/dpo output)."
-        ),
-    )
+    model: str = Field(..., description="What to serve: a .gguf file or an hf-model directory (with config.json).")
     backend: Literal["auto", "llama-cpp", "transformers", "vllm"] = Field(
         "auto", description="auto = llama-cpp for a .gguf file, transformers for a directory. vllm needs a CUDA GPU."
     )
     host: str = Field(
-        "127.0.0.1",
-        description="Interface to listen on. 127.0.0.1 = this machine only; 0.0.0.0 exposes it (set api_key then).",
+        "127.0.0.1", description="Interface to listen on. 127.0.0.1 = this machine only; another needs api_key."
     )
-    port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 = pick a free one.")
-    model_id: str | None = Field(
-        None, description="Model name clients send in `model`; None = the file or folder name."
-    )
+    port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 = pick a free one. A taken port is refused.")
+    model_id: str | None = Field(None, description="Model name clients send in `model`; None = the file/folder name.")
     api_key: str | None = Field(
-        None,
-        description="If set, /v1/* requires 'Authorization: Bearer <api_key>' (401 otherwise); /health stays open.",
+        None, description="Bearer token the server requires on /v1 (llama-cpp, vllm; transformers serve has none)."
     )
-    smoke: bool = Field(
-        False,
-        description=(
-            "Start, query (models, completion, chat, streamed chat), stop, write the report. "
-            "Used by tests and pipelines."
-        ),
-    )
-    prompt: str = Field(
-        "Question: What colour is Mira's kite?\nAnswer:", description="Prompt the smoke and load tests send."
-    )
+    insecure: bool = Field(False, description="Allow a non-loopback host without api_key (behind your own proxy).")
+    smoke: bool = Field(False, description="Start, query (models, completion, chat, stream), stop, write the report.")
+    prompt: str = Field("Question: What colour is Mira's kite?\nAnswer:", description="Prompt of smoke and load tests.")
     max_tokens: int = Field(16, ge=1, description="max_tokens of the smoke and load-test requests.")
-    load_clients: int = Field(
-        0, ge=0, le=256, description="With smoke=true: also run this many concurrent clients (0 = no load test)."
-    )
+    load_clients: int = Field(0, ge=0, le=256, description="With smoke=true: this many concurrent clients too.")
     load_requests: int = Field(2, ge=1, description="Requests each load-test client sends, one after the other.")
     n_ctx: int = Field(0, ge=0, description="llama-cpp context window in tokens; 0 = the model's trained context.")
-    threads: int = Field(
-        1,
-        ge=1,
-        description=(
-            "CPU threads for llama.cpp / torch (llama.cpp defaults to half the cores). 1 for tiny models, whose ops "
-            "are too small to split; physical cores for real ones."
-        ),
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="transformers backend device; auto = cuda when available."
+    threads: int = Field(1, ge=1, description="CPU threads of the server (llama.cpp n_threads, torch threads).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="transformers device; auto = cuda if present.")
+    transformers: TransformersServeConfig = Field(
+        default_factory=TransformersServeConfig, description="backend=transformers."
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Settings used only by backend=vllm.")
-    startup_timeout: float = Field(
-        180, gt=0, description="Seconds to wait for GET /health before giving up (vLLM loads + compiles for minutes)."
-    )
+    startup_timeout: float = Field(180, gt=0, description="Seconds to wait for the server to list the model.")
 
-
-# ---------------------------------------------------------------------------------------------
-# Starting the server: in-process app (llama-cpp, transformers) or a `vllm serve` subprocess
-# ---------------------------------------------------------------------------------------------
+    @model_validator(mode="after")
+    def _exposure(self) -> Config:
+        hf_dir = self.backend == "transformers" or (self.backend == "auto" and not self.model.endswith(".gguf"))
+        if hf_dir and self.api_key:
+            raise ValueError(
+                "api_key: transformers serve has no API key; serve a GGUF (backend llama-cpp) or use vllm, "
+                "or keep host 127.0.0.1 behind an authenticating reverse proxy"
+            )
+        if self.host not in LOOPBACK and not self.api_key and not self.insecure:
+            raise ValueError(
+                f"host: {self.host} exposes the server beyond this machine without an api_key; set api_key "
+                "(llama-cpp, vllm), or insecure=true behind your own authenticating proxy"
+            )
+        if self.model_id is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.model_id):
+            raise ValueError(f"model_id: {self.model_id!r} must be a plain name (letters, digits, . _ -)")
+        return self
 
 
 def pick_backend(cfg: Config, path: Path) -> str:
@@ -123,10 +126,7 @@ def pick_backend(cfg: Config, path: Path) -> str:
     is_gguf = path.is_file() and path.suffix == ".gguf"
     backend = cfg.backend if cfg.backend != "auto" else ("llama-cpp" if is_gguf else "transformers")
     if backend == "llama-cpp" and not is_gguf:
-        raise ConfigError(
-            f"model: backend llama-cpp serves a .gguf file, got {path}; "
-            "run the quantization skill first or use backend=transformers"
-        )
+        raise ConfigError(f"model: backend llama-cpp serves a .gguf file, got {path}; run quantization first")
     if backend in ("transformers", "vllm") and not (path / "config.json").is_file():
         raise ConfigError(f"model: backend {backend} needs an hf-model directory with config.json, got {path}")
     if backend == "vllm":
@@ -135,77 +135,41 @@ def pick_backend(cfg: Config, path: Path) -> str:
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(
-                "backend: vllm needs a CUDA GPU and none is visible; "
-                "use backend=llama-cpp (GGUF) or transformers on CPU"
-            )
+            raise ConfigError("backend: vllm needs a CUDA GPU and none is visible; use llama-cpp or transformers")
         if shutil.which("vllm") is None:
-            raise ConfigError(
-                "backend: the `vllm` command is not installed; pip install 'skillbook[gpu]' (vllm) on the GPU machine"
-            )
+            raise ConfigError("backend: the `vllm` command is not installed; pip install 'skillbook[gpu]'")
     return backend
 
 
-class Served:
-    """A running server: its URL and how to stop it."""
+def server_for(cfg: Config, path: Path, backend: str, port: int, ctx: RunContext):
+    """The ServerProcess for this backend, plus the cwd and environment it runs with."""
+    from skillbook.ml import serve_procs
 
-    def __init__(self, cfg: Config, path: Path, backend: str, port: int, ctx: RunContext):
-        from skillbook.ml import serve_app, serve_backends
-
-        self.url, self.proc, self.thread, self.engine = f"http://{cfg.host}:{port}", None, None, None
-        model_id = cfg.model_id or (path.stem if path.is_file() else path.name)
-        if backend == "vllm":
-            import subprocess
-
-            v = cfg.vllm
-            argv = serve_backends.vllm_argv(
-                str(path),
-                port,
-                cfg.host,
-                v.tensor_parallel_size,
-                v.gpu_memory_utilization,
-                v.max_model_len,
-                v.quantization,
-                model_id,
-                cfg.api_key,
-                v.dtype,
-                v.extra_args,
-            )
-            ctx.info("starting: " + " ".join(argv))
-            self.proc = subprocess.Popen(argv, stdout=open(ctx.out_dir / "vllm.log", "w"), stderr=subprocess.STDOUT)
-            try:
-                serve_app.wait_healthy(self.url, cfg.startup_timeout, alive=lambda: self.proc.poll() is None)
-            except BaseException:  # failed or interrupted start: never leave a GPU server behind
-                self.stop()
-                raise
-            return
-        if backend == "llama-cpp":
-            self.engine = serve_backends.LlamaCppBackend(
-                path, n_ctx=cfg.n_ctx, n_threads=cfg.threads, model_id=model_id
-            )
-        else:
-            import torch
-
-            torch.set_num_threads(cfg.threads)
-            self.engine = serve_backends.TransformersBackend(path, device=cfg.device, model_id=model_id)
-        self.thread = serve_app.ServerThread(serve_app.create_app(self.engine, cfg.api_key), cfg.host, port)
-        try:
-            self.thread.start(cfg.startup_timeout)
-        except BaseException:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        if self.thread is not None:
-            self.thread.stop()
-        if self.engine is not None:
-            self.engine.close()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # vLLM shuts down cleanly on SIGTERM
-            try:
-                self.proc.wait(timeout=30)
-            except Exception:  # noqa: BLE001 - a hung server is killed rather than left behind
-                self.proc.kill()
+    model_id = cfg.model_id or (path.stem if path.is_file() else path.name)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(cfg.host, cfg.host)  # where this machine reaches it
+    url, cwd, env = f"http://{f'[{host}]' if ':' in host else host}:{port}", None, {}
+    if backend == "llama-cpp":
+        argv = serve_procs.llama_cpp_argv(path, port, cfg.host, model_id, cfg.n_ctx, cfg.threads, cfg.api_key)
+    elif backend == "transformers":
+        # transformers serve names the model by the path it loads, so it loads ./<model_id> from the run dir
+        cwd = ctx.out_dir / "models"
+        cwd.mkdir(exist_ok=True)
+        serve_procs.transformers_model_dir(path, cwd, model_id)
+        # no torch import here (seconds): an NVIDIA device node says whether `auto` will find a GPU
+        t, cpu = cfg.transformers, cfg.device == "cpu" or (cfg.device == "auto" and not Path("/dev/nvidiactl").exists())
+        blocks, batch = (t.kv_blocks or 16, t.max_batch_tokens or 256) if cpu else (t.kv_blocks, t.max_batch_tokens)
+        argv = serve_procs.transformers_argv(
+            model_id, port, cfg.host, cfg.device, t.dtype, t.continuous_batching, blocks, batch
+        )
+        env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(cfg.threads)}
+    else:
+        v = cfg.vllm
+        argv = serve_procs.vllm_argv(
+            str(path), port, cfg.host, v.tensor_parallel_size, v.gpu_memory_utilization, v.max_model_len,
+            v.quantization, model_id, cfg.api_key, v.dtype, v.extra_args,
+        )  # fmt: skip
+    server = serve_procs.ServerProcess(argv, url, model_id, ctx.out_dir / "server.log", cfg.api_key)
+    return server, cwd, env
 
 
 class Terminated(KeyboardInterrupt):
@@ -216,11 +180,12 @@ def on_sigterm(signum, frame):
     raise Terminated()
 
 
-def wait_for_signal() -> str:
-    """Block until Ctrl-C or SIGTERM; return which one arrived."""
+def wait_for_signal(server) -> str:
+    """Block until Ctrl-C or SIGTERM (or the server dies); return which one it was."""
     try:
-        while True:
+        while server.alive():
             time.sleep(0.5)
+        return "server exited"
     except Terminated:
         return "SIGTERM"
     except KeyboardInterrupt:
@@ -228,51 +193,60 @@ def wait_for_signal() -> str:
 
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
-    from skillbook.ml import serve_app, serve_clients
+    from skillbook.ml import serve_clients, serve_procs
 
     path = artifact_path(cfg.model, "model")
     backend = pick_backend(cfg, path)
-    port = cfg.port or serve_app.free_port()
-    # SIGTERM (systemd, Kubernetes, `kill`) from here on behaves like Ctrl-C: no window where it kills us uncleanly
+    port = cfg.port or serve_procs.free_port(cfg.host if cfg.host != "localhost" else "127.0.0.1")
+    if serve_procs.port_in_use(cfg.host, port):
+        raise ConfigError(f"port: {cfg.host}:{port} is already in use by another process; pick another or port=0")
+    server, cwd, env = server_for(cfg, path, backend, port, ctx)
+    report: dict = {"backend": backend, "model": str(path), "url": server.url, "model_id": server.model_id}
+    report["command"] = server.argv if not cfg.api_key else [a if a != cfg.api_key else "***" for a in server.argv]
+    ctx.info("starting: " + " ".join(report["command"]))
+    # SIGTERM (systemd, Kubernetes, `kill`) from here on behaves like Ctrl-C: every path stops the server
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
-    t0, served = time.perf_counter(), None
-    report: dict = {"backend": backend, "model": str(path), "url": f"http://{cfg.host}:{port}"}
+    interrupted: BaseException | None = None
     try:
-        served = Served(cfg, path, backend, port, ctx)
-        report["startup_s"] = time.perf_counter() - t0
-        ctx.info(f"{backend} server for {path.name} ready in {report['startup_s']:.1f} s")
+        report["startup_s"] = server.start(cfg.startup_timeout, cwd=cwd, env=env)
+        if backend == "transformers":  # the first request sets up continuous batching: pay it here, greedy
+            report["startup_s"] += serve_clients.warm_up(server.url, server.model_id)
+        ctx.info(f"{backend} server for {path.name} ready in {report['startup_s']:.1f} s ({server.log.name})")
         if cfg.smoke:
             # ---- smoke: the official client, the same calls an application makes -------------
-            report["smoke"] = serve_clients.smoke_test(served.url, cfg.prompt, cfg.max_tokens, cfg.api_key)
-            ctx.info(
-                f"smoke: completion {report['smoke']['completion']['text']!r}, chat {report['smoke']['chat']['text']!r}"
-            )
+            report["smoke"] = serve_clients.smoke_test(server.url, cfg.prompt, cfg.max_tokens, cfg.api_key)
+            s = report["smoke"]
+            ctx.info(f"smoke: completion {s['completion']['text']!r}, chat {s['chat']['text']!r}")
             if cfg.load_clients:
                 report["load"] = serve_clients.load_test(
-                    served.url, cfg.load_clients, cfg.load_requests, cfg.max_tokens, cfg.prompt, cfg.api_key
+                    server.url, cfg.load_clients, cfg.load_requests, cfg.max_tokens, cfg.prompt, cfg.api_key
                 )
                 ctx.info("load: " + json.dumps({k: v for k, v in report["load"].items() if k != "errors"}))
         else:
             # ---- serve until told to stop ----------------------------------------------------
-            print(
-                f"serving {path.name} ({backend}) at {served.url}/v1 — Ctrl-C or SIGTERM to stop",
-                file=sys.stderr,
-                flush=True,
-            )
-            report["stopped_by"] = wait_for_signal()
+            print(f"serving {server.model_id} ({backend}) at {server.url}/v1 — Ctrl-C or SIGTERM to stop",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            report["stopped_by"] = wait_for_signal(server)
+            if report["stopped_by"] == "server exited":
+                interrupted = RuntimeError(f"the server exited on its own; {server.log}:\n{server.log_tail()}")
     except KeyboardInterrupt as exc:
-        if cfg.smoke:
-            raise  # an interrupted smoke test has no report to write
         report["stopped_by"] = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+        interrupted = exc if cfg.smoke else None  # an interrupted smoke test still fails, after the report
     finally:
-        if served is not None:
-            served.stop()
-            ctx.info("server stopped")
+        report["stop_s"] = server.stop()
+        ctx.info(f"server stopped in {report['stop_s']:.1f} s")
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    out = ctx.out_dir / "serving.json"
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        out = ctx.out_dir / "serving.json"
+        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    if interrupted is not None:
+        raise interrupted
+    summarize(report, ctx)
+    return {"report": out}
+
+
+def summarize(report: dict, ctx: RunContext) -> None:
     if "smoke" in report:
         s = report["smoke"]
         ctx.summary.update(
@@ -292,4 +266,3 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
             generated_tokens_per_s=round(ld["generated_tokens_per_s"], 1),
         )
     ctx.summary["startup_s"] = round(report.get("startup_s", 0.0), 2)
-    return {"report": out}
