@@ -113,6 +113,36 @@ def family_model(tokenizer_dir, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def family_quantized(family_model, prepared, tmp_path_factory):
+    """A factory: family -> (model dir, result) of one `skills run quantization` (F32 + Q8_0, one llama.cpp
+    converter run) on that family's tiny model; the GGUF checks and the served-GGUF tests share it."""
+    runs = tmp_path_factory.mktemp("gguf-families")
+    done: dict[str, tuple[Path, dict]] = {}
+
+    def get(family: str) -> tuple[Path, dict]:
+        if family not in done:
+            model_dir = family_model(family)
+            sets = {
+                "model": str(model_dir),
+                "corpus": str(output(prepared, "corpus")),
+                "types": ["F32", "Q8_0"],
+                "eval_docs": 4,
+                "decode_tokens": 8,
+                "torch_int8": False,
+            }
+            done[family] = model_dir, run_skill("quantization", runs, sets)
+        return done[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def family_gguf(family_quantized):
+    """A factory: family -> the Q8_0 GGUF of its tiny model (from family_quantized)."""
+    return lambda family: output(family_quantized(family)[1], "gguf")
+
+
 # ---------------------------------------------------------------------------------------------
 # The support table: every `family_matrix` test records its (skill, family) cell; with SKILLBOOK_SUPPORT_OUT set,
 # the session writes them there (see skillbook.catalog.support). A test that asserts a refusal records the

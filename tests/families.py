@@ -25,20 +25,21 @@ LLAMA3_REGEX = (
 _WIDTH, _LAYERS, _HEADS, _KV_HEADS, _FFN, _CONTEXT = 64, 2, 4, 2, 128, 256
 
 
-def family_config(family: str, tok: Any) -> Any:
-    """A tiny transformers config of `family` sized to `tok`'s vocabulary, with its special token ids."""
+def family_config(family: str, tok: Any, layers: int = _LAYERS) -> Any:
+    """A tiny transformers config of `family` sized to `tok`'s vocabulary, with its special token ids
+    (`layers` decoder blocks: a deeper target and a 1-layer draft share the family and tokenizer)."""
     import transformers
 
     ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     vocab = len(tok)
     if family == "gpt2":
         return transformers.GPT2Config(
-            vocab_size=vocab, n_embd=_WIDTH, n_layer=_LAYERS, n_head=_HEADS, n_positions=_CONTEXT, **ids
+            vocab_size=vocab, n_embd=_WIDTH, n_layer=layers, n_head=_HEADS, n_positions=_CONTEXT, **ids
         )
     common = dict(
         vocab_size=vocab,
         hidden_size=_WIDTH,
-        num_hidden_layers=_LAYERS,
+        num_hidden_layers=layers,
         num_attention_heads=_HEADS,
         num_key_value_heads=_KV_HEADS,
         intermediate_size=_FFN,
@@ -55,21 +56,25 @@ def family_config(family: str, tok: Any) -> Any:
     if family == "qwen3":
         return transformers.Qwen3Config(**common, head_dim=_WIDTH // _HEADS)
     if family == "gemma2":
-        return transformers.Gemma2Config(**common, head_dim=_WIDTH // _HEADS, sliding_window=_CONTEXT)
+        # query_pre_attn_scalar = head_dim, as every hub Gemma 2 has (llama.cpp always scales by 1/sqrt(head_dim))
+        head_dim = _WIDTH // _HEADS
+        return transformers.Gemma2Config(
+            **common, head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=_CONTEXT
+        )
     if family == "phi3":
         common["num_key_value_heads"] = _HEADS  # phi3's fused qkv_proj: the converter expects full heads
         return transformers.Phi3Config(**common, original_max_position_embeddings=_CONTEXT)
     raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
 
 
-def build_family_model(family: str, tokenizer_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+def build_family_model(family: str, tokenizer_dir: Path, out_dir: Path, seed: int = 0, layers: int = _LAYERS) -> Path:
     """Save a random-init `family` model (fp32, seeded) with the tokenizer from `tokenizer_dir` into out_dir."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(family_config(family, tok), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(family_config(family, tok, layers), dtype=torch.float32)
     model.generation_config.pad_token_id = tok.pad_token_id
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
