@@ -158,7 +158,9 @@ def _support_cell(item, report) -> tuple[str, str] | None:
     if marker is None or not family:
         return None
     skill = marker.args[0] if marker.args else item.originalname.removeprefix("test_").removesuffix("_on_family")
-    return skill.replace("_", "-"), family
+    skill = skill.replace("_", "-")
+    backend = item.callspec.params.get("backend")  # serving: one row per backend
+    return (f"{skill} ({backend})" if backend else skill), family
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -8,11 +8,13 @@ recipe's logs, so the recipe's statistics are checked against an independent cou
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, dtype_tolerance, output, run_skill
+from families import FAMILIES
 from skillbook.errors import ConfigError, SkillbookError
 from skillbook.run import recipe as recipe_mod
 
@@ -211,3 +213,29 @@ def test_per_layer_aux_loss_sees_what_the_pooled_loss_misses():
     assert float(routing.per_layer_aux_loss((uniform,), 4, 2)) == pytest.approx(2.0, abs=0.01)  # top_k when balanced
     assert routing.utilization([0.25, 0.25, 0.25, 0.25]) == 1.0 and routing.utilization([0.5, 0.5, 0.0, 0.0]) == 0.5
     assert routing.drop_fraction([64, 64, 0, 0], capacity_factor=1.0, top_k=2) == pytest.approx(0.5)
+
+
+@pytest.mark.family_matrix("moe (upcycling)")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_moe_upcycling_on_family(family, family_model, prepared, tmp_path, record_property):
+    """A Llama upcycles exactly; every other family is refused, before any data or weights load, by one message
+    that says why (only Llama's bias-free SwiGLU MLP maps 1:1 onto Mixtral's experts)."""
+    sets = {
+        "init": "upcycle",
+        "dense_model": str(family_model(family)),
+        "steps": 2,
+        "eval_interval": 1,
+        "seq_len": 32,
+        "batch_size": 2,
+        "eval_windows": 4,
+        "corpus": str(output(prepared, "corpus")),
+    }
+    if family == "llama":
+        res = run_skill("moe", tmp_path, sets)
+        assert res["summary"]["upcycle_step0_gap"] < dtype_tolerance(res["summary"], fp32=1e-4, bf16=4e-3)
+        return
+    with pytest.raises(SkillbookError, match=f"upcycling needs a Llama-architecture model .*'{family}'") as info:
+        run_skill("moe", tmp_path, sets)
+    assert not list(tmp_path.rglob("metrics.jsonl")) and not list(tmp_path.rglob("*.safetensors"))
+    reason = re.sub(r" from \S+config\.json", "", str(info.value))  # the tmp path differs every run
+    record_property("support_reason", reason.split(". Use init=scratch")[0])
