@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 
 from skillbook.errors import ConfigError
 from skillbook.ml.data_files import EvalCorpusPath
-from skillbook.run.recipe import RecipeConfig, artifact_path
+from skillbook.run.recipe import RecipeConfig, SafeName, artifact_path
 from skillbook.run.runner import RunContext
 
 OUTPUTS = {"gguf": "gguf"}
@@ -91,8 +91,12 @@ class Config(RecipeConfig):
             "not in types: 4 bytes per parameter of disk). Token-id equality is always checked."
         ),
     )
-    name: str | None = Field(
-        None, description="general.name written into the GGUF metadata; None = the model folder's name."
+    name: SafeName | None = Field(
+        None,
+        description=(
+            "general.name written into the GGUF metadata and the GGUF file stem (letters, digits, . _ + -); "
+            "None = the model folder's name."
+        ),
     )
     seed: int = Field(0, description="Seed for the default data.")
 

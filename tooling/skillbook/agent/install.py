@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from skillbook import catalog
+from skillbook.catalog.frontmatter import NAME_RE
 
 MANIFEST = ".skillbook-install.json"
 AGENT_DIRS = {
@@ -36,12 +37,20 @@ def skill_files(src: Path) -> dict[str, str]:
     return out
 
 
+def _inside(path: Path, base: Path) -> bool:
+    """Whether `path` (symlinks and '..' resolved) lies strictly inside `base`."""
+    real, top = path.resolve(), base.resolve()
+    return real != top and real.is_relative_to(top)
+
+
 def _manifest(target: Path) -> dict[str, str]:
+    """The files a previous install wrote; entries that would point outside `target` are ignored."""
     try:
         data = json.loads((target / MANIFEST).read_text())
-        return dict(data.get("files", {}))
-    except (OSError, ValueError, AttributeError):
+        files = dict(data.get("files", {}))
+    except (OSError, ValueError, AttributeError, TypeError):
         return {}
+    return {rel: sha for rel, sha in files.items() if isinstance(rel, str) and _inside(target / rel, target)}
 
 
 def _conflicts(target: Path, files: dict[str, str], replace_dir: bool = False) -> list[str]:
@@ -71,6 +80,8 @@ def _write_copy(src: Path, target: Path, files: dict[str, str]) -> str:
     """Copy the skill, refresh unchanged files, drop files the skill no longer has; return the action."""
     import shutil
 
+    from skillbook.errors import SkillbookError
+
     if target.is_symlink():
         target.unlink()
     fresh = not target.exists()
@@ -78,6 +89,8 @@ def _write_copy(src: Path, target: Path, files: dict[str, str]) -> str:
     changed = False
     for rel, digest in files.items():
         dst = target / rel
+        if not _inside(dst, target):
+            raise SkillbookError(f"refusing to write {dst}: it resolves outside {target} (a symlink inside it?)")
         if dst.is_file() and _sha(dst) == digest:
             continue
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +155,12 @@ def install(
         raise SkillbookError(f"no skills found under {root / 'skills'}")
     to = Path(to)
     plan = [(s.path, to / s.folder, skill_files(s.path)) for s in skills]
-    for src, target, _ in plan:
+    for src, target, files in plan:  # the destination is the skill's own folder name, one level inside --to
+        if not NAME_RE.match(target.name) or target.parent.resolve() != to.resolve():
+            raise SkillbookError(f"refusing to install into {target}: it is not a skill folder directly inside {to}")
+        escaped = [] if link or target.is_symlink() else [r for r in files if not _inside(target / r, target)]
+        if escaped:  # checked before anything is written; _write_copy checks again as a backstop
+            raise SkillbookError(f"refusing to write {target / escaped[0]}: it resolves outside {target} (a symlink?)")
         if not target.is_symlink() and target.resolve() == src.resolve():
             raise SkillbookError(
                 f"{target} is the skill's own folder; install into an agent's skills directory instead"

@@ -148,10 +148,15 @@ def find(name: str, root: Path | None = None) -> Skill:
     import difflib
 
     root = root or repo_root()
+    names = [p.name for p in skill_dirs(root)]
+    if not frontmatter.NAME_RE.match(name):  # a name, never a path: no separators, no '..', no absolute dirs
+        raise SkillNotFound(
+            f"'{name}' is not a skill name: name a skill by its folder under skills/ "
+            f"(lowercase letters, digits and '-', no '/' or '..'); known skills: {', '.join(names)}"
+        )
     path = root / "skills" / name
     if (path / "SKILL.md").is_file():
         return load_skill(path)
-    names = [p.name for p in skill_dirs(root)]
     near = difflib.get_close_matches(name, names, n=1)
     hint = f"; did you mean '{near[0]}'?" if near else f"; known skills: {', '.join(names)}"
     raise SkillNotFound(f"no skill named '{name}'{hint}")

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 
 from skillbook import catalog
-from skillbook.errors import SkillbookError
+from skillbook.catalog.frontmatter import NAME_RE
+from skillbook.errors import SkillbookError, SkillNotFound
 
 
 def _fail(exc: Exception) -> None:
@@ -82,6 +83,19 @@ def lint(paths: tuple[Path, ...], fmt: str) -> None:
     sys.exit(1 if any(f.severity == "error" for f in findings) else 0)
 
 
+def _pipeline_target(name: str, root: Path) -> Path | None:
+    """A pipeline by name from recipes/, or by an explicit path that ends in .yaml/.yml and exists; else None."""
+    if name.endswith((".yaml", ".yml")):
+        path = Path(name)
+        if not path.is_file():
+            raise SkillNotFound(f"pipeline file {name} does not exist")
+        return path
+    path = root / "recipes" / f"{name}.yaml"
+    if NAME_RE.match(name) and path.is_file() and not (root / "skills" / name).is_dir():
+        return path
+    return None
+
+
 @main.command(context_settings={"ignore_unknown_options": False})
 @click.argument("name")
 @click.option("--preset", help="A preset from the skill's configs/ folder.")
@@ -105,8 +119,8 @@ def run(
     from skillbook.run import runner
 
     root = catalog.repo_root()
-    pipeline_path = root / "recipes" / f"{name}.yaml"
-    if pipeline_path.is_file() and not (root / "skills" / name).is_dir():
+    pipeline_path = _pipeline_target(name, root)
+    if pipeline_path is not None:
         from skillbook.run import pipeline
 
         result = pipeline.run_file(
@@ -114,7 +128,11 @@ def run(
         )
         click.echo(json.dumps(result, indent=2) if as_json else pipeline.describe(result))
         return
-    skill = catalog.find(name, root)
+    try:
+        skill = catalog.find(name, root)
+    except SkillNotFound as exc:
+        pipelines = ", ".join(p.stem for p in catalog.pipeline_files(root)) or "none"
+        raise SkillNotFound(f"{exc}; known pipelines: {pipelines} (or a pipeline file path ending in .yaml)") from exc
     rec = recipe_mod.load(skill.path)
     cfg = recipe_mod.resolve(rec, preset=preset, config_file=config_file, sets=list(sets))
     if dry_run:

@@ -44,7 +44,7 @@ class PipelineSpec(BaseModel):
     """A pipeline file under recipes/."""
 
     model_config = ConfigDict(extra="forbid", title="Skillbook pipeline")
-    name: str = Field(..., description="Pipeline name (the file stem).")
+    name: recipe_mod.SafeName = Field(..., description="Pipeline name (the file stem; a plain file name).")
     description: str = Field(..., description="What the pipeline produces and when to run it.")
     report: bool = Field(True, description="Write a side-by-side run report with plots at the end.")
     steps: list[StepSpec] = Field(..., min_length=1)

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 from skillbook.errors import ConfigError, SkillbookError
 
@@ -37,6 +37,22 @@ ARTIFACT_KINDS = (
     "dir",
     "file",
 )
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def safe_name(value: str) -> str:
+    """A file-name stem a recipe writes inside its run dir: no separators, no `..`, no leading dot."""
+    if len(value) > 200 or ".." in value or not _SAFE_NAME.match(value):
+        raise ValueError(
+            f"{value!r} is not a safe file name: use letters, digits and . _ + - only "
+            "(no '/', '\\' or '..'; it names a file inside the run dir)"
+        )
+    return value
+
+
+SafeName = Annotated[str, AfterValidator(safe_name)]
 
 
 class RecipeConfig(BaseModel):

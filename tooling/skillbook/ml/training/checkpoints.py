@@ -15,16 +15,18 @@ from skillbook.ml.training.distributed import unwrap_compiled
 
 
 def rng_state() -> dict:
-    """Every RNG state a training loop may draw from, for checkpoints."""
+    """Every RNG state a training loop may draw from, as tensors, ints and tuples (loads with weights_only)."""
     import torch
 
-    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    state: dict[str, Any] = {"python": (version, list(internal), gauss), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     try:
         import numpy as np
 
-        state["numpy"] = np.random.get_state()
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state["numpy"] = (kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached))
     except ImportError:
         pass
     return state
@@ -34,14 +36,16 @@ def set_rng_state(state: dict) -> None:
     """Restore what `rng_state` captured."""
     import torch
 
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     if "numpy" in state:
         import numpy as np
 
-        np.random.set_state(state["numpy"])
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
 def full_state(model, optimizer) -> tuple[dict, dict]:
@@ -103,7 +107,10 @@ def latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict:
-    """Read a checkpoint written by `save_checkpoint` onto the CPU."""
+    """Read a checkpoint written by `save_checkpoint` onto the CPU.
+
+    `weights_only=True`: tensors and plain containers only, so a planted checkpoint cannot run code.
+    """
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are pickled
+    return torch.load(path, map_location="cpu", weights_only=True)
