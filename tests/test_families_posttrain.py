@@ -236,3 +236,15 @@ def test_lora_targets_field_reads_the_forms_users_write():
     assert LoRA(targets=["q_proj", "v_proj"]).targets == ["q_proj", "v_proj"]
     with pytest.raises(ValidationError):
         LoRA(targets=[])
+
+
+def test_a_family_transformers_cannot_build_is_refused_before_any_model_loads(family_model, small, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "foo"
+    shutil.copytree(family_model("llama"), model_dir)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(cfg | {"model_type": "foo", "architectures": ["FooForCausalLM"]}))
+    with pytest.raises(ConfigError, match=r"model: .*model_type 'foo', which transformers .* cannot build"):
+        run_skill("sft", tmp_path / "runs", {"model": str(model_dir), "data": str(small["sft"])})
+    assert not list((tmp_path / "runs").rglob("*.safetensors"))
