@@ -247,3 +247,18 @@ def test_cache_key_covers_the_shared_helpers_a_recipe_imports():
         for seed in ("1", "2", "3")
     }
     assert len(digests) == 1, digests
+
+
+def test_a_step_that_refers_to_itself_is_refused_at_validation(repo):
+    spec = pipeline.PipelineSpec.model_validate(
+        {
+            "name": "k",
+            "description": "d",
+            "steps": [
+                {"id": "a", "skill": "maker"},
+                {"id": "b", "skill": "counter", "config": {"corpus": "${steps.b.report}"}},
+            ],
+        }
+    )
+    problems = pipeline.validate(spec, repo)
+    assert any("${steps.b.report} refers to the step itself" in p for p in problems), problems

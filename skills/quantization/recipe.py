@@ -139,12 +139,14 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
 
     from skillbook.ml import gguf_convert as gc
     from skillbook.ml import gguf_export as gx
+    from skillbook.ml.model_files import check_hf_dir
 
     model_dir = artifact_path(cfg.model, "model")
     if not (model_dir / "config.json").is_file() or not (model_dir / "tokenizer.json").is_file():
         raise ConfigError(
             f"model: {model_dir} needs config.json and tokenizer.json (an hf-model dir with its tokenizer)"
         )
+    check_hf_dir(model_dir)  # a known model_type and readable safetensors, before the converter starts
     if cfg.bnb_4bit and not torch.cuda.is_available():
         raise ConfigError("bnb_4bit: bitsandbytes 4-bit needs a CUDA GPU; set bnb_4bit=false on CPU")
 

@@ -24,6 +24,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from skillbook.errors import ConfigError
+from skillbook.ml.model_files import check_model_path
 from skillbook.run.recipe import RecipeConfig, artifact_path
 from skillbook.run.runner import RunContext
 
@@ -127,6 +128,7 @@ def pick_backend(cfg: Config, path: Path) -> str:
     backend = cfg.backend if cfg.backend != "auto" else ("llama-cpp" if is_gguf else "transformers")
     if backend == "llama-cpp" and not is_gguf:
         raise ConfigError(f"model: backend llama-cpp serves a .gguf file, got {path}; run quantization first")
+    check_model_path(path)
     if backend in ("transformers", "vllm") and not (path / "config.json").is_file():
         raise ConfigError(f"model: backend {backend} needs an hf-model directory with config.json, got {path}")
     if backend == "vllm":

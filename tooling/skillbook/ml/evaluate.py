@@ -79,6 +79,9 @@ def load_model_and_tokenizer(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from skillbook.ml.model_files import check_model_path
+
+    check_model_path(path)
     gguf = str(path).endswith(".gguf")
     model_dir, extra = (str(Path(path).parent), {"gguf_file": Path(path).name}) if gguf else (str(path), {})
     if tokenizer is not None:

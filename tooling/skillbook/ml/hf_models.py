@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from skillbook.errors import ConfigError, SkillbookError
+from skillbook.ml.model_files import check_hf_dir
 from skillbook.run.blocks import LoRA
 
 # ---------------------------------------------------------------------------------------------
@@ -30,7 +31,7 @@ def resolve_model(ref: str | Path, field: str = "model") -> str:
                 f"{field}: {path} is not a Hugging Face model directory (no config.json); pass the "
                 f"'model' output of a pretraining/sft run or a save_pretrained directory"
             )
-        check_model_type(path / "config.json", field)
+        check_hf_dir(path, field)
         return str(path)
     looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -51,26 +52,6 @@ def resolve_model(ref: str | Path, field: str = "model") -> str:
             f"pass a local hf-model directory"
         ) from None
     return ref
-
-
-def check_model_type(config_file: Path, field: str = "model") -> str:
-    """The model_type of a local config.json, refused with one message when transformers cannot build it."""
-    import json
-
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    try:
-        model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
-        raise ConfigError(f"{field}: {config_file} is not a readable config.json ({exc}); re-save the model") from None
-    if model_type not in CONFIG_MAPPING_NAMES:
-        raise ConfigError(
-            f"{field}: {config_file} has model_type {model_type!r}, which transformers "
-            f"{transformers.__version__} cannot build; pass a model of a supported family "
-            f"(llama, mistral, qwen2, qwen3, gemma2, phi3, gpt2, … see the README's support table)"
-        )
-    return str(model_type)
 
 
 # ---------------------------------------------------------------------------------------------

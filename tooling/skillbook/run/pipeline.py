@@ -125,6 +125,11 @@ def validate(spec: PipelineSpec, root: Path, where: str = "pipeline", sets: list
             problems.append(f"{at}: recipe cannot be loaded: {exc}")
             continue
         for ref_step, out in refs_in(step.config):
+            if ref_step == step.id:
+                problems.append(
+                    f"{at}: ${{steps.{ref_step}.{out}}} refers to the step itself; use an earlier step's output"
+                )
+                continue
             if ref_step in seen and ref_step not in recipes:
                 continue  # that step's own problem is already listed
             if ref_step not in recipes:
