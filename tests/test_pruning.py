@@ -143,9 +143,10 @@ def test_bad_input_fails_before_loading(tmp_path):
         run_skill("pruning", tmp_path, {"model": str(tmp_path), "sparsities": [1.5]})
     with pytest.raises(ConfigError, match="both empty"):
         run_skill("pruning", tmp_path, {"model": str(tmp_path), "sparsities": [], "mlp_sparsities": []})
-    neox = tmp_path / "neox"  # a config only: the refusal comes before any weights (there are none) load
-    GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
-        neox
-    )
+    from transformers import AutoModelForCausalLM
+
+    neox = tmp_path / "neox"  # a tiny real checkpoint of a family whose MLP layout pruning does not know
+    neox_cfg = GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    AutoModelForCausalLM.from_config(neox_cfg).save_pretrained(neox)
     with pytest.raises(ConfigError, match="structured: model_type 'gpt_neox' has no known MLP layout"):
         run_skill("pruning", tmp_path / "runs", {"model": str(neox)})
