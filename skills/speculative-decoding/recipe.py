@@ -106,13 +106,13 @@ def held_out_prompts(corpus: Path, tok, cfg: Config) -> list[list[int]]:
 
 
 def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
-    from skillbook.ml import speculative as sp
     from skillbook.ml.hf_models import resolve_model
+    from skillbook.ml.tokenizer_utils import tokenizer_mismatch
 
     # ---- fail fast: given models resolve and share one tokenizer, before anything trains or loads -----
     model = resolve_model(cfg.model, "model") if cfg.model else None
     draft = resolve_model(cfg.draft, "draft") if cfg.draft else None
-    if model and draft and (why := sp.tokenizer_mismatch(model, draft)):
+    if model and draft and (why := tokenizer_mismatch(model, draft)):
         raise ConfigError(
             f"draft: its tokenizer differs from the target's ({why}); draft={draft} cannot propose tokens for "
             f"model={model}: pass a draft trained on the target's tokenizer, or omit draft to train one"

@@ -64,7 +64,7 @@ def tokenizer_mismatch(teacher_dir: str | Path, student_dir: str | Path) -> str 
     KL compares the two distributions position by position and id by id, so both must use the same ids."""
     from transformers import AutoConfig
 
-    from skillbook.ml.speculative import tokenizer_mismatch as same_ids
+    from skillbook.ml.tokenizer_utils import tokenizer_mismatch as same_ids
 
     if why := same_ids(teacher_dir, student_dir):
         return why

@@ -38,24 +38,6 @@ class Decode:
         return len(self.tokens) / max(self.passes, 1)
 
 
-def tokenizer_mismatch(target_dir: str | Path, draft_dir: str | Path) -> str | None:
-    """Why the draft's tokenizer cannot propose for the target (None = same vocabulary and special ids).
-
-    Assisted generation compares token ids, so the two must map every string to the same ids.
-    """
-    from transformers import AutoTokenizer
-
-    a, b = AutoTokenizer.from_pretrained(str(target_dir)), AutoTokenizer.from_pretrained(str(draft_dir))
-    va, vb = a.get_vocab(), b.get_vocab()
-    if va != vb:
-        differ = sorted(set(va.items()) ^ set(vb.items()))[:3]
-        return f"vocabularies differ ({len(va)} vs {len(vb)} tokens; e.g. {differ})"
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if getattr(a, name) != getattr(b, name):
-            return f"{name} differs ({getattr(a, name)} vs {getattr(b, name)})"
-    return None
-
-
 @contextmanager
 def count_passes(model) -> Iterator[list[int]]:
     """Record the input length of every forward pass of `model` (a list filled while the block runs)."""

@@ -112,3 +112,22 @@ def bytes_per_token(tokenizer, texts: Iterable[str]) -> tuple[float, int, int]:
         n_bytes += len(text.encode("utf-8"))
         n_tokens += len(tokenizer.encode(text, add_special_tokens=False))
     return (n_bytes / n_tokens if n_tokens else 0.0), n_bytes, n_tokens
+
+
+def tokenizer_mismatch(target_dir: str | Path, draft_dir: str | Path) -> str | None:
+    """Why two models' tokenizers are not interchangeable (None = same vocabulary and special ids).
+
+    Speculative decoding and distillation compare token ids across two models, so both must map every
+    string to the same ids.
+    """
+    from transformers import AutoTokenizer
+
+    a, b = AutoTokenizer.from_pretrained(str(target_dir)), AutoTokenizer.from_pretrained(str(draft_dir))
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        differ = sorted(set(va.items()) ^ set(vb.items()))[:3]
+        return f"vocabularies differ ({len(va)} vs {len(vb)} tokens; e.g. {differ})"
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(a, name) != getattr(b, name):
+            return f"{name} differs ({getattr(a, name)} vs {getattr(b, name)})"
+    return None
