@@ -194,3 +194,21 @@ def test_missing_input_artifact_fails_before_a_run_dir(tmp_path, monkeypatch):
     assert not (tmp_path / "runs").exists()
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online, a hub id is left to the recipe to fetch
     recipe.check_inputs(rec, Cfg(model="org/some-model"))
+
+
+def test_an_unexpected_error_is_one_line_naming_the_traceback_file(repo, tmp_path, monkeypatch):
+    """A bug no check anticipated still ends in one message (exit 1) pointing at error.txt, which
+    `skills runs gc` later removes with the failed run dir; SKILLBOOK_TRACEBACK=1 re-raises it."""
+    src = repo / "skills" / "counter" / "recipe.py"
+    src.write_text(
+        src.read_text().replace("def run(cfg", "def run(cfg, ctx):\n    raise KeyError('text')\n\n\ndef _old(cfg")
+    )
+    res = CliRunner().invoke(main, ["run", "counter", "--runs-dir", str(tmp_path / "runs")])
+    assert res.exit_code == 1 and "Traceback" not in res.output
+    assert "error: unexpected KeyError: 'text' (traceback: " in res.output
+    error_txt = Path(res.output.split("(traceback: ")[1].split(")")[0])
+    assert error_txt.name == "error.txt" and "KeyError" in error_txt.read_text()
+    monkeypatch.setenv("SKILLBOOK_TRACEBACK", "1")
+    assert isinstance(
+        CliRunner().invoke(main, ["run", "counter", "--runs-dir", str(tmp_path / "r2")]).exception, KeyError
+    )

@@ -262,3 +262,57 @@ def test_a_step_that_refers_to_itself_is_refused_at_validation(repo):
     )
     problems = pipeline.validate(spec, repo)
     assert any("${steps.b.report} refers to the step itself" in p for p in problems), problems
+
+
+def test_the_same_pipeline_in_a_moved_runs_dir_reuses_every_step(repo, tmp_path):
+    """Cache keys hash a reference by its name and its content, not by its path under the runs dir."""
+    import shutil
+
+    run(repo, tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    assert statuses(run(repo, tmp_path / "b")) == {"make": "cached", "count": "cached", "count2": "cached"}
+
+
+def test_a_run_dir_in_use_is_refused_and_resume_auto_skips_it(repo, tmp_path):
+    from skillbook.errors import SkillbookError
+    from skillbook.run import recipe, runner
+
+    rec = recipe.load(repo / "skills" / "maker")
+    cfg = recipe.resolve(rec)
+    busy = tmp_path / "runs" / "maker" / "busy"
+    with runner.run_lock(busy):
+        assert runner.in_use(busy)
+        with pytest.raises(SkillbookError, match=r"busy is in use by another run"):
+            runner.run(rec, cfg, run_dir=busy, quiet=True)
+        assert not (busy / "outputs.json").exists() and not (busy / "config.yaml").exists()
+    assert not runner.in_use(busy)  # released on exit
+    assert runner.run(rec, cfg, run_dir=busy, quiet=True)["outputs"]["corpus"]
+
+
+def test_resume_auto_never_joins_a_live_run(tmp_path, monkeypatch):
+    from skillbook.run import runner
+
+    class Cfg:
+        resume = "auto"
+
+    monkeypatch.setattr(runner, "config_hash", lambda cfg: "abc")
+    live = tmp_path / "pretraining" / "20260101-000000-abc"
+    with runner.run_lock(live):
+        assert runner.new_run_dir("pretraining", Cfg(), tmp_path) != live  # type: ignore[arg-type]
+    assert runner.new_run_dir("pretraining", Cfg(), tmp_path) == live  # unfinished and free: resumed
+
+
+def test_gc_removes_failed_runs_but_not_live_or_finished_ones(tmp_path):
+    from skillbook.run import runner
+
+    runs = tmp_path / "runs"
+    failed, live, done = (runs / "sft" / name for name in ("failed", "live", "done"))
+    for d in (failed, live, done):
+        d.mkdir(parents=True)
+        (d / "error.txt").write_text("Traceback ...")
+    (done / "outputs.json").write_text("{}")  # a finished run whose earlier attempt failed
+    with runner.run_lock(live):
+        assert pipeline.gc(runs, dry_run=True) == [failed] and failed.exists()
+        out = CliRunner().invoke(main, ["runs", "--runs-dir", str(runs), "gc"])
+        assert out.exit_code == 0 and f"removed {failed}" in out.output and "1 directory removed" in out.output
+    assert not failed.exists() and live.exists() and done.exists()

@@ -19,13 +19,25 @@ def _fail(exc: Exception) -> None:
 
 
 class _Group(click.Group):
-    """Turn SkillbookError anywhere below into one message and exit 2."""
+    """Turn SkillbookError anywhere below into one message and exit 2; anything else (a bug, or a library
+    error no check anticipated) into one line naming it and where its traceback went, exit 1.
+    SKILLBOOK_TRACEBACK=1 re-raises instead, for debugging."""
 
     def invoke(self, ctx):  # noqa: D401
+        import os
+
         try:
             return super().invoke(ctx)
         except SkillbookError as exc:
             _fail(exc)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("SKILLBOOK_TRACEBACK") == "1":
+                raise
+            where = "; ".join(getattr(exc, "__notes__", [])) or "set SKILLBOOK_TRACEBACK=1 to print it"
+            click.echo(f"error: unexpected {type(exc).__name__}: {str(exc)[:500]} (traceback: {where})", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -203,7 +215,7 @@ def index_cmd(out: Path) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def runs_cmd(ctx: click.Context, runs_dir: Path | None, as_json: bool) -> None:
-    """List past pipeline and skill runs (`skills runs gc` prunes the step cache)."""
+    """List past pipeline and skill runs (`skills runs gc` prunes the step cache and failed runs)."""
     ctx.obj = runs_dir
     if ctx.invoked_subcommand:
         return
@@ -221,15 +233,13 @@ def runs_cmd(ctx: click.Context, runs_dir: Path | None, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @click.pass_obj
 def runs_gc(runs_dir: Path | None, dry_run: bool) -> None:
-    """Remove step-cache entries the latest run of each pipeline does not use."""
+    """Remove step-cache entries the latest run of each pipeline does not use, and failed runs."""
     from skillbook.run import pipeline
 
     removed = pipeline.gc(runs_dir, dry_run=dry_run)
     for path in removed:
         click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
-    click.echo(
-        f"{len(removed)} cache entr{'y' if len(removed) == 1 else 'ies'} {'to remove' if dry_run else 'removed'}"
-    )
+    click.echo(f"{len(removed)} director{'y' if len(removed) == 1 else 'ies'} {'to remove' if dry_run else 'removed'}")
 
 
 def _register_extras() -> None:

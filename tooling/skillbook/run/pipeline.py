@@ -74,6 +74,11 @@ def refs_in(value) -> list[tuple[str, str]]:
     return []
 
 
+def reference_name(step_id: str, out: str) -> str:
+    """A stand-in path for ${steps.ID.OUT}: validation resolves configs with it, and cache keys hash it."""
+    return f"/pipeline/{step_id}/{out}"
+
+
 def substitute(value, resolve):
     """Replace each reference with resolve(step, output) (recursively)."""
     if isinstance(value, str):
@@ -156,7 +161,7 @@ def validate(spec: PipelineSpec, root: Path, where: str = "pipeline", sets: list
                     )
                 elif have not in want.split("|"):  # INPUTS may accept several kinds: "gguf|hf-model"
                     problems.append(f"{at}: field '{fld}' wants a {want} but ${{steps.{ref_step}.{out}}} is a {have}")
-        placeholder = substitute(step.config, lambda s, o: f"/pipeline/{s}/{o}")
+        placeholder = substitute(step.config, reference_name)
         try:
             recipe_mod.resolve(rec, preset=step.preset, overrides=placeholder, sets=overrides.get(step.id))
         except ConfigError as exc:
@@ -250,7 +255,12 @@ def run_file(
             rec, step.preset, overrides=substitute(step.config, resolve_ref), sets=overrides.get(step.id)
         )
         hashes = [results[s].outputs[o]["sha256"] for s, o in refs_in(step.config) if results[s].outputs]
-        key = step_key(rec, cfg, hashes)
+        # The key sees a reference as its name and the input by its content hash, never as a path under
+        # this runs dir: the same pipeline in another runs dir (or a moved one) reuses every step.
+        by_name = recipe_mod.resolve(
+            rec, step.preset, overrides=substitute(step.config, reference_name), sets=overrides.get(step.id)
+        )
+        key = step_key(rec, by_name, hashes)
         run_dir = base / "cache" / step.skill / key
         res = StepResult(step.id, step.skill, key, str(run_dir), "planned", label=step.label)
         results[step.id] = res
@@ -364,7 +374,8 @@ def list_runs(runs_dir: Path | None = None) -> list[dict]:
 
 
 def gc(runs_dir: Path | None = None, dry_run: bool = False) -> list[Path]:
-    """Remove cache entries that the latest run of each pipeline does not use."""
+    """Remove cache entries that the latest run of each pipeline does not use, and failed skill runs
+    (error.txt without outputs.json) that no live run holds."""
     base = runner.runs_root(runs_dir)
     keep: set[str] = set()
     for pipe in (base / "pipelines").glob("*") if (base / "pipelines").is_dir() else []:
@@ -377,4 +388,8 @@ def gc(runs_dir: Path | None = None, dry_run: bool = False) -> list[Path]:
             removed.append(entry)
             if not dry_run:
                 shutil.rmtree(entry)
+    for run_dir in runner.failed_runs(runs_dir):
+        removed.append(run_dir)
+        if not dry_run:
+            shutil.rmtree(run_dir)
     return removed

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -244,12 +246,66 @@ def runs_root(runs_dir: Path | None = None) -> Path:
     return Path(runs_dir or os.environ.get("SKILLBOOK_RUNS") or Path.cwd() / "runs")
 
 
+LOCK = ".lock"
+
+
+@contextmanager
+def run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive flock on run_dir/.lock while a run writes there: a second run that picks the same
+    directory (two `resume: auto` runs, a pipeline step run twice at once) fails at once instead of
+    writing over the first. The kernel drops the lock when the process dies, so a killed run never
+    leaves a stale one."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = (run_dir / LOCK).open("a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise SkillbookError(
+            f"{run_dir} is in use by another run; wait for it to finish, or start a fresh run "
+            "(without resume: auto, or with another --runs-dir)"
+        ) from None
+    try:
+        yield
+    finally:
+        handle.close()  # closing the file releases the lock
+
+
+def in_use(run_dir: Path) -> bool:
+    """Whether a live run holds run_dir's lock."""
+    import fcntl
+
+    if not (run_dir / LOCK).exists():
+        return False
+    with (run_dir / LOCK).open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
+def failed_runs(runs_dir: Path | None = None) -> list[Path]:
+    """Run directories of failed skill runs (error.txt, no outputs.json, no live run): `skills runs gc` removes them."""
+    base = runs_root(runs_dir)
+    found = []
+    for error in sorted(base.glob("*/*/error.txt")) if base.is_dir() else []:
+        run_dir = error.parent
+        if run_dir.parent.name in ("pipelines",) or (run_dir / "outputs.json").exists() or in_use(run_dir):
+            continue
+        found.append(run_dir)
+    return found
+
+
 def new_run_dir(skill: str, cfg: recipe_mod.RecipeConfig, runs_dir: Path | None = None) -> Path:
-    """A fresh run directory, or with `resume: auto` the latest unfinished one with the same config."""
+    """A fresh run directory, or with `resume: auto` the latest unfinished one with the same config that no
+    live run holds."""
     base = runs_root(runs_dir) / skill
     chash = config_hash(cfg)
     if getattr(cfg, "resume", None) == "auto" and base.is_dir():
-        earlier = sorted(p for p in base.glob(f"*-{chash}") if not (p / "outputs.json").exists())
+        earlier = sorted(p for p in base.glob(f"*-{chash}") if not (p / "outputs.json").exists() and not in_use(p))
         if earlier:
             return earlier[-1]
     run_dir = base / f"{_now()}-{chash}"
@@ -330,10 +386,12 @@ def run_in(recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, ctx: RunCont
             return finalize(recipe, ctx, outputs, started)
         paths = {name: {"path": str(path), "kind": recipe.OUTPUTS.get(name, "file")} for name, path in outputs.items()}
         return {"skill": recipe.name, "run_dir": str(ctx.run_dir.resolve()), "rank": ctx.rank, "outputs": paths}
-    except BaseException:
+    except BaseException as exc:
         ctx.close()
         if ctx.is_main:
             (ctx.run_dir / "error.txt").write_text(traceback.format_exc())
+            if not isinstance(exc, SkillbookError):
+                exc.add_note(f"{ctx.run_dir / 'error.txt'}")
         raise
 
 
@@ -384,9 +442,16 @@ def run(
     """Run a validated config end to end and return the result dict (also in outputs.json)."""
     launcher = launcher or Launcher()
     recipe_mod.check_inputs(recipe, cfg)  # before anything is written
-    run_dir = prepare(recipe, cfg, runs_dir, run_dir)
-    if launcher.kind == "local":
-        return execute(recipe, cfg, run_dir, quiet=quiet)
+    run_dir = run_dir or new_run_dir(recipe.name, cfg, runs_dir)
+    with run_lock(run_dir):
+        run_dir = prepare(recipe, cfg, runs_dir, run_dir)
+        if launcher.kind == "local":
+            return execute(recipe, cfg, run_dir, quiet=quiet)
+        return launch(recipe, launcher, run_dir)
+
+
+def launch(recipe: recipe_mod.Recipe, launcher: Launcher, run_dir: Path) -> dict:
+    """torchrun over skillbook.run.worker in run_dir; the result rank 0 wrote."""
     proc = subprocess.run(launcher.torchrun_argv(run_dir, recipe.skill_dir), stdout=sys.stderr)
     if proc.returncode != 0:
         raise SkillbookError(
