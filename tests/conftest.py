@@ -91,6 +91,14 @@ def sft_model(sft_run) -> Path:
     return output(sft_run, "model")
 
 
+@pytest.fixture(scope="session")
+def reward_model_run(prepared, sft_model, session_runs) -> dict:
+    """The default reward-modeling run on the session's sft model: test_reward_modeling checks it, and rlhf
+    scores its policy with it. Session-scoped, so it trains once per session."""
+    sets = {"model": str(sft_model), "data": str(output(prepared, "preference_data"))}
+    return run_skill("reward-modeling", session_runs, sets)
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return catalog.repo_root(ROOT)

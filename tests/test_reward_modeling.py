@@ -17,10 +17,8 @@ torch = pytest.importorskip("torch", reason="reward-modeling needs torch and trl
 
 
 @pytest.fixture(scope="module")
-def rm_run(prepared, sft_model, session_runs) -> dict:
-    return run_skill(
-        "reward-modeling", session_runs, {"model": str(sft_model), "data": str(output(prepared, "preference_data"))}
-    )
+def rm_run(reward_model_run) -> dict:
+    return reward_model_run
 
 
 def test_reward_model_ranks_held_out_pairs_above_chance(rm_run, prepared):
