@@ -103,6 +103,11 @@ class Config(RecipeConfig):
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Settings used only by backend=vllm.")
     startup_timeout: float = Field(180, gt=0, description="Seconds to wait for the server to list the model.")
+    guard: str | None = Field(
+        None,
+        description="A safety classifier dir (the guardrails skill's `guard` output): a guard proxy on host:port "
+        "refuses the requests it flags, the backend moves to a loopback port behind it. None = no guard.",
+    )
 
     @model_validator(mode="after")
     def _exposure(self) -> Config:
@@ -174,6 +179,19 @@ def server_for(cfg: Config, path: Path, backend: str, port: int, ctx: RunContext
     return server, cwd, env
 
 
+def check_guard(ref: str) -> Path:
+    """The guard classifier dir, refused before any server starts unless it is a sequence classifier."""
+    path = artifact_path(ref, "guard")
+    cfg_file = path / "config.json"
+    archs = json.loads(cfg_file.read_text()).get("architectures") or [] if cfg_file.is_file() else []
+    if not any(a.endswith("ForSequenceClassification") for a in archs):
+        raise ConfigError(
+            f"guard: {path} is not a sequence-classification model dir (config.json architectures {archs}); "
+            "pass the `guard` output of `skills run guardrails`"
+        )
+    return path
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C, so every `finally` below stops the server."""
 
@@ -202,7 +220,10 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     port = cfg.port or serve_procs.free_port(cfg.host if cfg.host != "localhost" else "127.0.0.1")
     if serve_procs.port_in_use(cfg.host, port):
         raise ConfigError(f"port: {cfg.host}:{port} is already in use by another process; pick another or port=0")
-    server, cwd, env = server_for(cfg, path, backend, port, ctx)
+    guard = check_guard(cfg.guard) if cfg.guard else None
+    # with a guard, the proxy takes host:port and the backend listens behind it on a free loopback port
+    inner = cfg.model_copy(update={"host": "127.0.0.1"}) if guard else cfg
+    server, cwd, env = server_for(inner, path, backend, serve_procs.free_port() if guard else port, ctx)
     report: dict = {"backend": backend, "model": str(path), "url": server.url, "model_id": server.model_id}
     report["command"] = server.argv if not cfg.api_key else [a if a != cfg.api_key else "***" for a in server.argv]
     ctx.info("starting: " + " ".join(report["command"]))
@@ -210,24 +231,34 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
     interrupted: BaseException | None = None
+    proxy = None
     try:
         report["startup_s"] = server.start(cfg.startup_timeout, cwd=cwd, env=env)
         if backend == "transformers":  # the first request sets up continuous batching: pay it here, greedy
             report["startup_s"] += serve_clients.warm_up(server.url, server.model_id)
+        if guard:
+            from skillbook.ml import guard_proxy
+
+            proxy = guard_proxy.start_proxy(server.url, server.model_id, guard, port, ctx.out_dir / "guard.log",
+                                            host=cfg.host, api_key=cfg.api_key)  # fmt: skip
+            report.update(url=proxy.url, guard={"guard": str(guard), "backend_url": server.url})
+        url = proxy.url if proxy else server.url
         ctx.info(f"{backend} server for {path.name} ready in {report['startup_s']:.1f} s ({server.log.name})")
         if cfg.smoke:
             # ---- smoke: the official client, the same calls an application makes -------------
-            report["smoke"] = serve_clients.smoke_test(server.url, cfg.prompt, cfg.max_tokens, cfg.api_key)
+            report["smoke"] = serve_clients.smoke_test(url, cfg.prompt, cfg.max_tokens, cfg.api_key)
+            if proxy:  # a disallowed request must come back as the refusal on every endpoint
+                report["guard"]["probe"] = guard_proxy.probe(url, cfg.api_key)
             s = report["smoke"]
             ctx.info(f"smoke: completion {s['completion']['text']!r}, chat {s['chat']['text']!r}")
             if cfg.load_clients:
                 report["load"] = serve_clients.load_test(
-                    server.url, cfg.load_clients, cfg.load_requests, cfg.max_tokens, cfg.prompt, cfg.api_key
+                    url, cfg.load_clients, cfg.load_requests, cfg.max_tokens, cfg.prompt, cfg.api_key
                 )
                 ctx.info("load: " + json.dumps({k: v for k, v in report["load"].items() if k != "errors"}))
         else:
             # ---- serve until told to stop ----------------------------------------------------
-            print(f"serving {server.model_id} ({backend}) at {server.url}/v1 — Ctrl-C or SIGTERM to stop",
+            print(f"serving {server.model_id} ({backend}) at {url}/v1 — Ctrl-C or SIGTERM to stop",
                   file=sys.stderr, flush=True)  # fmt: skip
             report["stopped_by"] = wait_for_signal(server)
             if report["stopped_by"] == "server exited":
@@ -236,6 +267,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         report["stopped_by"] = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
         interrupted = exc if cfg.smoke else None  # an interrupted smoke test still fails, after the report
     finally:
+        if proxy is not None:
+            proxy.stop()
         report["stop_s"] = server.stop()
         ctx.info(f"server stopped in {report['stop_s']:.1f} s")
         if previous is not None:
