@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hmac
 import json
 import sys
 import time
@@ -105,7 +106,8 @@ def build_app(backend: str, guard: Guard, check_output: bool = False, api_key: s
         )
 
     async def guarded(request: Request) -> Response:
-        if api_key and request.headers.get("authorization") != f"Bearer {api_key}":
+        sent = request.headers.get("authorization", "").encode()
+        if api_key and not hmac.compare_digest(sent, f"Bearer {api_key}".encode()):  # constant time
             return JSONResponse({"error": {"message": "invalid api key", "type": "authentication_error"}}, 401)
         raw = await request.body()
         try:
