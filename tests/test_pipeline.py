@@ -275,35 +275,35 @@ def test_the_same_pipeline_in_a_moved_runs_dir_reuses_every_step(repo, tmp_path)
 
 def test_a_run_dir_in_use_is_refused_and_resume_auto_skips_it(repo, tmp_path):
     from skillbook.errors import SkillbookError
-    from skillbook.run import recipe, runner
+    from skillbook.run import recipe, rundirs, runner
 
     rec = recipe.load(repo / "skills" / "maker")
     cfg = recipe.resolve(rec)
     busy = tmp_path / "runs" / "maker" / "busy"
-    with runner.run_lock(busy):
-        assert runner.in_use(busy)
+    with rundirs.run_lock(busy):
+        assert rundirs.in_use(busy)
         with pytest.raises(SkillbookError, match=r"busy is in use by another run"):
             runner.run(rec, cfg, run_dir=busy, quiet=True)
         assert not (busy / "outputs.json").exists() and not (busy / "config.yaml").exists()
-    assert not runner.in_use(busy)  # released on exit
+    assert not rundirs.in_use(busy)  # released on exit
     assert runner.run(rec, cfg, run_dir=busy, quiet=True)["outputs"]["corpus"]
 
 
 def test_resume_auto_never_joins_a_live_run(tmp_path, monkeypatch):
-    from skillbook.run import runner
+    from skillbook.run import rundirs
 
     class Cfg:
         resume = "auto"
 
-    monkeypatch.setattr(runner, "config_hash", lambda cfg: "abc")
+    monkeypatch.setattr(rundirs, "config_hash", lambda cfg: "abc")
     live = tmp_path / "pretraining" / "20260101-000000-abc"
-    with runner.run_lock(live):
-        assert runner.new_run_dir("pretraining", Cfg(), tmp_path) != live  # type: ignore[arg-type]
-    assert runner.new_run_dir("pretraining", Cfg(), tmp_path) == live  # unfinished and free: resumed
+    with rundirs.run_lock(live):
+        assert rundirs.new_run_dir("pretraining", Cfg(), tmp_path) != live  # type: ignore[arg-type]
+    assert rundirs.new_run_dir("pretraining", Cfg(), tmp_path) == live  # unfinished and free: resumed
 
 
 def test_gc_removes_failed_runs_but_not_live_or_finished_ones(tmp_path):
-    from skillbook.run import runner
+    from skillbook.run import rundirs
 
     runs = tmp_path / "runs"
     failed, live, done = (runs / "sft" / name for name in ("failed", "live", "done"))
@@ -311,7 +311,7 @@ def test_gc_removes_failed_runs_but_not_live_or_finished_ones(tmp_path):
         d.mkdir(parents=True)
         (d / "error.txt").write_text("Traceback ...")
     (done / "outputs.json").write_text("{}")  # a finished run whose earlier attempt failed
-    with runner.run_lock(live):
+    with rundirs.run_lock(live):
         assert pipeline.gc(runs, dry_run=True) == [failed] and failed.exists()
         out = CliRunner().invoke(main, ["runs", "--runs-dir", str(runs), "gc"])
         assert out.exit_code == 0 and f"removed {failed}" in out.output and "1 directory removed" in out.output

@@ -77,7 +77,9 @@ class Guard:
 
 
 def build_app(backend: str, guard: Guard, check_output: bool = False, api_key: str | None = None):
-    """The Starlette app: guarded POST endpoints, everything else forwarded to `backend`."""
+    """The Starlette app: guarded POST endpoints, everything else forwarded to `backend`.
+
+    Long: the handlers share the guard, the HTTP client and the key check as closures."""
     import httpx
     from starlette.applications import Starlette
     from starlette.background import BackgroundTask

@@ -73,3 +73,14 @@ def check_model_path(path: str | Path, field: str = "model") -> None:
         check_gguf(p, field)
     elif p.is_dir():
         check_hf_dir(p, field)
+
+
+def input_problems(path: str | Path, field: str) -> list[str]:
+    """A local model input that will not load (no config.json or weights, an unknown model_type, a damaged
+    safetensors header, a file that is not GGUF) as a problem line, for the input check that runs before
+    a run dir exists."""
+    try:
+        check_model_path(path, field)
+    except ConfigError as exc:
+        return [f"  {exc}"]
+    return []

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from skillbook import catalog
 from skillbook.errors import ConfigError, SkillbookError
 from skillbook.run import recipe as recipe_mod
-from skillbook.run import runner
+from skillbook.run import rundirs, runner
 
 REF_RE = re.compile(r"\$\{steps\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\}")
 
@@ -229,7 +229,10 @@ def run_file(
     sets: list[str] | None = None,
     quiet: bool = False,
 ) -> dict:
-    """Validate the whole pipeline, then run (or plan) its steps; returns the pipeline record."""
+    """Validate the whole pipeline, then run (or plan) its steps; returns the pipeline record.
+
+    Long: each step resolves, keys, reuses or runs in order, with the record written on failure too; the
+    loop reads best whole."""
     root = catalog.repo_root()
     spec = load_spec(path)
     problems = validate(spec, root, path.name, sets)
@@ -239,7 +242,7 @@ def run_file(
         )
     forced = dependents(spec, force or [])
     overrides = step_overrides(spec, sets or [])
-    base = runner.runs_root(runs_dir)
+    base = rundirs.runs_root(runs_dir)
     record_dir = base / "pipelines" / spec.name / datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     results: dict[str, StepResult] = {}
     started = time.time()
@@ -343,7 +346,7 @@ def describe(record: dict) -> str:
 
 def list_runs(runs_dir: Path | None = None) -> list[dict]:
     """Pipeline runs (newest first) and standalone skill runs, with status."""
-    base = runner.runs_root(runs_dir)
+    base = rundirs.runs_root(runs_dir)
     out = []
     for rec in sorted(base.glob("pipelines/*/*/pipeline.json"), reverse=True):
         data = json.loads(rec.read_text())
@@ -376,7 +379,7 @@ def list_runs(runs_dir: Path | None = None) -> list[dict]:
 def gc(runs_dir: Path | None = None, dry_run: bool = False) -> list[Path]:
     """Remove cache entries that the latest run of each pipeline does not use, and failed skill runs
     (error.txt without outputs.json) that no live run holds."""
-    base = runner.runs_root(runs_dir)
+    base = rundirs.runs_root(runs_dir)
     keep: set[str] = set()
     for pipe in (base / "pipelines").glob("*") if (base / "pipelines").is_dir() else []:
         records = sorted(pipe.glob("*/pipeline.json"))
@@ -388,7 +391,7 @@ def gc(runs_dir: Path | None = None, dry_run: bool = False) -> list[Path]:
             removed.append(entry)
             if not dry_run:
                 shutil.rmtree(entry)
-    for run_dir in runner.failed_runs(runs_dir):
+    for run_dir in rundirs.failed_runs(runs_dir):
         removed.append(run_dir)
         if not dry_run:
             shutil.rmtree(run_dir)

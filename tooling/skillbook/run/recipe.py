@@ -356,18 +356,6 @@ HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_KINDS = ("hf-model", "adapter", "tokenizer")  # inputs that may also name a hub repository
 
 
-def model_problems(path: str, field: str) -> list[str]:
-    """A local model input that will not load (no config.json or weights, an unknown model_type, a damaged
-    safetensors header, a file that is not GGUF), as a problem line: found before the run dir exists."""
-    from skillbook.ml.model_files import check_model_path
-
-    try:
-        check_model_path(path, field)
-    except ConfigError as exc:
-        return [f"  {exc}"]
-    return []
-
-
 def check_inputs(recipe: Recipe, cfg: RecipeConfig) -> None:
     """Refuse missing input artifacts before a run directory exists (one message for all of them).
 
@@ -383,7 +371,9 @@ def check_inputs(recipe: Recipe, cfg: RecipeConfig) -> None:
             continue
         if Path(value).expanduser().exists():
             if {"hf-model", "gguf"} & set(kind.split("|")):
-                problems += model_problems(value, field)
+                from skillbook.ml.model_files import input_problems
+
+                problems += input_problems(value, field)
             continue
         looks_hub = (
             bool(set(kind.split("|")) & set(HUB_KINDS))
