@@ -25,12 +25,19 @@ NOT_ROTARY = {"gpt2": "learned absolute position embeddings (wpe, n_positions)"}
 
 
 def rope_family(config: Any) -> None:
-    """Refuse a model without rotary position embeddings, naming what is missing."""
+    """Refuse a model without rotary position embeddings, or one whose config accepts no other RoPE type,
+    naming what is missing."""
+    if config.model_type == "phi3":
+        raise ConfigError(
+            "model: phi3's config accepts only rope_type 'longrope' (transformers' Phi3Config rejects linear, "
+            "dynamic and yarn on load); extend it with its published long_factor lists (the Phi-3-*-128k "
+            "releases), or use a rotary family whose config takes them (llama, mistral, qwen2, qwen3, gemma2)"
+        )
     if config.model_type == "gpt2" or getattr(config, "rope_parameters", None) is None:
         what = NOT_ROTARY.get(config.model_type, "no rope_parameters in its config")
         raise ConfigError(
             f"model: {config.model_type} has {what}; RoPE scaling needs rotary positions (llama, mistral, qwen2, "
-            "qwen3, gemma2, phi3): extend a rotary model, or retrain this one with a longer context"
+            "qwen3, gemma2): extend a rotary model, or retrain this one with a longer context"
         )
 
 
