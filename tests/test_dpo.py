@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from conftest import output, run_skill
+from conftest import output, run_skill, tiny_model_dir
 from skillbook.errors import ConfigError
 
 torch = pytest.importorskip("torch", reason="dpo needs torch, trl and peft (the `train` extra)")
@@ -87,8 +87,7 @@ def test_missing_rejected_column_fails_before_model_load(tmp_path):
     row = {"prompt": "Question: Who owns Pip?\nAnswer:", "chosen": " Mira"}
     for split in ("train", "test"):
         (bad / f"{split}.jsonl").write_text(json.dumps(row) + "\n")
-    empty_model = tmp_path / "model"  # exists, holds nothing: loading it would fail differently
-    empty_model.mkdir()
+    empty_model = tiny_model_dir(tmp_path / "model")  # loads: the data check behind the input check is reached
     with pytest.raises(ConfigError) as info:
         run_skill("dpo", tmp_path / "runs", {"model": str(empty_model), "data": str(bad)})
     msg = str(info.value)

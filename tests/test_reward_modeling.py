@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from conftest import output, run_skill
+from conftest import output, run_skill, tiny_model_dir
 from skillbook.errors import ConfigError
 
 torch = pytest.importorskip("torch", reason="reward-modeling needs torch and trl (the `train` extra)")
@@ -51,8 +51,7 @@ def test_missing_rejected_column_fails_before_model_load(tmp_path):
     (bad / "train.jsonl").write_text(
         json.dumps({"prompt": "Question: Who owns Pip?\nAnswer:", "chosen": " Mira"}) + "\n"
     )
-    empty_model = tmp_path / "model"
-    empty_model.mkdir()
+    empty_model = tiny_model_dir(tmp_path / "model")  # loads: the data check behind the input check is reached
     with pytest.raises(ConfigError) as info:
         run_skill("reward-modeling", tmp_path / "runs", {"model": str(empty_model), "data": str(bad)})
     assert str(bad / "train.jsonl") in str(info.value) and "'rejected'" in str(info.value)
