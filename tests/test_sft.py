@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from conftest import ROOT, output, run_skill
+from conftest import ROOT, output, run_skill, tiny_model_dir
 from skillbook.errors import ConfigError
 
 torch = pytest.importorskip("torch", reason="sft needs torch, trl and peft (the `train` extra)")
@@ -76,8 +76,7 @@ def test_sft_data_missing_completion_fails_before_model_load(tmp_path):
     bad = tmp_path / "bad-sft"
     bad.mkdir()
     (bad / "train.jsonl").write_text(json.dumps({"prompt": "Question: hi\nAnswer:", "answer": " x"}) + "\n")
-    model_dir = tmp_path / "not-a-model"  # exists but holds no model: the data check must come first
-    model_dir.mkdir()
+    model_dir = tiny_model_dir(tmp_path / "model")  # loads: the data check behind the input check is reached
     with pytest.raises(ConfigError) as info:
         run_skill("sft", tmp_path / "runs", {"model": str(model_dir), "data": str(bad)})
     msg = str(info.value)
