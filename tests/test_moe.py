@@ -189,9 +189,10 @@ def test_bad_input_fails_before_training(tmp_path):
         recipe_mod.resolve(rec, overrides={"top_k": 5, "num_experts": 4})
     with pytest.raises(ConfigError, match="init=upcycle needs dense_model"):
         recipe_mod.resolve(rec, overrides={"init": "upcycle"})
-    gpt2 = tmp_path / "gpt2"
-    gpt2.mkdir()
-    (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 64}))
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    gpt2 = tmp_path / "gpt2"  # a real (tiny) GPT-2: a config-only dir is refused earlier, as having no weights
+    AutoModelForCausalLM.from_config(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(gpt2)
     runs = tmp_path / "runs"
     with pytest.raises(SkillbookError, match="upcycling needs a Llama-architecture model .*'gpt2'"):
         run_skill("moe", runs, {"init": "upcycle", "dense_model": str(gpt2)})
