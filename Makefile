@@ -85,7 +85,7 @@ browser:
 test: setup browser code
 	$(SKILLS) lint
 	rm -f build/family-matrix.json
-	SKILLBOOK_SUPPORT_OUT=build/family-matrix.json $(PY) -m pytest -q
+	SKILLBOOK_SUPPORT_OUT=build/family-matrix.json $(PY) -m pytest -q --durations=30
 	$(SKILLS) support --check build/family-matrix.json
 	SKILLBOOK_AUTO_DTYPE=bfloat16 $(PY) -m pytest -q -m autocast
 
