@@ -300,9 +300,13 @@ def test_config_table_matches_the_schema(built, repo):
     parser.feed((out / "skills/toy-data/index.html").read_text())
     rows = {r[0]: r for r in parser.rows if r}
     props = schema["properties"]
-    nested = schema["$defs"]["Sched"]["properties"]
-    assert set(rows) == set(props) | {f"sched.{k}" for k in nested}
-    for name, prop in [*props.items(), *((f"sched.{k}", v) for k, v in nested.items())]:
+    nested = {
+        f"{block}.{k}": v
+        for block, model in (("sched", "Sched"), ("tracking", "Tracking"))  # tracking: every Config has it
+        for k, v in schema["$defs"][model]["properties"].items()
+    }
+    assert set(rows) == set(props) | set(nested)
+    for name, prop in [*props.items(), *nested.items()]:
         field, type_, default, description = rows[name]
         assert description == prop["description"]
         if "default" in prop:

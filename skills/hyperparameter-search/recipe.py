@@ -114,20 +114,14 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
 
     import optuna
 
-    from skillbook.ml.hpo import TrialPrunedError, get_dotted, run_trial, set_dotted, suggest
+    from skillbook.ml.hpo import get_dotted, set_dotted, suggest
+    from skillbook.ml.subruns import TrialPrunedError, run_child, shared_inputs
     from skillbook.run.threads import usable_cores
 
     rec, resolved = check_space(cfg, ctx)
-    base = json.loads(json.dumps(cfg.base))
 
-    # ---- inputs every trial shares: made once here, not once per trial ---------------------------------
-    needs = rec.INPUTS
-    if "corpus" in needs and "corpus" not in base:
-        data = ctx.run_skill("data-preparation", {"seed": cfg.seed})
-        base["corpus"] = data["outputs"]["corpus"]["path"]
-    if "tokenizer" in needs and "tokenizer" not in base:
-        tokenizer = ctx.run_skill("tokenization", {"corpus": base.get("corpus")})
-        base["tokenizer"] = tokenizer["outputs"]["tokenizer"]["path"]
+    # ---- inputs every trial shares (data, tokenizer): made once here, not once per trial -----------------
+    base = shared_inputs(rec.INPUTS, cfg.base, ctx, cfg.seed)
 
     # ---- the study: SQLite in the run dir, heartbeats so a killed search's trials are retried ------------
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -177,7 +171,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
             return step >= cfg.warmup_steps and trial.should_prune()
 
         try:
-            result = run_trial(
+            result = run_child(
                 cfg.skill, config, ctx.out_dir / "trials" / f"{trial.number:03d}", cfg.report_key, report,
                 threads, cfg.trial_timeout,
             )  # fmt: skip

@@ -6,6 +6,7 @@ import ast
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from skillbook.catalog import Skill
 from skillbook.lint.findings import Finding, err
@@ -110,7 +111,7 @@ def rule_overrides_only(skill: Skill) -> Iterator[Finding]:
     except Exception:  # noqa: BLE001 - rule_recipe reports a recipe that does not load
         return
     fields = rec.Config.model_fields
-    required = {k: "/placeholder" for k, f in fields.items() if f.is_required()}
+    required: dict[str, Any] = {k: "/placeholder" for k, f in fields.items() if f.is_required()}
     try:
         default = rec.Config(**required).model_dump(mode="json")
     except Exception:  # noqa: BLE001 - rule_recipe reports configs that do not validate

@@ -1,21 +1,9 @@
-"""Hyperparameter search glue: a typed search space read from YAML, and one Optuna trial as one
-`skills run <skill>` subprocess whose metrics.jsonl is read while it trains, so Optuna's pruner can stop
-a bad trial early.
-
-Why a subprocess per trial: each trial is then exactly a normal run (its own run dir, config.yaml, log),
-trials run in parallel without sharing torch's thread pool or global state, and a pruned or timed-out
-trial is stopped by a signal. Children die with the search (PR_SET_PDEATHSIG on Linux), so a killed
-study leaves no orphan trial behind.
+"""Hyperparameter search glue: a typed search space read from YAML, dotted config keys, Optuna's plots.
+A trial runs as a `skills run` subprocess (skillbook.ml.subruns), its metrics.jsonl reported to the pruner.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -73,93 +61,6 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     for part in parents:
         data = data.setdefault(part, {})
     data[last] = value
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
-class TrialPrunedError(Exception):
-    """The pruner stopped this trial at `step` (its last reported value is kept in the study)."""
-
-    def __init__(self, step: int):
-        super().__init__(f"pruned at step {step}")
-        self.step = step
-
-
-def run_trial(
-    skill: str,
-    config: dict,
-    trial_dir: Path,
-    report_key: str | None,
-    report: Any,
-    threads: int,
-    timeout: float,
-) -> dict:
-    """Run `skills run <skill> --config <trial_dir>/config.yaml --json` into trial_dir/runs; every new
-    `report_key` value in its metrics.jsonl goes to `report(step, value) -> prune?`. Returns the run's result
-    (outputs.json + summary); raises TrialPrunedError when pruned, RuntimeError when the run fails or times out."""
-    import yaml
-
-    trial_dir.mkdir(parents=True, exist_ok=True)
-    (trial_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    runs = trial_dir / "runs"
-    argv = [sys.executable, "-m", "skillbook.cli", "run", skill, "--config", str(trial_dir / "config.yaml")]
-    argv += ["--runs-dir", str(runs), "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SKILLBOOK_TRACEBACK": "0"}
-    with open(trial_dir / "stdout.json", "w") as out, open(trial_dir / "log.txt", "w") as log:
-        proc = subprocess.Popen(
-            argv, stdout=out, stderr=log, env=env, start_new_session=True, preexec_fn=_die_with_parent
-        )
-        seen, start = 0, time.monotonic()
-        try:
-            while proc.poll() is None:
-                time.sleep(POLL_SECONDS)
-                if report_key:
-                    seen = _report_new(runs, skill, report_key, seen, report)
-                if time.monotonic() - start > timeout:
-                    raise RuntimeError(f"trial timed out after {timeout:.0f} s (raise trial_timeout)")
-            if report_key:
-                _report_new(runs, skill, report_key, seen, report)
-        except BaseException:
-            _stop(proc)
-            raise
-    if proc.returncode != 0:
-        tail = (trial_dir / "log.txt").read_text().strip().splitlines()[-3:]
-        raise RuntimeError(f"`skills run {skill}` exited {proc.returncode}: {' | '.join(tail)}")
-    try:
-        return json.loads((trial_dir / "stdout.json").read_text())
-    except ValueError as err:
-        raise RuntimeError(f"`skills run {skill}` printed no JSON result: {err}") from None
-
-
-def _report_new(runs: Path, skill: str, key: str, seen: int, report: Any) -> int:
-    """Pass the metrics.jsonl lines after the first `seen` that carry `key` to report(); returns lines seen."""
-    files = sorted(runs.glob(f"{skill}/*/metrics.jsonl"))
-    if not files:
-        return seen
-    lines = files[-1].read_text().splitlines()
-    complete = lines if lines and files[-1].read_text().endswith("\n") else lines[:-1]  # a line being written
-    for line in complete[seen:]:
-        row = json.loads(line)
-        if key in row and "step" in row and report(int(row["step"]), float(row[key])):
-            raise TrialPrunedError(int(row["step"]))
-    return len(complete)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the trial's process group, SIGKILL after 5 s."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def write_plots(study: Any, out: Path, n_params: int) -> list[str]:

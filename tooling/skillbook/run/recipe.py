@@ -7,7 +7,6 @@ for unknown keys, the closest known one. Nothing touches disk before validation 
 
 from __future__ import annotations
 
-import ast
 import difflib
 import importlib.util
 import re
@@ -19,9 +18,11 @@ from types import ModuleType
 from typing import Annotated, Any
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from skillbook.errors import ConfigError, SkillbookError
+from skillbook.run.code_scan import ml_imports, skill_calls
+from skillbook.run.tracking import Tracking
 
 ARTIFACT_KINDS = (
     "corpus",
@@ -56,9 +57,15 @@ SafeName = Annotated[str, AfterValidator(safe_name)]
 
 
 class RecipeConfig(BaseModel):
-    """Base of every recipe's Config: unknown keys are errors, assignments are validated."""
+    """Base of every recipe's Config: unknown keys are errors, assignments are validated. Every recipe has
+    `tracking`: where its ctx.log metrics are mirrored (TensorBoard, MLflow; skillbook.run.tracking)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    tracking: Tracking = Field(
+        Tracking(),
+        description="Mirror the run's metrics to TensorBoard (<run>/tensorboard) and/or MLflow, e.g. "
+        "{tensorboard: true, mlflow: true}.",
+    )
 
 
 @dataclass
@@ -89,26 +96,29 @@ class Recipe:
         import, transitively. A change to a shared helper such as the synthetic data generator, or to
         the tokenizer recipe that pretraining runs inside itself, must rerun the steps using it."""
         skills = {self.name: self.source_text()}
-        todo = skill_calls(self.source_text())
-        while todo:
-            name = todo.pop()
-            path = self.skill_dir.parent / name / "recipe.py"
-            if name in skills or not path.is_file():
-                continue
-            skills[name] = path.read_text()
-            todo |= skill_calls(skills[name])
         ml_dir = Path(__file__).parents[1] / "ml"
         found: dict[str, str] = {}
-        todo = set().union(*(ml_imports(text, in_ml=False) for text in skills.values()))
-        while todo:
-            name = todo.pop()
-            if name in found:
-                continue
-            files = [ml_dir / f"{name}.py", *sorted((ml_dir / name).glob("*.py"))]  # a module, or a package
-            text = "\n".join(f.read_text() for f in files if f.is_file())
-            if text:
-                found[name] = text
-                todo |= ml_imports(text, in_ml=True)
+        calls, first = skill_calls(self.source_text()), True
+        while calls or first:  # skills run by the recipe or an ml helper it imports (ml.subruns), transitively
+            todo, calls, first = set(calls), set(), False
+            while todo:
+                name = todo.pop()
+                path = self.skill_dir.parent / name / "recipe.py"
+                if name in skills or not path.is_file():
+                    continue
+                skills[name] = path.read_text()
+                todo |= skill_calls(skills[name])
+            modules = set().union(*(ml_imports(text, in_ml=False) for text in skills.values()))
+            while modules:
+                name = modules.pop()
+                if name in found:
+                    continue
+                files = [ml_dir / f"{name}.py", *sorted((ml_dir / name).glob("*.py"))]  # a module, or a package
+                text = "\n".join(f.read_text() for f in files if f.is_file())
+                if text:
+                    found[name] = text
+                    modules |= ml_imports(text, in_ml=True)
+                    calls |= skill_calls(text) - set(skills)
         called = sorted(set(skills) - {self.name})
         yamls = [self.skill_dir.parent / n / "recipe.yaml" for n in called]
         # sorted: set order varies with PYTHONHASHSEED, and the key must not
@@ -118,50 +128,6 @@ class Recipe:
             + [y.read_text() for y in yamls if y.is_file()]
             + [found[name] for name in sorted(found)]
         )
-
-
-def skill_calls(source: str) -> set[str]:
-    """Names of the skills `source` runs inside itself: string literals passed to `.run_skill(...)`.
-
-    Parsed with `ast`, like `ml_imports`; a name built at run time cannot be seen, so recipes pass literals.
-    """
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return set()
-    names = set()
-    for node in ast.walk(tree):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
-            continue
-        if node.func.attr != "run_skill":
-            continue
-        args = [*node.args[:1], *(k.value for k in node.keywords if k.arg == "name")]
-        names |= {a.value for a in args if isinstance(a, ast.Constant) and isinstance(a.value, str)}
-    return names
-
-
-def ml_imports(source: str, in_ml: bool) -> set[str]:
-    """Names of the skillbook.ml modules `source` imports (`in_ml`: also its `from .x import` lines).
-
-    Parsed with `ast`, so comments, parenthesised and multi-line imports, and imports inside
-    functions (where the recipes put heavy ones) all count; a file that does not parse imports nothing.
-    """
-    try:
-        tree = ast.parse(source)
-    except SyntaxError:
-        return set()
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.ImportFrom):
-            continue
-        module = node.module or ""
-        if node.level == 0 and module == "skillbook.ml":
-            names |= {alias.name for alias in node.names}
-        elif node.level == 0 and module.startswith("skillbook.ml."):
-            names.add(module.split(".")[2])
-        elif in_ml and node.level == 1:  # one dot: a sibling module in ml/
-            names |= {module.split(".")[0]} if module else {alias.name for alias in node.names}
-    return names
 
 
 def import_module(path: Path, name: str) -> ModuleType:

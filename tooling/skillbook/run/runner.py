@@ -106,6 +106,7 @@ class RunContext:
         self._progress = Progress(enabled=self.is_main and not self.quiet)
         self._t0 = time.time()
         self._joined = False  # this context joined the process group, so it leaves it on close()
+        self.trackers: Any = None  # skillbook.run.tracking.Trackers when the config's `tracking` asks for them
 
     @property
     def out_dir(self) -> Path:
@@ -199,6 +200,8 @@ class RunContext:
         record.update(time=round(time.time() - self._t0, 3), **metrics)
         with open(self.run_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record, default=float) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(step, metrics)
         self._progress.update(step, metrics)
 
     def report(self, markdown: str) -> None:
@@ -206,9 +209,12 @@ class RunContext:
         if self.is_main:
             (self.run_dir / "report.md").write_text(markdown)
 
-    def close(self) -> None:
-        """Stop the progress bar and leave the process group this context joined."""
+    def close(self, failed: bool = False) -> None:
+        """Stop the progress bar, close the trackers and leave the process group this context joined."""
         self._progress.stop()
+        if self.trackers is not None:
+            self.trackers.close(failed)
+            self.trackers = None
         if self._joined:
             from skillbook.ml.training import distributed
 
@@ -293,6 +299,10 @@ def run_in(recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, ctx: RunCont
     alone writes outputs.json (or error.txt), the other ranks return the paths without hashes."""
     started = time.time()
     try:
+        if ctx.is_main and cfg.tracking.enabled:
+            from skillbook.run.tracking import Trackers
+
+            ctx.trackers = Trackers(cfg.tracking, ctx.run_dir, recipe.name, cfg.model_dump(mode="json"))
         outputs = check_outputs(recipe, recipe.run(cfg, ctx))
         ctx.close()
         if ctx.is_main:
@@ -300,7 +310,7 @@ def run_in(recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, ctx: RunCont
         paths = {name: {"path": str(path), "kind": recipe.OUTPUTS.get(name, "file")} for name, path in outputs.items()}
         return {"skill": recipe.name, "run_dir": str(ctx.run_dir.resolve()), "rank": ctx.rank, "outputs": paths}
     except BaseException as exc:
-        ctx.close()
+        ctx.close(failed=True)
         if ctx.is_main:
             (ctx.run_dir / "error.txt").write_text(traceback.format_exc())
             if not isinstance(exc, SkillbookError):
