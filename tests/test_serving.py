@@ -8,6 +8,7 @@ share one llama server per backend. Servers bind 127.0.0.1 on a free port; every
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -83,7 +84,7 @@ def live(request, family_model, family_gguf, tmp_path_factory):
     key = "sekret" if backend == "llama-cpp" else None  # transformers serve has no API key
     server = start(backend, model, tmp_path_factory.mktemp(backend), key)
     yield backend, server
-    assert server.stop() < 6  # SIGTERM is enough: no SIGKILL after the grace period
+    assert server.stop() < 5  # SIGTERM is enough: stopped within 5 s, no SIGKILL after the grace period
 
 
 def client(server, key: str | None = None):
@@ -104,19 +105,20 @@ def test_api_key_is_enforced(live):
 
 
 def test_streams_disconnected_midway_do_not_block_the_next_request(live):
-    """Five clients drop a stream after its first event; a completion still answers within seconds."""
+    """20 clients drop a stream after its first event; a completion still answers within 2 s (and the fixture
+    then stops the server on SIGTERM within 5 s, no SIGKILL)."""
     import httpx
 
     _, server = live
     headers = {"authorization": f"Bearer {server.api_key}"} if server.api_key else {}
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "stream": True}
-    for _ in range(5):
+    for _ in range(20):
         with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
             assert r.status_code == 200
             next(r.iter_lines())  # the first event, then hang up
     t = time.perf_counter()
     out = client(server).completions.create(model="tiny", prompt="Mira", max_tokens=2, temperature=0)
-    assert out.usage.completion_tokens > 0 and time.perf_counter() - t < 5
+    assert out.usage.completion_tokens > 0 and time.perf_counter() - t < 2
 
 
 def test_continuous_batching_serves_concurrent_streams_together(live):
@@ -127,18 +129,27 @@ def test_continuous_batching_serves_concurrent_streams_together(live):
         pytest.skip("llama_cpp.server has no batching; see references/backends.md for llama.cpp's llama-server")
     c, msgs = client(server), [{"role": "user", "content": "Tell me about the kite"}]
 
+    spans: list[tuple[float, float]] = []
+
     def one(_: int) -> int:
         chunks = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=32, stream=True)
-        return sum(1 for ch in chunks if ch.choices and ch.choices[0].delta.content)
+        times = [time.perf_counter() for ch in chunks if ch.choices and ch.choices[0].delta.content]
+        spans.append((times[0], times[-1]) if times else (0.0, 0.0))
+        return len(times)
 
     t = time.perf_counter()
     sequential = [one(i) for i in range(8)]
     sequential_s, t = time.perf_counter() - t, time.perf_counter()
+    spans.clear()
     with ThreadPoolExecutor(8) as pool:
         concurrent = list(pool.map(one, range(8)))
     concurrent_s = time.perf_counter() - t
+    # the most streams generating at one moment: first to last content chunk of each, overlapped
+    events = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    generating = max(itertools.accumulate(step for _, step in events))
+    print(f"8 streams: at most {generating} generating at once; {concurrent_s:.2f} s vs {sequential_s:.2f} s in turn")
     assert concurrent == sequential and min(concurrent) > 0
-    assert concurrent_s < 0.6 * sequential_s, (concurrent_s, sequential_s)
+    assert generating > 1 and concurrent_s < 0.6 * sequential_s, (generating, concurrent_s, sequential_s)
 
 
 def test_sampling_parameters_reach_llama_cpp(live):
