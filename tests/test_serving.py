@@ -1,8 +1,9 @@
 """serving: the maintained OpenAI servers answer the official `openai` client, concurrently, for every family.
 
 Backends: `python -m llama_cpp.server` (GGUF) and `transformers serve` (hf-model dir, continuous batching),
-each started by the recipe as a subprocess. One server per family per backend: the recipe's smoke mode runs
-the smoke test and an 8-client load test against it. The live-server tests (API key, disconnects, batching)
+each started by the recipe as a subprocess behind the gateway (which holds the API key, for both backends;
+tests/test_gateway.py tests the gateway itself). One server per family per backend: the recipe's smoke mode
+runs the smoke test and an 8-client load test against it. The live-server tests (API key, disconnects, batching)
 share one llama server per backend. Servers bind 127.0.0.1 on a free port; every call has a timeout.
 """
 
@@ -42,11 +43,14 @@ CASES = [("llama-cpp", f) for f in FAMILIES] + [("transformers", f) for f in FAM
 def test_openai_clients_concurrently_on_family(backend, family, family_model, family_gguf, tmp_path):
     """The recipe starts the family's server, the official client passes the smoke test, 8 clients at once."""
     model = family_gguf(family) if backend == "llama-cpp" else family_model(family)
-    sets = {"model": str(model), "smoke": True, "port": 0, "prompt": PROSE, "max_tokens": 4}
+    sets = {"model": str(model), "smoke": True, "port": 0, "prompt": PROSE, "max_tokens": 4, "api_key": "k3y"}
     res = run_skill("serving", tmp_path, {**sets, "load_clients": 8, "load_requests": 1})
     report = json.loads(Path(res["outputs"]["report"]["path"]).read_text())
     assert report["backend"] == backend and report["startup_s"] > 0 and report["stop_s"] < 6
+    assert report["gateway_stop_s"] < 6 and report["url"] != report["backend_url"]
     assert ("llama_cpp.server" in report["command"]) == (backend == "llama-cpp")
+    # the gateway fronts every backend and holds the key (transformers serve has none): never in a command line
+    assert "skillbook.ml.gateway" in report["gateway_command"] and "k3y" not in json.dumps(report)
     smoke = report["smoke"]
     assert smoke["ok"], smoke  # greedy: streamed chat == non-streamed chat
     assert smoke["model"] == (model.stem if backend == "llama-cpp" else model.name)
@@ -55,6 +59,8 @@ def test_openai_clients_concurrently_on_family(backend, family, family_model, fa
     load = report["load"]
     assert load["succeeded"] == 8 and load["failed"] == 0, load["errors"]
     assert (Path(res["run_dir"]) / "server.log").stat().st_size > 0
+    gateway_log = (Path(res["run_dir"]) / "gateway.log").read_text()
+    assert gateway_log.count("POST /v1/completions status=200") >= 9  # smoke + 8 load clients, one line each
 
 
 # ---- live servers (llama family): API key, disconnects, continuous batching --------------------------
@@ -96,7 +102,7 @@ def client(server, key: str | None = None):
 def test_api_key_is_enforced(live):
     backend, server = live
     if backend != "llama-cpp":
-        pytest.skip("transformers serve has no API key; the recipe refuses api_key for it (test below)")
+        pytest.skip("transformers serve has no API key; the gateway in front of it holds one (test_gateway.py)")
     with pytest.raises(openai.AuthenticationError):
         client(server, key="wrong").completions.create(model="tiny", prompt="Mira", max_tokens=2)
     status, _ = serve_procs.get_json(f"{server.url}/v1/models", api_key=None)
@@ -178,8 +184,8 @@ def test_exposure_without_a_key_and_bad_combinations_are_refused(family_gguf, fa
     gguf, hf = str(family_gguf("llama")), str(family_model("llama"))
     with pytest.raises(ConfigError, match="host: 0.0.0.0 exposes the server"):
         run_skill("serving", tmp_path, {"model": gguf, "host": "0.0.0.0"})
-    with pytest.raises(ConfigError, match="transformers serve has no API key"):
-        run_skill("serving", tmp_path, {"model": hf, "api_key": "k"})
+    rec_mod = __import__("skillbook.run.recipe", fromlist=["load"])  # transformers gets a key: the gateway's
+    assert rec_mod.resolve(rec_mod.load(ROOT / "skills" / "serving"), overrides={"model": hf, "api_key": "k"}).api_key
     with pytest.raises(ConfigError, match="model_id"):
         run_skill("serving", tmp_path, {"model": gguf, "model_id": "../x"})
     assert not list(tmp_path.glob("serving/*"))  # refused at config validation: no run dir
@@ -263,4 +269,5 @@ def test_sigterm_stops_the_server_and_writes_the_report(family_gguf, tmp_path):
     assert proc.returncode == 0, "".join(lines)[-2000:]
     report = json.loads(next(tmp_path.glob("serving/*/serving.json")).read_text())
     assert report["stopped_by"] == "SIGTERM" and report["stop_s"] < 6 and report["startup_s"] > 0
+    assert report["gateway_stop_s"] < 6
     assert not serve_procs.port_in_use("127.0.0.1", port)  # the server child is gone too

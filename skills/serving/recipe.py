@@ -1,13 +1,15 @@
-"""Serving: a maintained OpenAI-compatible server for a GGUF file or an hf-model, and a client that checks it.
+"""Serving: a maintained OpenAI-compatible server for a GGUF file or an hf-model, behind the gateway.
 
-Every backend is its project's own server, started as a subprocess: `llama-cpp` runs llama-cpp-python's
-`python -m llama_cpp.server` on a .gguf (CPU), `transformers` runs `transformers serve` on an hf-model
-directory with continuous batching (CPU or GPU), `vllm` runs `vllm serve` (GPU). The recipe refuses a
-port that is taken, waits until the server lists the model id it was started with, prints the URL and
-serves until Ctrl-C or SIGTERM, then stops the server (SIGTERM, SIGKILL after 5 s). With `smoke=true`
-it sends one completion, one chat and one streamed chat with the official `openai` client (plus an
-optional concurrent load test) and stops. Either way `serving.json` records backend, command line,
-startup seconds and the client results; the server's own output is in `server.log`.
+Every backend is its project's own server, started as a subprocess on a free loopback port: `llama-cpp` runs
+llama-cpp-python's `python -m llama_cpp.server` on a .gguf (CPU), `transformers` runs `transformers serve`
+on an hf-model directory with continuous batching (CPU or GPU), `vllm` runs `vllm serve` (GPU). In front of
+it, on host:port, the gateway (skillbook.ml.gateway) validates requests, holds the API key, bounds
+concurrency, queue and time, and answers every error in OpenAI's shape. The recipe refuses a port that is
+taken, waits until both list the model id, prints the URL and serves until Ctrl-C or SIGTERM, then stops
+both (SIGTERM, SIGKILL after 5 s). With `smoke=true` it sends one completion, one chat and one streamed chat
+with the official `openai` client (plus an optional concurrent load test) and stops. `serving.json` records
+backend, both command lines, startup seconds and the client results; the logs are `server.log` and
+`gateway.log`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -87,7 +89,7 @@ class Config(RecipeConfig):
     port: int = Field(8000, ge=0, le=65535, description="TCP port; 0 = pick a free one. A taken port is refused.")
     model_id: str | None = Field(None, description="Model name clients send in `model`; None = the file/folder name.")
     api_key: str | None = Field(
-        None, description="Bearer token the server requires on /v1 (llama-cpp, vllm; transformers serve has none)."
+        None, description="Bearer token the gateway requires on /v1 (any backend; llama-cpp and vllm check it too)."
     )
     insecure: bool = Field(False, description="Allow a non-loopback host without api_key (behind your own proxy).")
     smoke: bool = Field(False, description="Start, query (models, completion, chat, stream), stop, write the report.")
@@ -103,24 +105,24 @@ class Config(RecipeConfig):
     )
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Settings used only by backend=vllm.")
     startup_timeout: float = Field(180, gt=0, description="Seconds to wait for the server to list the model.")
+    request_timeout: float = Field(300, gt=0, description="Gateway: seconds to an answer (queue included), then 504.")
+    max_concurrent: int | None = Field(
+        None, ge=1, description="Gateway: requests in flight upstream. None = 1 for llama-cpp (one at a time behind "
+        "its lock), 16 for transformers with continuous batching (else 1), 64 for vllm.",
+    )  # fmt: skip
+    max_queue: int = Field(64, ge=0, description="Gateway: requests waiting for a slot; one more gets 429.")
     guard: str | None = Field(
         None,
-        description="A safety classifier dir (the guardrails skill's `guard` output): a guard proxy on host:port "
-        "refuses the requests it flags, the backend moves to a loopback port behind it. None = no guard.",
+        description="A safety classifier dir (the guardrails skill's `guard` output): the gateway refuses the "
+        "requests it flags before they reach the backend. None = no guard.",
     )
 
     @model_validator(mode="after")
     def _exposure(self) -> Config:
-        hf_dir = self.backend == "transformers" or (self.backend == "auto" and not self.model.endswith(".gguf"))
-        if hf_dir and self.api_key:
-            raise ValueError(
-                "api_key: transformers serve has no API key; serve a GGUF (backend llama-cpp) or use vllm, "
-                "or keep host 127.0.0.1 behind an authenticating reverse proxy"
-            )
         if self.host not in LOOPBACK and not self.api_key and not self.insecure:
             raise ValueError(
-                f"host: {self.host} exposes the server beyond this machine without an api_key; set api_key "
-                "(llama-cpp, vllm), or insecure=true behind your own authenticating proxy"
+                f"host: {self.host} exposes the server beyond this machine without an api_key; set api_key, "
+                "or insecure=true behind your own authenticating proxy"
             )
         if self.model_id is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*", self.model_id):
             raise ValueError(f"model_id: {self.model_id!r} must be a plain name (letters, digits, . _ -)")
@@ -153,10 +155,10 @@ def server_for(cfg: Config, path: Path, backend: str, port: int, ctx: RunContext
     from skillbook.ml import serve_procs
 
     model_id = cfg.model_id or (path.stem if path.is_file() else path.name)
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(cfg.host, cfg.host)  # where this machine reaches it
-    url, cwd, env = f"http://{f'[{host}]' if ':' in host else host}:{port}", None, {}
+    host = "127.0.0.1"  # the backend listens on loopback only: the gateway is the way in
+    url, cwd, env = f"http://{host}:{port}", None, {}
     if backend == "llama-cpp":
-        argv = serve_procs.llama_cpp_argv(path, port, cfg.host, model_id, cfg.n_ctx, cfg.threads, cfg.api_key)
+        argv = serve_procs.llama_cpp_argv(path, port, host, model_id, cfg.n_ctx, cfg.threads, cfg.api_key)
     elif backend == "transformers":
         # transformers serve names the model by the path it loads, so it loads ./<model_id> from the run dir
         cwd = ctx.out_dir / "models"
@@ -166,13 +168,13 @@ def server_for(cfg: Config, path: Path, backend: str, port: int, ctx: RunContext
         t, cpu = cfg.transformers, cfg.device == "cpu" or (cfg.device == "auto" and not Path("/dev/nvidiactl").exists())
         blocks, batch = (t.kv_blocks or 16, t.max_batch_tokens or 256) if cpu else (t.kv_blocks, t.max_batch_tokens)
         argv = serve_procs.transformers_argv(
-            model_id, port, cfg.host, cfg.device, t.dtype, t.continuous_batching, blocks, batch
+            model_id, port, host, cfg.device, t.dtype, t.continuous_batching, blocks, batch
         )
         env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(cfg.threads)}
     else:
         v = cfg.vllm
         argv = serve_procs.vllm_argv(
-            str(path), port, cfg.host, v.tensor_parallel_size, v.gpu_memory_utilization, v.max_model_len,
+            str(path), port, host, v.tensor_parallel_size, v.gpu_memory_utilization, v.max_model_len,
             v.quantization, model_id, cfg.api_key, v.dtype, v.extra_args,
         )  # fmt: skip
     server = serve_procs.ServerProcess(argv, url, model_id, ctx.out_dir / "server.log", cfg.api_key)
@@ -192,26 +194,6 @@ def check_guard(ref: str) -> Path:
     return path
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread like Ctrl-C, so every `finally` below stops the server."""
-
-
-def on_sigterm(signum, frame):
-    raise Terminated()
-
-
-def wait_for_signal(server) -> str:
-    """Block until Ctrl-C or SIGTERM (or the server dies); return which one it was."""
-    try:
-        while server.alive():
-            time.sleep(0.5)
-        return "server exited"
-    except Terminated:
-        return "SIGTERM"
-    except KeyboardInterrupt:
-        return "SIGINT"
-
-
 def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     from skillbook.ml import serve_clients, serve_procs
 
@@ -221,34 +203,38 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     if serve_procs.port_in_use(cfg.host, port):
         raise ConfigError(f"port: {cfg.host}:{port} is already in use by another process; pick another or port=0")
     guard = check_guard(cfg.guard) if cfg.guard else None
-    # with a guard, the proxy takes host:port and the backend listens behind it on a free loopback port
-    inner = cfg.model_copy(update={"host": "127.0.0.1"}) if guard else cfg
-    server, cwd, env = server_for(inner, path, backend, serve_procs.free_port() if guard else port, ctx)
-    report: dict = {"backend": backend, "model": str(path), "url": server.url, "model_id": server.model_id}
+    # the backend listens on a free loopback port; the gateway takes host:port in front of it
+    server, cwd, env = server_for(cfg, path, backend, serve_procs.free_port(), ctx)
+    one_at_a_time = backend == "llama-cpp" or (backend == "transformers" and not cfg.transformers.continuous_batching)
+    concurrent = cfg.max_concurrent or (1 if one_at_a_time else 16 if backend == "transformers" else 64)
+    gw: dict[str, Any] = dict(host=cfg.host, n_ctx=cfg.n_ctx, max_queue=cfg.max_queue, max_concurrent=concurrent,
+                              request_timeout=cfg.request_timeout, guard=guard)  # fmt: skip
+    report: dict = {"backend": backend, "model": str(path), "model_id": server.model_id, "backend_url": server.url}
     report["command"] = server.argv if not cfg.api_key else [a if a != cfg.api_key else "***" for a in server.argv]
+    report["gateway_command"] = serve_procs.gateway_argv(server.url, server.model_id, path, port, **gw)  # no key
     ctx.info("starting: " + " ".join(report["command"]))
     # SIGTERM (systemd, Kubernetes, `kill`) from here on behaves like Ctrl-C: every path stops the server
     main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, on_sigterm) if main else None
+    previous = signal.signal(signal.SIGTERM, serve_procs.on_sigterm) if main else None
     interrupted: BaseException | None = None
-    proxy = None
+    gateway = None
     try:
         report["startup_s"] = server.start(cfg.startup_timeout, cwd=cwd, env=env)
         if backend == "transformers":  # the first request sets up continuous batching: pay it here, greedy
             report["startup_s"] += serve_clients.warm_up(server.url, server.model_id)
-        if guard:
-            from skillbook.ml import guard_proxy
-
-            proxy = guard_proxy.start_proxy(server.url, server.model_id, guard, port, ctx.out_dir / "guard.log",
-                                            host=cfg.host, api_key=cfg.api_key)  # fmt: skip
-            report.update(url=proxy.url, guard={"guard": str(guard), "backend_url": server.url})
-        url = proxy.url if proxy else server.url
-        ctx.info(f"{backend} server for {path.name} ready in {report['startup_s']:.1f} s ({server.log.name})")
+        t = time.perf_counter()
+        gateway = serve_procs.start_gateway(server, path, port, ctx.out_dir / "gateway.log", cfg.api_key, **gw)
+        report.update(url=gateway.url, gateway_startup_s=time.perf_counter() - t)
+        url, report["guard"] = gateway.url, {"guard": str(guard), "backend_url": server.url} if guard else None
+        ctx.info(f"{backend} server for {path.name} ready in {report['startup_s']:.1f} s ({server.log.name}), "
+                 f"gateway at {url} in {report['gateway_startup_s']:.1f} s")  # fmt: skip
         if cfg.smoke:
             # ---- smoke: the official client, the same calls an application makes -------------
             report["smoke"] = serve_clients.smoke_test(url, cfg.prompt, cfg.max_tokens, cfg.api_key)
-            if proxy:  # a disallowed request must come back as the refusal on every endpoint
-                report["guard"]["probe"] = guard_proxy.probe(url, cfg.api_key)
+            if guard:  # a disallowed request must come back as the refusal on every endpoint
+                from skillbook.ml.guard_proxy import probe
+
+                report["guard"]["probe"] = probe(url, cfg.api_key)
             s = report["smoke"]
             ctx.info(f"smoke: completion {s['completion']['text']!r}, chat {s['chat']['text']!r}")
             if cfg.load_clients:
@@ -260,15 +246,16 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
             # ---- serve until told to stop ----------------------------------------------------
             print(f"serving {server.model_id} ({backend}) at {url}/v1 — Ctrl-C or SIGTERM to stop",
                   file=sys.stderr, flush=True)  # fmt: skip
-            report["stopped_by"] = wait_for_signal(server)
+            report["stopped_by"] = serve_procs.wait_for_signal(server, gateway)
             if report["stopped_by"] == "server exited":
-                interrupted = RuntimeError(f"the server exited on its own; {server.log}:\n{server.log_tail()}")
+                dead = server if not server.alive() else gateway
+                interrupted = RuntimeError(f"the server exited on its own; {dead.log}:\n{dead.log_tail()}")
     except KeyboardInterrupt as exc:
-        report["stopped_by"] = "SIGTERM" if isinstance(exc, Terminated) else "SIGINT"
+        report["stopped_by"] = "SIGTERM" if isinstance(exc, serve_procs.Terminated) else "SIGINT"
         interrupted = exc if cfg.smoke else None  # an interrupted smoke test still fails, after the report
     finally:
-        if proxy is not None:
-            proxy.stop()
+        if gateway is not None:
+            report["gateway_stop_s"] = gateway.stop()
         report["stop_s"] = server.stop()
         ctx.info(f"server stopped in {report['stop_s']:.1f} s")
         if previous is not None:

@@ -1,7 +1,9 @@
-"""Clients for an OpenAI-compatible server: a smoke test and a load test.
+"""Clients for an OpenAI-compatible server: the request bodies it takes, a smoke test and a load test.
 
-Both use the official `openai` package, so they work against any OpenAI-compatible server: `vllm serve`,
-`transformers serve` or `python -m llama_cpp.server` (skillbook.ml.serve_procs starts them).
+`request_models` are the OpenAI request bodies as pydantic models with a server's bounds: the gateway
+(skillbook.ml.gateway) validates with them and writes its OpenAPI spec from them. The tests use the official
+`openai` package, so they work against any OpenAI-compatible server: `vllm serve`, `transformers serve` or
+`python -m llama_cpp.server` (skillbook.ml.serve_procs starts them), and the gateway in front.
 """
 
 from __future__ import annotations
@@ -9,6 +11,53 @@ from __future__ import annotations
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+def request_models(max_tokens: int, prompt_chars: int) -> dict[str, type[BaseModel]]:
+    """path -> the request model with this server's bounds; strict (no "1" for 1) and closed (extra=forbid)."""
+    strict = ConfigDict(extra="forbid", strict=True)
+    Text = Annotated[str, StringConstraints(max_length=prompt_chars)]
+    Stop = Annotated[str, StringConstraints(max_length=64)]
+    MaxTokens = Annotated[int, Field(ge=1, le=max_tokens)]
+
+    class Sampling(BaseModel):
+        model_config = strict
+        model: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+        max_tokens: MaxTokens | None = None
+        temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+        top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+        top_k: Annotated[int, Field(ge=0, le=1000)] | None = None
+        presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+        frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+        stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
+        seed: Annotated[int, Field(ge=0, le=2**31 - 1)] | None = None
+        n: Literal[1] | None = None
+        stream: bool | None = None
+        user: Annotated[str, StringConstraints(max_length=256)] | None = None
+
+    class CompletionRequest(Sampling):
+        prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]  # one prompt per request
+
+    class TextPart(BaseModel):
+        model_config = strict
+        type: Literal["text"]
+        text: Text
+
+    class Message(BaseModel):
+        model_config = strict
+        role: Literal["system", "user", "assistant", "tool"]
+        content: Text | Annotated[list[TextPart], Field(max_length=16)] | None
+
+    class ChatCompletionRequest(Sampling):
+        messages: Annotated[list[Message], Field(min_length=1, max_length=64)]
+        max_completion_tokens: MaxTokens | None = None
+
+    return {COMPLETIONS: CompletionRequest, CHAT: ChatCompletionRequest}
 
 
 def _client(url: str, api_key: str | None, timeout: float = 120.0):

@@ -1,7 +1,8 @@
 """The maintained OpenAI-compatible servers, run as subprocesses: command lines, start, readiness, stop.
 
 Three servers, one per backend, each its project's own: `python -m llama_cpp.server` (llama-cpp-python,
-a .gguf file), `transformers serve` (any hf-model dir, continuous batching) and `vllm serve` (GPU).
+a .gguf file), `transformers serve` (any hf-model dir, continuous batching) and `vllm serve` (GPU), plus
+the gateway in front of them (skillbook.ml.gateway; `ModelInfo` is what it reads from the model).
 `ServerProcess` starts one with its output in a log file, refuses a port that is already taken, waits
 until the server answers `GET /v1/models` with the model id it was started with (so a test never talks
 to someone else's server), and stops it with SIGTERM, then SIGKILL after a grace period.
@@ -18,7 +19,9 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def llama_cpp_argv(
@@ -131,6 +134,90 @@ def vllm_argv(
     return argv + list(extra or [])
 
 
+def gateway_argv(
+    backend: str,
+    model_id: str,
+    model: str | Path | None,
+    port: int,
+    host: str = "127.0.0.1",
+    n_ctx: int = 0,
+    max_tokens: int | None = None,
+    max_concurrent: int = 1,
+    max_queue: int = 16,
+    request_timeout: float = 300.0,
+    guard: str | Path | None = None,
+) -> list[str]:
+    """`python -m skillbook.ml.gateway` in front of `backend`; no secret in it (the key goes in $SKILLBOOK_API_KEY)."""
+    argv = [sys.executable, "-m", "skillbook.ml.gateway", "--backend", backend, "--model-id", model_id]
+    argv += ["--chat-template-from", str(model)] if model else []
+    argv += ["--host", host, "--port", str(port), "--n-ctx", str(n_ctx), "--max-concurrent", str(max_concurrent)]
+    argv += ["--max-queue", str(max_queue), "--request-timeout", str(request_timeout)]
+    return argv + (["--max-tokens", str(max_tokens)] if max_tokens else []) + (["--guard", str(guard)] if guard else [])
+
+
+@dataclass
+class ModelInfo:
+    """What the gateway reads once from the served model: chat template, special tokens, context, tokenizer."""
+
+    template: str | None  # the model's jinja2 chat template (None: chats are forwarded unchecked)
+    bos: str = ""
+    eos: str = ""
+    n_ctx: int = 2048
+    count: Any = None  # text -> prompt tokens as the upstream counts them (None: not checked)
+
+    @classmethod
+    def load(cls, path: str | Path | None, n_ctx: int = 0) -> ModelInfo:
+        """From a .gguf (gguf's GGUFReader; llama.cpp's vocab-only tokenizer) or an hf-model dir (AutoTokenizer)."""
+        if path is None:
+            return cls(None, n_ctx=n_ctx or 2048)
+        if str(path).endswith(".gguf"):
+            from gguf import GGUFReader
+            from llama_cpp import Llama
+
+            fields = GGUFReader(str(path)).fields
+            meta = lambda key, default=None: fields[key].contents() if key in fields else default  # noqa: E731
+            tokens = fields["tokenizer.ggml.tokens"]
+            bos, eos = (tokens.contents(int(meta(f"tokenizer.ggml.{t}_token_id", 0))) for t in ("bos", "eos"))
+            ctx = n_ctx or int(meta(f"{meta('general.architecture')}.context_length", 2048))
+            vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+            # llama.cpp's count: BOS + the text with special tokens parsed (add_bos=False: no double-BOS warning)
+            count = lambda text: 1 + len(vocab.tokenize(text.encode(), add_bos=False, special=True))  # noqa: E731
+            return cls(meta("tokenizer.chat_template"), bos, eos, ctx, count)
+        from transformers import AutoConfig, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path))
+        ctx = n_ctx or int(getattr(AutoConfig.from_pretrained(str(path)), "max_position_embeddings", 0) or 2048)
+        template = tok.chat_template if isinstance(tok.chat_template, str) else None
+        return cls(template, str(tok.bos_token or ""), str(tok.eos_token or ""), ctx, lambda t: len(tok.encode(t)))
+
+    def render(self, messages: list[dict]) -> str:
+        """The chat prompt as the upstreams render it: a sandbox, trim/lstrip blocks, raise_exception raises."""
+        from jinja2 import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals.update(raise_exception=raise_exception, strftime_now=time.strftime)
+        template = env.from_string(self.template or "")
+        return template.render(messages=messages, bos_token=self.bos, eos_token=self.eos, add_generation_prompt=True)
+
+
+def start_gateway(
+    backend: ServerProcess, model: Path | None, port: int, log: Path, api_key: str | None = None, **kw: Any
+) -> ServerProcess:
+    """Start the gateway on `port` in front of a running backend (the key through the environment); ready when
+    it lists the backend's model id. `kw`: gateway_argv's host, n_ctx, max_concurrent, max_queue, ..."""
+    host = kw.get("host", "127.0.0.1")
+    local = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # where this machine reaches it
+    url = f"http://{f'[{local}]' if ':' in local else local}:{port}"
+    argv = gateway_argv(backend.url, backend.model_id, model, port, **kw)
+    gateway = ServerProcess(argv, url, backend.model_id, log, api_key)
+    gateway.start(120, env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "SKILLBOOK_API_KEY": api_key or ""})
+    return gateway
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port on `host` that is free right now."""
     with socket.socket() as s:
@@ -232,3 +319,24 @@ class ServerProcess:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         return time.perf_counter() - t0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C (`signal.signal(SIGTERM, on_sigterm)`), so every `finally`
+    of the serving recipe stops its servers."""
+
+
+def on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def wait_for_signal(*servers) -> str:
+    """Block until Ctrl-C or SIGTERM (or a server dies); return which one it was."""
+    try:
+        while all(s.alive() for s in servers):
+            time.sleep(0.5)
+        return "server exited"
+    except Terminated:
+        return "SIGTERM"
+    except KeyboardInterrupt:
+        return "SIGINT"
