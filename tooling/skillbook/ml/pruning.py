@@ -7,7 +7,8 @@ that builds a really smaller model, a short healing fine-tune, and the numbers t
   so pruned weights stay zero, then `prune.remove` folds the mask into the weight.
 - `mlp_layout` / `shrink_mlp`: per family, which tensors hold the MLP's intermediate channels; the channels
   with the lowest importance (product of the L2 norms of their gate row, up row and down column) go, in
-  every layer alike, into a model built from a config with a smaller intermediate size.
+  every layer alike, into a model built from a config with a smaller intermediate size (`rebuild`, which
+  skillbook.ml.head_pruning reuses for attention heads).
 - `heal`: plain causal-LM training with torch AdamW on random windows of the corpus.
 
 Heavy libraries are imported inside functions so `skills list/lint` stay fast.
@@ -113,7 +114,6 @@ def shrink_mlp(model: Any, drop: float) -> Any:
     down column): a channel with a near-zero slice anywhere contributes little to the block's output.
     """
     import torch
-    from transformers import AutoModelForCausalLM
 
     attr, rules = mlp_layout(model.config)
     n = intermediate_size(model.config)
@@ -139,8 +139,16 @@ def shrink_mlp(model: Any, drop: float) -> Any:
             new_state[key] = state[key].index_select(dim, idx.to(state[key].device)).contiguous()
     config = copy.deepcopy(model.config)
     setattr(config, attr, keep_n)
+    return rebuild(model, config, new_state)
+
+
+def rebuild(model: Any, config: Any, state: dict[str, Any]) -> Any:
+    """A new model of `config` (same dtype, device and generation config as `model`) holding `state`, loaded
+    strictly: every tensor of the smaller model must come from the edited state dict, none left over."""
+    from transformers import AutoModelForCausalLM
+
     small = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
-    small.load_state_dict(new_state, strict=True)
+    small.load_state_dict(state, strict=True)
     small.generation_config = model.generation_config
     return small.to(model.device)
 
