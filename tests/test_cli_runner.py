@@ -162,6 +162,8 @@ def test_torchrun_launcher_argv():
     assert "--standalone" in argv and argv[-3:] == ["skillbook.run.worker", "/r", "/s"]
     multi = runner.Launcher("torchrun", 8, nnodes="2", rdzv_endpoint="host:29500").torchrun_argv(Path("/r"), Path("/s"))
     assert "--nnodes=2" in multi and "--rdzv-endpoint=host:29500" in multi and "--standalone" not in multi
+    assert "--max-restarts=3" in runner.Launcher("torchrun", 2, max_restarts=3).torchrun_argv(Path("/r"), Path("/s"))
+    assert not any(a.startswith("--max-restarts") for a in argv)  # 0: torchrun's default, not written
 
 
 def test_cli_startup_imports_no_torch():

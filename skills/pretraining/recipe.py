@@ -286,15 +286,20 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
 
     @torch.no_grad()
     def evaluate() -> float:
-        """Mean validation loss per token; ranks split the windows and sum (loss, tokens) at the end."""
+        """Mean validation loss per token; ranks split the windows and sum (loss, tokens) at the end. Every
+        rank runs the same number of forwards: under FSDP each one all-gathers, so a rank that stopped early
+        would leave the others waiting forever (a spare rank scores window 0 and drops it)."""
         raw.eval()  # the uncompiled model: an eval graph would cost a second compilation for a few batches
         total = torch.zeros(2, device=device)
-        for i in range(ctx.rank * micro, len(vx), micro * ctx.world_size):
-            x, y = vx[i : i + micro].to(device), vy[i : i + micro].to(device)
+        stride = micro * ctx.world_size
+        for i in range(ctx.rank * micro, math.ceil(len(vx) / stride) * stride, stride):
+            spare = i >= len(vx)
+            x, y = (vx[:1], vy[:1]) if spare else (vx[i : i + micro], vy[i : i + micro])
             with precision.autocast(device, dtype):
-                logits = raw(input_ids=x).logits
-            total[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
-            total[1] += y.numel()
+                logits = raw(input_ids=x.to(device)).logits
+            if not spare:
+                total[0] += F.cross_entropy(logits.flatten(0, 1).float(), y.to(device).flatten(), reduction="sum")
+                total[1] += y.numel()
         raw.train()
         loss_sum, count = distributed.all_reduce_sum(total).tolist()
         return loss_sum / count
@@ -385,6 +390,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         epochs=round(sampler.epochs_done, 3),
         train_seconds=round(train_s, 2),
         resumed_from_step=start,
+        rank0=metrics.rank_bytes(raw, optimizer),  # what rank 0 holds: DDP a full replica, FSDP its shards
     )
     ctx.report(report(cfg, ctx.summary, hist, samples, out, ctx.out_dir))
     return {"model": out}

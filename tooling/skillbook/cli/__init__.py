@@ -119,12 +119,25 @@ def _pipeline_target(name: str, root: Path) -> Path | None:
 @click.option("--nproc-per-node", type=int, default=1)
 @click.option("--nnodes", default=None)
 @click.option("--rdzv-endpoint", default=None)
+@click.option("--max-restarts", type=int, default=0, help="torchrun: restart failed workers this often (elastic).")
 @click.option(
     "--runs-dir", type=click.Path(path_type=Path), default=None, help="Where run directories go (default ./runs)."
 )
 @click.option("--force", "force", multiple=True, metavar="STEP", help="Pipelines: rerun STEP and what depends on it.")
 def run(
-    name, preset, config_file, sets, as_json, dry_run, launcher, nproc_per_node, nnodes, rdzv_endpoint, runs_dir, force
+    name,
+    preset,
+    config_file,
+    sets,
+    as_json,
+    dry_run,
+    launcher,
+    nproc_per_node,
+    nnodes,
+    rdzv_endpoint,
+    max_restarts,
+    runs_dir,
+    force,
 ):
     """Run a skill's recipe, or a pipeline from recipes/."""
     from skillbook.run import recipe as recipe_mod
@@ -156,7 +169,7 @@ def run(
             nl=False,
         )
         return
-    launch = runner.Launcher(launcher, nproc_per_node, nnodes, rdzv_endpoint)
+    launch = runner.Launcher(launcher, nproc_per_node, nnodes, rdzv_endpoint, max_restarts)
     result = runner.run(rec, cfg, launch, runs_dir=runs_dir)
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -57,17 +57,19 @@ def run_child(
     report: Any = None,
     threads: int = 1,
     timeout: float = 3600,
+    launcher: tuple[str, ...] = (),
 ) -> dict:
     """Run `skills run <skill> --config <trial_dir>/config.yaml --json` into trial_dir/runs; every new
     `report_key` value in its metrics.jsonl goes to `report(step, value) -> prune?`. Returns the run's result
-    (outputs.json + summary); raises TrialPrunedError when pruned, RuntimeError when the run fails or times out."""
+    (outputs.json + summary); raises TrialPrunedError when pruned, RuntimeError when the run fails or times out.
+    `launcher`: extra `skills run` options, e.g. ("--launcher", "torchrun", "--nproc-per-node", "2")."""
     import yaml
 
     trial_dir.mkdir(parents=True, exist_ok=True)
     (trial_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     runs = trial_dir / "runs"
     argv = [sys.executable, "-m", "skillbook.cli", "run", skill, "--config", str(trial_dir / "config.yaml")]
-    argv += ["--runs-dir", str(runs), "--json"]
+    argv += ["--runs-dir", str(runs), "--json", *launcher]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "SKILLBOOK_TRACEBACK": "0"}
     with open(trial_dir / "stdout.json", "w") as out, open(trial_dir / "log.txt", "w") as log:
         proc = subprocess.Popen(

@@ -330,21 +330,26 @@ def prepare(
 
 @dataclass
 class Launcher:
-    """How to start the run: in-process, or torchrun with N processes per node."""
+    """How to start the run: in-process, or torchrun with N processes per node (restarted up to
+    `max_restarts` times when one fails: elastic; a recipe with `resume=auto` continues from its checkpoint)."""
 
     kind: str = "local"
     nproc_per_node: int = 1
     nnodes: str | None = None
     rdzv_endpoint: str | None = None
+    max_restarts: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in ("local", "torchrun"):
             raise SkillbookError(f"--launcher {self.kind!r}: use 'local' or 'torchrun'")
         if self.nproc_per_node < 1:
             raise SkillbookError("--nproc-per-node must be at least 1")
+        if self.max_restarts < 0:
+            raise SkillbookError("--max-restarts must be 0 or more")
 
     def torchrun_argv(self, run_dir: Path, skill_dir: Path) -> list[str]:
         argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc_per_node}"]
+        argv += [f"--max-restarts={self.max_restarts}"] if self.max_restarts else []
         if self.nnodes:
             argv.append(f"--nnodes={self.nnodes}")
         if self.rdzv_endpoint:

@@ -1,4 +1,5 @@
-"""What a training run measures and shows: FLOPs per token, the achievable matmul peak for MFU, loss plots."""
+"""What a training run measures and shows: FLOPs per token, the achievable matmul peak for MFU, the bytes this
+rank holds, loss plots."""
 
 from __future__ import annotations
 
@@ -46,6 +47,24 @@ def measure_peak_flops(
             break
     del c
     return 2.0 * n**3 / best
+
+
+def rank_bytes(model, optimizer) -> dict[str, int]:
+    """Bytes of parameters, gradients and optimizer state held by this process: FSDP2's DTensor shards count
+    their local shard only, so DDP (full replicas) vs FSDP (1/world) shows in the numbers."""
+    import torch
+
+    def local(t) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+
+    params = list(model.parameters())
+    state = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    return {
+        "param_bytes": sum(local(p) for p in params),
+        "grad_bytes": sum(local(p.grad) for p in params if p.grad is not None),
+        "optimizer_bytes": sum(local(v) for v in state),
+    }
 
 
 def plot_losses(curves: dict[str, list[tuple[int, float]]], path: Path) -> bool:
