@@ -125,11 +125,12 @@ def test_schema_check_detects_drift(repo):
 
 def test_new_skill_is_lint_clean_and_runs(repo, tmp_path):
     assert invoke("new", "fresh-skill").exit_code == 0
-    invoke("schema")
-    res = CliRunner().invoke(main, ["lint", str(repo / "skills" / "fresh-skill")])
+    res = CliRunner().invoke(main, ["lint"])  # the whole repo: schema and marketplace came with the skill
     assert res.exit_code == 0, res.output
     res = invoke("run", "fresh-skill", "--json", "--runs-dir", str(tmp_path / "runs"))
     assert json.loads(res.stdout)["summary"]["total"] == 55
+    listed = invoke("lint", "--rules").stdout
+    assert all(code in listed for code in ("SB100", "SB206", "SB305", "SB501", "SB601", "SB999"))
     bad = CliRunner().invoke(main, ["new", "Bad_Name"])
     assert bad.exit_code != 0 and "lowercase" in bad.output
 

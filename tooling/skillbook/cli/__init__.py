@@ -80,10 +80,16 @@ def show(name: str, references: bool, as_json: bool) -> None:
 @main.command()
 @click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text")
-def lint(paths: tuple[Path, ...], fmt: str) -> None:
+@click.option("--rules", is_flag=True, help="List the rules and their codes, then exit.")
+def lint(paths: tuple[Path, ...], fmt: str, rules: bool) -> None:
     """Check skills, recipes, pipelines and schemas; exit 1 on errors."""
     from skillbook import lint as lint_mod
 
+    if rules:  # each rule's docstring starts with the codes it yields
+        for rule in [*lint_mod.SKILL_RULES, *lint_mod.REPO_RULES]:
+            click.echo((rule.__doc__ or rule.__name__).strip().splitlines()[0])
+        click.echo("SB999: a rule itself failed on this input (report it with the file)")
+        return
     findings = lint_mod.lint_paths(list(paths)) if paths else lint_mod.lint_repo()
     if fmt == "json":
         click.echo(json.dumps([f.as_dict() for f in findings], indent=2))
@@ -184,11 +190,17 @@ def run(
 @click.option("--description", default=None, help="What the skill does and when to use it.")
 @click.option("--stage", type=click.Choice(catalog.STAGES), default="other")
 def new(name: str, description: str | None, stage: str) -> None:
-    """Scaffold a lint-clean skill with a runnable recipe."""
+    """Scaffold a skill with a runnable recipe; the repo stays lint-clean (its schema and the marketplace
+    file are regenerated with it)."""
+    from skillbook.agent.marketplace import write_marketplace
     from skillbook.catalog import scaffold
+    from skillbook.run import schemas
 
     path = scaffold.new_skill(name, description=description, stage=stage)
-    click.echo(f"created {path}; next: edit SKILL.md, then `skills lint {path}` and `skills run {name}`")
+    schemas.write()
+    write_marketplace()
+    click.echo(f"created {path} (+ its schema, the marketplace file); next: edit SKILL.md, then `skills lint` "
+               f"and `skills run {name}`")  # fmt: skip
 
 
 @main.command()
