@@ -104,13 +104,23 @@ def test_list_show_index_prompt(repo, tmp_path):
 
 
 def test_prompt_budget_shortens_then_drops(repo):
+    from skillbook.agent import estimate_tokens
+
     for i in range(5):
-        scaffold.new_skill(f"extra-{i}", description="First sentence here. " + "More detail. " * 40, root=repo)
+        desc = f"Does task {i} - " + "with detail. " * 40 + f"Use when the user asks for widget{i}."
+        scaffold.new_skill(f"extra-{i}", description=desc, root=repo)
     full = invoke("prompt").stdout
-    short = invoke("prompt", "--max-tokens", "400").stdout
-    tiny = invoke("prompt", "--max-tokens", "120").stdout
-    assert len(short) < len(full) and "shortened" in short
-    assert "dropped" in tiny and tiny.count("<skill>") < short.count("<skill>")
+    short = invoke("prompt", "--max-tokens", "600").stdout
+    tiny = invoke("prompt", "--max-tokens", "200").stdout
+    assert len(short) < len(full) and "shortened" in short and "upper bound" in short
+    assert "Use when the user asks for widget3." in short  # the clause an agent chooses by survives
+    assert estimate_tokens(short.strip()) <= 600 and estimate_tokens(tiny.strip()) <= 200
+    kept = tiny.count("<skill>")
+    assert "dropped" in tiny and kept < short.count("<skill>")
+    named = tiny.split("):")[-1]  # every dropped skill is named, none silently
+    assert sum(f"extra-{i}" in named for i in range(5)) + ("counter" in named) == 6 - kept
+    focused = invoke("prompt", "--max-tokens", "200", "--for", "I need widget3 done").stdout
+    assert "<name>extra-3</name>" in focused and "least relevant" in focused
 
 
 def test_schema_check_detects_drift(repo):

@@ -4,8 +4,9 @@ One document per skill (name, description, SKILL.md headings, the example reques
 `metadata.requests`) and per pipeline in recipes/ (name, description), scored with `bm25s`. Words are
 normalised by a light English stemmer kept here, so "memorise", "memorizing" and "memorized" meet, and
 "top_p", "top-p" and "top p" too. Why not Snowball (PyStemmer, `bm25s[stem]`): it keeps British and
-American spellings apart ("memoris" vs "memor", "quantis" vs "quantiz"), and users write both. Below `NO_SKILL_BELOW` the best score means "no skill serves this";
-the threshold is calibrated on tests/data/skill_requests.yaml (tests/test_search.py).
+American spellings apart ("memoris" vs "memor", "quantis" vs "quantiz"), and users write both. Below
+`NO_SKILL_BELOW` the best score means "no skill serves this"; the threshold is calibrated on
+tests/data/skill_requests.yaml (tests/test_search.py).
 """
 
 from __future__ import annotations

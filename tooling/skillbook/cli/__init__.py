@@ -205,12 +205,13 @@ def new(name: str, description: str | None, stage: str) -> None:
 
 @main.command()
 @click.option("--format", "fmt", type=click.Choice(["xml", "json"]), default="xml")
-@click.option("--max-tokens", type=int, default=None, help="Budget; entries are shortened, then dropped, to fit.")
-def prompt(fmt: str, max_tokens: int | None) -> None:
+@click.option("--max-tokens", type=int, default=None, help="Budget (an upper-bound count): shorten, then drop.")
+@click.option("--for", "request", default=None, help="Order entries by relevance to this request (skills search).")
+def prompt(fmt: str, max_tokens: int | None, request: str | None) -> None:
     """The <available_skills> catalog an agent loads as context."""
     from skillbook import agent
 
-    click.echo(agent.prompt(fmt=fmt, max_tokens=max_tokens))
+    click.echo(agent.prompt(fmt=fmt, max_tokens=max_tokens, request=request))
 
 
 @main.command()
