@@ -1,4 +1,4 @@
-"""Rank skills and pipelines for a natural-language request with BM25 (`skills search`, the docs site).
+"""Rank skills and pipelines for a natural-language request with BM25 (`skills search`, `skills prompt --for`).
 
 One document per skill (name, description, SKILL.md headings, the example requests in
 `metadata.requests`) and per pipeline in recipes/ (name, description), scored with `bm25s`. Words are
