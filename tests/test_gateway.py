@@ -81,6 +81,18 @@ def test_twenty_dropped_streams_then_a_completion_within_2s(llama):
 # ---- OpenAI-shaped errors, auth -----------------------------------------------------------------------------
 
 
+def test_loglikelihood_requests_pass(llama):
+    """lm-eval's loglikelihood tasks send echo + logprobs: the gateway forwards them, the prompt's log-probs
+    come back (llama.cpp computes them), and a logprobs count out of range is a 400 naming the field."""
+    body = {"model": "tiny", "prompt": "Anna lives in", "max_tokens": 1, "echo": True, "logprobs": 1, "temperature": 0}
+    resp = httpx.post(llama.url + "/v1/completions", json=body, headers=AUTH, timeout=30)
+    assert resp.status_code == 200, resp.text
+    logprobs = resp.json()["choices"][0]["logprobs"]
+    assert len(logprobs["token_logprobs"]) >= 3 and all(x is None or x <= 0 for x in logprobs["token_logprobs"])
+    bad = httpx.post(llama.url + "/v1/completions", json={**body, "logprobs": 99}, headers=AUTH, timeout=10)
+    assert_openai_error(bad, 400, param="logprobs")
+
+
 def test_errors_are_openai_shaped(llama):
     url, post = llama.url, lambda path, **kw: httpx.post(llama.url + path, timeout=10, **kw)  # noqa: E731
     chat = lambda **kw: {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **kw}  # noqa: E731

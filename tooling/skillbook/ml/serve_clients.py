@@ -42,6 +42,8 @@ def request_models(max_tokens: int, prompt_chars: int) -> dict[str, type[BaseMod
 
     class CompletionRequest(Sampling):
         prompt: Text | Annotated[list[Text], Field(min_length=1, max_length=1)]  # one prompt per request
+        logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # top-N log-probs per token
+        echo: bool | None = None  # with logprobs: the prompt's own log-probs (lm-eval's loglikelihood tasks)
 
     class TextPart(BaseModel):
         model_config = strict
@@ -56,6 +58,8 @@ def request_models(max_tokens: int, prompt_chars: int) -> dict[str, type[BaseMod
     class ChatCompletionRequest(Sampling):
         messages: Annotated[list[Message], Field(min_length=1, max_length=64)]
         max_completion_tokens: MaxTokens | None = None
+        logprobs: bool | None = None
+        top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
     return {COMPLETIONS: CompletionRequest, CHAT: ChatCompletionRequest}
 
