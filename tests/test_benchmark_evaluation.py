@@ -11,6 +11,7 @@ import json
 import pytest
 
 from conftest import output, run_skill
+from families import FAMILIES
 from skillbook.errors import ConfigError
 from skillbook.ml import evaluate as ev
 from skillbook.ml import harness
@@ -86,3 +87,13 @@ def test_bad_inputs_fail_naming_the_field(sft_model, tmp_path):
     with pytest.raises(ConfigError, match="task_name"):
         run_skill("benchmark-evaluation", tmp_path, {"model": str(sft_model), "task_name": "Bad Name"})
     assert not (tmp_path / "benchmark-evaluation").exists()  # refused before a run dir was made
+
+
+@pytest.mark.family_matrix("benchmark-evaluation")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_benchmark_evaluation_on_family(family, family_model, tmp_path):
+    """Every family's tiny random-init model: the harness scores the same answers the evaluation skill does."""
+    res = run_skill("benchmark-evaluation", tmp_path, {"model": str(family_model(family)), "limit": 8})
+    bench = json.loads(output(res, "report").read_text())
+    assert bench["n"] == 8 and bench["answers_that_differ"] == 0
+    assert bench["exact_match"] == bench["reference_exact_match"]
