@@ -117,6 +117,14 @@ def test_search_on_the_real_library(tmp_path):
         words = sorted(set(re.findall(r"[a-z]{5,}", skill.description.lower())), key=lambda w: (w in others, -len(w)))
         hits = search_hits(tmp_path, f"{base}/search.html?q={words[0]}")
         assert skill.name in hits, (words[0], hits)
+        # a whole request: the page ranks skills the way `skills search` does (the same exported BM25 weights)
+        from skillbook.catalog import search
+
+        for request in ("my 7B model is too big for my laptop", "run my training on 8 GPUs",
+                        "check my model did not just memorise the test set"):  # fmt: skip
+            best = search.search(request).hits[0].name
+            hits = search_hits(tmp_path, f"{base}/search.html?q={request.replace(' ', '+')}")
+            assert hits and hits[0] == best, (request, best, hits)
         screenshot(tmp_path, f"{base}/skills/{skill.folder}/index.html", "real-skill")
     finally:
         gen.close()

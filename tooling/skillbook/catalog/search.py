@@ -1,4 +1,4 @@
-"""Rank skills and pipelines for a natural-language request with BM25 (`skills search`, `skills prompt --for`).
+"""Rank skills and pipelines for a request with BM25 (`skills search`, `skills prompt --for`, the docs site).
 
 One document per skill (name, description, SKILL.md headings, the example requests in
 `metadata.requests`) and per pipeline in recipes/ (name, description), scored with `bm25s`. Words are
@@ -248,7 +248,9 @@ class Index:
 
         A BM25 score is a sum over the request's tokens of a per-(token, entry) weight, so the weights,
         the IDFs (for coverage), the name terms and the thresholds reproduce `search` once `tokens()` is
-        ported: lowercase, split compounds, drop STOPWORDS and 1-letter words, apply `stem`.
+        ported: lowercase, split compounds, drop STOPWORDS and 1-letter words, then `forms` maps each word
+        the entries contain to its stem (a word no entry contains cannot match, stemmed or not, so the
+        stemmer itself is not ported; only its coverage weight can differ, by that word's stem being known).
         """
         weights = {}
         for term in sorted(self.df):
@@ -263,7 +265,14 @@ class Index:
             "min_coverage": MIN_COVERAGE,
             "name_bonus": NAME_BONUS,
             "stopwords": sorted(STOPWORDS),
+            "forms": self.forms(),
+            "unknown_idf": round(self.idf("\0"), 4),
         }
+
+    def forms(self) -> dict[str, str]:
+        """Every word part in the indexed texts whose stem differs from it -> that stem."""
+        parts = {p for e in self.items for w in _WORD.findall(e.text.lower()) for p in re.split(r"[._:/+-]", w) if p}
+        return {p: stem(p) for p in sorted(parts) if stem(p) != p}
 
 
 def build(root: Path | None = None) -> Index:

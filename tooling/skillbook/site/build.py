@@ -63,7 +63,7 @@ def _write_site(r: Renderer) -> None:
     pages.catalog_page(r)
     pages.support_page(r)
     pages.extra_pages(r)  # last: every page before may have queued linked files
-    _write_search_index(r.out, entries)
+    _write_search_index(r.out, entries, r.root)
     _copy_static(r.assets / "static", r.out / "static")
     for broken in site_links.check(r.out, r.origins):
         if (broken.page, broken.href) not in r.reported:
@@ -74,9 +74,13 @@ def _write_site(r: Renderer) -> None:
         raise SkillbookError(f"site build failed: {len(r.errors)} problem(s):\n  {shown}{more}")
 
 
-def _write_search_index(out: Path, entries: list[dict]) -> None:
-    """search-index.json, and the same as a script (the search page loads it with a script tag, no fetch)."""
-    index = json.dumps({"entries": entries}, ensure_ascii=False, separators=(",", ":"))
+def _write_search_index(out: Path, entries: list[dict], root: Path) -> None:
+    """search-index.json, and the same as a script (the search page loads it with a script tag, no fetch):
+    the page entries, and `skills search`'s BM25 ranking (its exported weights) for whole requests."""
+    from skillbook.catalog import search
+
+    ranking = search.build(root).export()
+    index = json.dumps({"entries": entries, "ranking": ranking}, ensure_ascii=False, separators=(",", ":"))
     (out / "search-index.json").write_text(index, encoding="utf-8")
     (out / "static").mkdir(exist_ok=True)
     (out / "static" / "search-index.js").write_text(f"window.SKILLBOOK_INDEX={index};\n", encoding="utf-8")
