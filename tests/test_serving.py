@@ -41,10 +41,12 @@ CASES = [("llama-cpp", f) for f in FAMILIES] + [("transformers", f) for f in FAM
 @pytest.mark.family_matrix("serving")
 @pytest.mark.parametrize("backend,family", CASES)
 def test_openai_clients_concurrently_on_family(backend, family, family_model, family_gguf, tmp_path):
-    """The recipe starts the family's server, the official client passes the smoke test, 8 clients at once."""
+    """The recipe starts the family's server, the official client passes the smoke test, 8 clients at once
+    (32 on the llama GGUF: the gateway queues what llama.cpp serves one at a time, none fails)."""
     model = family_gguf(family) if backend == "llama-cpp" else family_model(family)
     sets = {"model": str(model), "smoke": True, "port": 0, "prompt": PROSE, "max_tokens": 4, "api_key": "k3y"}
-    res = run_skill("serving", tmp_path, {**sets, "load_clients": 8, "load_requests": 1})
+    clients = 32 if (backend, family) == ("llama-cpp", "llama") else 8
+    res = run_skill("serving", tmp_path, {**sets, "load_clients": clients, "load_requests": 1})
     report = json.loads(Path(res["outputs"]["report"]["path"]).read_text())
     assert report["backend"] == backend and report["startup_s"] > 0 and report["stop_s"] < 6
     assert report["gateway_stop_s"] < 6 and report["url"] != report["backend_url"]
@@ -57,10 +59,10 @@ def test_openai_clients_concurrently_on_family(backend, family, family_model, fa
     # llama_cpp.server counts usage by re-tokenizing the text, which can give max_tokens + 1
     assert 0 < smoke["completion"]["completion_tokens"] <= 5 and smoke["stream"]["chunks"] >= 1
     load = report["load"]
-    assert load["succeeded"] == 8 and load["failed"] == 0, load["errors"]
+    assert load["succeeded"] == clients and load["failed"] == 0, load["errors"]
     assert (Path(res["run_dir"]) / "server.log").stat().st_size > 0
     gateway_log = (Path(res["run_dir"]) / "gateway.log").read_text()
-    assert gateway_log.count("POST /v1/completions status=200") >= 9  # smoke + 8 load clients, one line each
+    assert gateway_log.count("POST /v1/completions status=200") >= clients + 1  # smoke + each load client
 
 
 # ---- live servers (llama family): API key, disconnects, continuous batching --------------------------
