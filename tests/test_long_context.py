@@ -39,8 +39,9 @@ def extended(pretrained_model, prepared, tmp_path_factory):
 
 
 def test_scaling_and_finetuning_at_4x(extended, prepared):
-    """At 4x the trained context: YaRN + the fine-tune beats the unscaled model on perplexity, and the
-    fine-tune at 4x restores the passkey retrieval the model loses past its own context."""
+    """At 4x the trained context: YaRN + the fine-tune beats the unscaled model on both numbers, perplexity
+    and passkey retrieval (which the model loses past its own context), and the fine-tune at 4x alone
+    restores the retrieval too."""
     from transformers import AutoConfig
 
     corpus = output(prepared, "corpus")
@@ -50,12 +51,14 @@ def test_scaling_and_finetuning_at_4x(extended, prepared):
     short, n = extended["summary"]["lengths"][0], extended["summary"]["lengths"][-1]
     assert n == 4 * short
     ppl_base, key_base = _measure(base, corpus, n)
-    ppl_scaled, _ = _measure(scaled, corpus, n)
+    ppl_scaled, key_scaled = _measure(scaled, corpus, n)
     _, key_short = _measure(base, corpus, short)
     _, key_tuned = _measure(unscaled_tuned, corpus, n)
+    # measured on a Zen 4 (AVX-512): perplexity 2.48 vs 3.69, passkey 1.00 vs 0.84 (Zen 3 AVX2: base 0.04)
     assert ppl_scaled < ppl_base - 0.2, (ppl_scaled, ppl_base)
+    assert key_scaled > key_base and key_scaled > 0.8, (key_scaled, key_base)
     # retrieval works at 1x and after the fine-tune at 4x; how much the unscaled model keeps at 4x depends on
-    # the CPU the tiny model was trained on (0.04 on a Zen 3 AVX2, 0.84 on a Zen 4 AVX-512), so it is not asserted
+    # the CPU the tiny model was trained on, so only "no worse" is asserted for it
     assert key_short > 0.8 and key_tuned > 0.8 and key_tuned >= key_base, (key_short, key_tuned, key_base)
 
 
