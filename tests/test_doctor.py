@@ -114,6 +114,10 @@ def test_set_tested_with_touches_one_line(text: str, expected: str) -> None:
 
 
 def test_spec_parsing() -> None:
+    assert versions.parse("lm_eval==0.4.13 Llama_CPP.python==0.3.36") == {
+        "lm-eval": "0.4.13",
+        "llama-cpp-python": "0.3.36",
+    }
     assert versions.parse("torch==2.13.0  trl==1.16.0") == {"torch": "2.13.0", "trl": "1.16.0"}
     assert versions.same("2.13.0", "2.13.0+cpu") and not versions.same("2.12.0", "2.13.0+cpu")
     with pytest.raises(SkillbookError, match="NAME==VERSION"):

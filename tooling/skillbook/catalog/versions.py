@@ -46,6 +46,11 @@ TRACKED = {
 _SPEC_RE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s=]+)$")
 
 
+def canonical(name: str) -> str:
+    """A distribution name as PEP 503 normalises it (lm_eval, LM.Eval -> lm-eval): one spelling per package."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def parse(spec: str) -> dict[str, str]:
     """'torch==2.13.0 trl==1.16.0' -> {'torch': '2.13.0', 'trl': '1.16.0'}; bad items raise."""
     out = {}
@@ -53,7 +58,7 @@ def parse(spec: str) -> dict[str, str]:
         m = _SPEC_RE.match(item)
         if not m:
             raise SkillbookError(f"tested-with item {item!r} is not NAME==VERSION (e.g. 'torch==2.13.0')")
-        out[m.group(1).lower()] = m.group(2)
+        out[canonical(m.group(1))] = m.group(2)
     return out
 
 
@@ -212,7 +217,7 @@ def set_tested_with(text: str, spec: str) -> str:
 
 def update(skill: Skill, packages: list[str] | None = None) -> str:
     """Record the installed versions of the skill's libraries in its SKILL.md; return the new spec."""
-    names = sorted(set(packages or []) | set(recorded(skill)) | set(used_packages(skill)))
+    names = sorted({canonical(n) for n in [*(packages or []), *recorded(skill), *used_packages(skill)]})
     spec = render(current_spec(names))
     if not spec:
         raise SkillbookError(
