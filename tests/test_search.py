@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from skillbook import catalog
+from skillbook.agent import estimate_tokens
 from skillbook.catalog import frontmatter
 from skillbook.catalog import search as search_mod
 from skillbook.cli import main
@@ -20,15 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 REQUESTS = yaml.safe_load((ROOT / "tests" / "data" / "skill_requests.yaml").read_text())["requests"]
 GOALS = {"top1": 0.90, "top3": 0.98, "no_skill_precision": 0.90, "no_skill_recall": 0.90}
 ROUTER_MAX_TOKENS = 150
-
-
-def conservative_tokens(text: str) -> int:
-    """Upper-bound token count without a tokenizer: the larger of chars/3 and words + punctuation marks.
-
-    BPE vocabularies (cl100k, Llama-3, Qwen) average ~4 characters per English token, so chars/3 over-counts
-    by about a third; the second term covers text made of many short words or symbols.
-    """
-    return max(math.ceil(len(text) / 3), len(re.findall(r"\w+|[^\w\s]", text)))
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +144,7 @@ def test_router_entry_is_small_and_installs_alone(tmp_path: Path) -> None:
     fm = frontmatter.parse((dest / search_mod.ROUTER / "SKILL.md").read_text())
     assert fm.problems == []
     entry = f"name: {fm.data['name']}\ndescription: {fm.data['description']}"
-    n = conservative_tokens(entry)
+    n = estimate_tokens(entry)  # the upper bound `skills prompt` budgets with
     print(f"\nrouter entry: {len(entry)} chars, <= {n} tokens (conservative bound: max(chars/3, words+marks))")
     assert n <= ROUTER_MAX_TOKENS
     body = fm.body
