@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is ours, not one per hop
     key = args.api_key or os.environ.get(KEY_ENV) or None
     model_id = args.model_id
-    if model_id is None:  # the old guard_proxy command line has no model id: ask the upstream
+    if model_id is None:  # by hand, without --model-id: ask the upstream which model it serves
         model_id = get_json(f"{args.backend.rstrip('/')}/v1/models", key, timeout=10)[1]["data"][0]["id"]
     hook = None
     if args.guard:
