@@ -9,7 +9,10 @@ training steps of transformers' LlamaForCausalLM under several settings and prin
 - compiled: fp32 + fused AdamW + torch.compile (what `compile: true` buys on this device);
 - bf16: bf16 autocast + fused AdamW, eager (skipped on CPUs without native bf16 unless --force-bf16).
 
-first_step_s includes torch.compile's compilation where the variant compiles.
+first_step_s includes torch.compile's compilation where the variant compiles (first round: a cold cache
+unless an earlier process compiled the same graph). run_s estimates the preset's whole default run
+(max_steps x total_batch_tokens) as first_step_s + tokens / tokens_per_s; `recipe_vs_fastest_run` compares
+that with the variant that would finish first, the number that matters for a short run.
 
 Every variant starts from the same weights and sees the same batches, so `max_loss_diff_vs_plain` says
 whether a setting changes the loss curve. MFU = FLOPs/token x tokens/s / the measured matmul peak.
@@ -59,9 +62,10 @@ def time_variant(cfg, module, variant: str, steps: int, warmup: int, micro: int,
         dtype, compiled, opt = "float32", False, torch.optim.AdamW(raw.parameters(), lr=cfg.lr)
     else:
         n_params = sum(p.numel() for p in raw.parameters())
-        recipe_compile, _ = precision.choose_compile("auto", device, n_params)  # the recipe's compile=auto rule
+        recipe_dtype = precision.pick_dtype("auto", device, n_params)
+        recipe_compile, _ = precision.choose_compile("auto", device, n_params, recipe_dtype)  # compile=auto's rule
         dtype = {
-            "recipe": precision.pick_dtype("auto", device, n_params),
+            "recipe": recipe_dtype,
             "bf16": "bfloat16",
             "fused": "float32",
             "compiled": "float32",
@@ -169,10 +173,18 @@ def main(argv: list[str] | None = None) -> dict:
                 r["max_loss_diff_vs_plain"] = round(max(abs(a - b) for a, b in zip(losses, plain_losses)), 5)
             out[variant] = r
             print(f"{name:>10} {variant:>8}: {r['tokens_per_s']:9.1f} tokens/s  MFU {r['mfu']:.1%}", file=sys.stderr)
+        # what a user waits for: the preset's whole default run, the first step (compilation) included
+        out["run_tokens"] = run_tokens = cfg.max_steps * cfg.total_batch_tokens
+        for variant in variants:
+            r = out[variant]
+            r["run_s"] = round(r["first_step_s"] + run_tokens / r["tokens_per_s"], 1)
         if "recipe" in rounds:
             fastest = max(variants, key=lambda v: out[v]["tokens_per_s"])
             out["fastest"] = fastest
             out["recipe_vs_fastest"] = round(out["recipe"]["tokens_per_s"] / out[fastest]["tokens_per_s"], 3)
+            fastest_run = min(variants, key=lambda v: out[v]["run_s"])
+            out["fastest_run"] = fastest_run
+            out["recipe_vs_fastest_run"] = round(out[fastest_run]["run_s"] / out["recipe"]["run_s"], 3)
         if "plain" in out:
             out["plain_tokens_per_s"] = out["plain"]["tokens_per_s"]
             for variant in args.variants.split(","):

@@ -323,4 +323,6 @@ def test_compile_auto_follows_the_measured_size_rule():
         "auto: 1.0M params < 5M, compiling costs more than it saves",
     )
     assert precision.choose_compile("auto", "cpu", 25_000_000)[0] is True
+    assert precision.choose_compile("auto", "cpu", 25_000_000, "bfloat16")[0] is False  # measured no faster
+    assert precision.choose_compile("auto", "cuda:0", 25_000_000, "bfloat16")[0] is True
     assert precision.choose_compile(False, "cuda:0", 25_000_000) == (False, "set in the config")

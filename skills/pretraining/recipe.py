@@ -244,8 +244,8 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     raw = LlamaForCausalLM(llama_config(cfg, vocab, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)).to(device)
     n_params = sum(p.numel() for p in raw.parameters())
     dtype, dtype_reason = ctx.choose_dtype(cfg.dtype, n_params)
-    # compile: on CUDA always; on CPU only from 5M params, where it amortises, and with deterministic kernels
-    use_compile, compile_reason = precision.choose_compile(cfg.compile, device, n_params)
+    # compile: on CUDA always; on CPU only in fp32 from 5M params, where it amortises, with deterministic kernels
+    use_compile, compile_reason = precision.choose_compile(cfg.compile, device, n_params, dtype)
     if use_compile and device == "cpu":
         precision.deterministic_compiled_cpu()
     if cfg.parallel == "fsdp":  # wrapping is a no-op in a single process

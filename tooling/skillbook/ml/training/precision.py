@@ -93,17 +93,19 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# torch.compile on a CPU: Inductor's fused RMSNorm/RoPE/SwiGLU kernels make steady-state steps ~5-8 %
+# torch.compile on a CPU: Inductor's fused RMSNorm/RoPE/SwiGLU kernels make fp32 steady-state steps ~5-8 %
 # faster (pretrain_throughput.py on a 2-core AVX2 EPYC: tiny 11.4K vs 10.8K tokens/s, small-25m 941 vs
 # 871), but compiling costs 20-75 s before the first step, more than a short tiny run saves. Its default
 # kernels also reduce in a thread-dependent order (three identical tiny runs ended at val loss 0.961,
 # 0.977, 0.986); under torch.use_deterministic_algorithms they repeat bit for bit, so a CPU run that
-# compiles turns that on. Compile from the same size at which bf16 starts to pay.
+# compiles turns that on. Compile from the same size at which bf16 starts to pay, and only in fp32: under
+# bf16 autocast the compiled deterministic kernels were slower than eager (small-25m on a 2-core Zen 4
+# with native bf16: 0.90x).
 CPU_COMPILE_MIN_PARAMS = 5_000_000
 
 
-def choose_compile(requested: bool | str, device: str, n_params: int) -> tuple[bool, str]:
-    """Whether to torch.compile, and why: 'auto' -> on CUDA, and on CPU from CPU_COMPILE_MIN_PARAMS params."""
+def choose_compile(requested: bool | str, device: str, n_params: int, dtype: str = "float32") -> tuple[bool, str]:
+    """Whether to torch.compile, and why: 'auto' -> on CUDA, and on CPU in fp32 from CPU_COMPILE_MIN_PARAMS."""
     if requested != "auto":
         return bool(requested), "set in the config"
     if device.startswith("cuda"):
@@ -114,6 +116,8 @@ def choose_compile(requested: bool | str, device: str, n_params: int) -> tuple[b
             f"auto: {n_params / 1e6:.1f}M params < {CPU_COMPILE_MIN_PARAMS / 1e6:.0f}M, "
             "compiling costs more than it saves",
         )
+    if dtype != "float32":
+        return False, f"auto: {dtype} autocast on CPU, where compiled kernels were no faster than eager"
     return True, "auto: CPU model large enough to amortise compilation; deterministic kernels"
 
 
