@@ -58,10 +58,21 @@ def _verify(skill) -> None:
     from skillbook.run import examples, recipe, runner
 
     if skill.has_recipe:
-        click.echo(f"{skill.name}: running the recipe's default config", err=True)
         rec = recipe.load(skill.path)
+        # a required model input (dpo, serving, ...) gets the fixture layer's tiny pretrained model
+        required = [n for n, f in rec.Config.model_fields.items() if f.is_required()]
+        missing = [n for n in required if "hf-model" not in rec.INPUTS.get(n, "")]
+        if missing:
+            raise SkillbookError(f"{skill.name}: the default config needs {', '.join(missing)}; cannot verify it alone")
+        sets = {}
+        if required:
+            model = examples.Fixtures(examples.default_cache()).ensure(
+                {"SKILLBOOK_MODEL"}, log=lambda m: click.echo(m, err=True)
+            )
+            sets = {name: model["SKILLBOOK_MODEL"] for name in required}
+        click.echo(f"{skill.name}: running the recipe's default config" + (f" on {sets}" if sets else ""), err=True)
         with tempfile.TemporaryDirectory() as tmp:
-            runner.run(rec, recipe.resolve(rec), runs_dir=Path(tmp), quiet=True)
+            runner.run(rec, recipe.resolve(rec, overrides=sets), runs_dir=Path(tmp), quiet=True)
     results = examples.run_skills([skill.name], log=lambda m: click.echo(m, err=True))
     failed = [r for r in results if not r.ok]
     if failed:
