@@ -3,7 +3,7 @@
 Prints JSON: greedy decode tokens/s per format (prefill excluded, best over prompts; medians too) and the ratio
 to transformers fp32. Usage:
 
-    python benchmarks/decode_speed.py --model runs/pretraining/<run>/model [--tokens 128 --threads 2]
+    python benchmarks/decode_speed.py --model runs/pretraining/latest/model [--tokens 128 --threads 2]
 
 The model defaults to $SKILLBOOK_MODEL. Goal on 2 cores: llama.cpp Q8_0 >= 5x transformers fp32.
 """

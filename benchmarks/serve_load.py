@@ -6,7 +6,7 @@ running server with --url; prints JSON with p50/p95 latency, requests/s, generat
 p50 ratio to a single client alone (≈ clients for a server that runs one request at a time). Usage:
 
     python benchmarks/serve_load.py --model model-Q8_0.gguf --clients 16 --requests 4
-    python benchmarks/serve_load.py --model runs/pretraining/<run>/model --clients 16 --no-batching
+    python benchmarks/serve_load.py --model runs/pretraining/latest/model --clients 16 --no-batching
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --clients 64   # e.g. a vllm serve
 """
 

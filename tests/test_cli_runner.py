@@ -51,6 +51,15 @@ def test_run_writes_the_run_directory_contract(repo, tmp_path):
     art = out["outputs"]["result"]
     assert art["kind"] == "file" and json.loads(Path(art["path"]).read_text()) == {"total": 10}
     assert json.loads((run_dir / "env.json").read_text())["python"]
+    # runs/<skill>/latest: a relative link to the finished run, moved by the next one, never a run itself
+    latest = tmp_path / "runs" / "counter" / "latest"
+    assert latest.is_symlink() and latest.resolve() == run_dir.resolve() and not Path(latest.readlink()).is_absolute()
+    again = json.loads(
+        invoke("run", "counter", "--json", "--runs-dir", str(tmp_path / "runs"), "--set", "steps=3").stdout
+    )
+    assert latest.resolve() == Path(again["run_dir"]).resolve() != run_dir.resolve()
+    listed = json.loads(invoke("runs", "--json", "--runs-dir", str(tmp_path / "runs")).stdout)
+    assert sorted(Path(r["path"]).name for r in listed) == sorted([run_dir.name, Path(again["run_dir"]).name])
 
 
 def test_resolution_order_defaults_yaml_preset_config_set(repo, tmp_path):

@@ -48,7 +48,7 @@ def test_space_is_checked_before_any_trial(prepared, tokenizer_dir, tmp_path):
 
 
 def _study(runs):
-    (db,) = runs.glob("hyperparameter-search/*/study.db")
+    (db,) = {p.resolve() for p in runs.glob("hyperparameter-search/*/study.db")}  # the run dir, or latest -> it
     return optuna.load_study(study_name="pretraining", storage=f"sqlite:///{db}")
 
 

@@ -48,6 +48,6 @@ def test_the_run_log_says_what_was_chosen(tmp_path):
 
     rec = recipe.load(ROOT / "tests" / "fixtures" / "skills" / "example-demo")
     result = runner.run(rec, recipe.resolve(rec), runs_dir=tmp_path, quiet=True)
-    log = (tmp_path / "example-demo").glob("*/log.txt")
+    log = (tmp_path / "example-demo" / "latest").glob("log.txt")  # the run just finished
     assert f"threads: {os.environ['OMP_NUM_THREADS']} (OMP_NUM_THREADS=" in next(log).read_text()
     assert result["status"] == "ok"

@@ -364,7 +364,7 @@ def list_runs(runs_dir: Path | None = None) -> list[dict]:
         if base.is_dir()
         else []
     ):
-        for run_dir in sorted(skill_dir.iterdir(), reverse=True):
+        for run_dir in sorted((p for p in skill_dir.iterdir() if not p.is_symlink()), reverse=True):  # not latest
             out.append(
                 {
                     "kind": "skill",

@@ -98,3 +98,17 @@ def new_run_dir(skill: str, cfg: recipe_mod.RecipeConfig, runs_dir: Path | None 
         run_dir = base / f"{_now()}-{chash}.{n}"
         n += 1
     return run_dir
+
+
+LATEST = "latest"
+
+
+def link_latest(run_dir: Path, skill: str) -> None:
+    """Point runs/<skill>/latest at a finished run (relative, replaced atomically), so docs and pipelines can say
+    `runs/sft/latest/model`. Only for `runs/<skill>/<run>`: sub-runs and pipeline steps get none."""
+    if run_dir.parent.name != skill or run_dir.parent.parent.name == "cache":  # pipeline steps: runs/cache/<skill>
+        return
+    link, tmp = run_dir.parent / LATEST, run_dir.parent / f".{LATEST}.{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name, target_is_directory=True)
+    os.replace(tmp, link)

@@ -25,7 +25,7 @@ from typing import Any
 from skillbook.errors import SkillbookError
 from skillbook.run import environment, threads
 from skillbook.run import recipe as recipe_mod
-from skillbook.run.rundirs import new_run_dir, run_lock
+from skillbook.run.rundirs import link_latest, new_run_dir, run_lock
 
 
 def hash_path(path: Path) -> str:
@@ -266,6 +266,7 @@ def finalize(recipe: recipe_mod.Recipe, ctx: RunContext, outputs: dict, started:
     if not (ctx.run_dir / "report.md").exists():
         ctx.report(default_report(recipe, ctx, result))
     (ctx.run_dir / "outputs.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    link_latest(ctx.run_dir, recipe.name)
     return result
 
 
