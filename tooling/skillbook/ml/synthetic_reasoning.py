@@ -34,10 +34,13 @@ KINDS = ("arithmetic", "facts")
 _OPS = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b}
 
 # Attribute -> (question with the subject in {who}, the step sentence in the corpus's phrasing).
+# The last step opens with the attribute the question asks for, in a phrasing the corpus has (STATEMENTS):
+# a step that opens with the person's name lets a small model continue with any sentence it memorised about
+# them ("Ivo is a builder" for a food question); "The favourite food of Ivo is" leaves one continuation.
 _FACT_QUESTIONS = {
-    "town": ("Where does {who} live?", "{p} lives in {v}."),
-    "job": ("What is the job of {who}?", "{p} is {a} {v}."),
-    "food": ("What food does {who} like best?", "{p} likes {v} best."),
+    "town": ("Where does {who} live?", "The home of {p} is in {v}."),
+    "job": ("What is the job of {who}?", "The job of {p} is {v}."),
+    "food": ("What food does {who} like best?", "The favourite food of {p} is {v}."),
 }
 
 
