@@ -109,6 +109,30 @@ def reward_model_run(prepared, sft_model, session_runs) -> dict:
     return run_skill("reward-modeling", session_runs, sets)
 
 
+@pytest.fixture(scope="session")
+def guardrails_smoke_run(prepared, sft_model, session_runs) -> dict:
+    """A few-step guardrails run on the sft model: the `runs/guardrails/latest/...` of the docs' smoke-run
+    `slow` blocks (serve the model behind the guard). Its numbers mean nothing; test_guardrails has its own."""
+    sets = {"model": str(sft_model), "data": str(output(prepared, "sft_data")), "guard_steps": 4, "steps": 4}
+    return run_skill("guardrails", session_runs, {**sets, "eval_limit": 8})
+
+
+@pytest.fixture(scope="session")
+def tool_use_smoke_run(pretrained_model, session_runs) -> dict:
+    """A few-step tool-use run on the pretrained model: the `runs/tool-use/latest/model` of the docs' smoke-run
+    `slow` blocks. Its numbers mean nothing; test_tool_use trains its own."""
+    sets = {"model": str(pretrained_model), "steps": 4, "arithmetic": 16, "lookups": 8, "eval_requests": 4}
+    return run_skill("tool-use", session_runs, sets)
+
+
+@pytest.fixture(scope="session")
+def quantized_run(prepared, sft_model, session_runs) -> dict:
+    """F32 + Q8_0 GGUFs of the sft model, small checks: the `runs/quantization/latest/gguf/model-Q8_0.gguf` of the
+    docs' smoke-run `slow` blocks (the file stem is the model dir's name, `model`)."""
+    sets = {"model": str(sft_model), "corpus": str(output(prepared, "corpus")), "types": ["F32", "Q8_0"]}
+    return run_skill("quantization", session_runs, {**sets, "eval_docs": 4, "decode_tokens": 8, "torch_int8": False})
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return catalog.repo_root(ROOT)

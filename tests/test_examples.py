@@ -47,6 +47,16 @@ def fixture_env(request: pytest.FixtureRequest, wanted: set[str]) -> dict[str, s
     return env
 
 
+def fixture_runs(request: pytest.FixtureRequest, skills: set[str]) -> dict[str, str]:
+    """The `runs/<skill>/...` placeholders of `slow` blocks: skill -> the session fixture's run dir."""
+    runs = {}
+    for skill in sorted(skills):
+        assert skill in examples.RUN_FIXTURES, f"no fixture run for runs/{skill}/... (examples.RUN_FIXTURES)"
+        value = request.getfixturevalue(examples.RUN_FIXTURES[skill])
+        runs[skill] = str(value.parent if isinstance(value, Path) else value["run_dir"])
+    return runs
+
+
 # ---------------------------------------------------------------------------------------------
 # Every skill in skills/: what CI runs
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +71,8 @@ def test_skill_examples_run(name: str, request: pytest.FixtureRequest) -> None:
     assert executed, f"skill '{name}' has no executed ```python/```bash block (lint SB206)"
     assert examples.syntax_errors(blocks, ROOT) == []
     env = examples.base_env(fixture_env(request, examples.needs(blocks)), SKILLS_ROOT)
-    failures = [r for r in (examples.run_example(ex, env) for ex in executed) if not r.ok]
+    runs = fixture_runs(request, codeblocks.run_needs(blocks))
+    failures = [r for r in (examples.run_example(ex, env, runs=runs) for ex in executed) if not r.ok]
     if failures:
         pytest.fail("\n\n".join(r.message(ROOT) for r in failures), pytrace=False)
 
@@ -73,7 +84,12 @@ def test_skill_examples_run(name: str, request: pytest.FixtureRequest) -> None:
 
 def test_good_fixture_runs_every_executed_block_in_a_fresh_dir() -> None:
     skill = fixture_skill("example-demo")
-    assert codeblocks.counts(skill) == {"executed": 3, "marked": 2, "markers": {"fragment": 1, "gpu": 1}}
+    assert codeblocks.counts(skill) == {
+        "executed": 3,
+        "marked": 2,
+        "markers": {"fragment": 1, "gpu": 1},
+        "smoke": 0,
+    }
     results = examples.run_skill(skill, root=FIXTURES)
     assert [r.ok for r in results] == [True, True, True], "\n".join(r.message(FIXTURES) for r in results)
     # the quick-start block ran the fixture recipe through `skills run` (sum 1..3) ...
@@ -109,6 +125,45 @@ def test_cli_examples_fails_with_location() -> None:
     assert res.exit_code == 1
     assert "broken-example/SKILL.md:" in res.output and "AttributeError" in res.output
     assert "1 passed, 2 failed" in res.output
+
+
+def test_slow_block_runs_as_a_smoke_run_against_the_fixture_runs(tmp_path: Path) -> None:
+    fixture_run = tmp_path / "20260101-000000-abcd1234"
+    (fixture_run / "model").mkdir(parents=True)
+    (fixture_run / "model" / "marker").write_text("the fixture sft model\n")
+    code = "cat runs/sft/latest/model/marker\necho steps=$SKILLBOOK_SMOKE_STEPS\n"
+    ex = examples.Example(
+        "smoke-skill", FIXTURES / "skills" / "example-demo" / "SKILL.md", markdown.CodeBlock("bash", ("slow",), code, 3)
+    )
+    assert ex.executed and ex.smoke and ex.run_skills() == {"sft"}
+    res = examples.run_example(ex, examples.base_env(root=FIXTURES), runs={"sft": str(fixture_run), "dpo": "/nowhere"})
+    assert res.ok, res.message(FIXTURES)
+    assert res.stdout.split("\n")[:2] == ["the fixture sft model", f"steps={examples.SMOKE_STEPS}"]
+
+
+def test_smoke_code_cuts_benchmark_lines_only() -> None:
+    code = "python benchmarks/pretrain_throughput.py --steps 8 --rounds 3 --configs tiny,small-25m\necho --steps 8\n"
+    assert examples.smoke_code(code, 4) == (
+        "python benchmarks/pretrain_throughput.py --steps 4 --rounds 1 --configs tiny\necho --steps 8\n"
+    )
+    assert examples.smoke_code("python benchmarks/decode_speed.py --tokens 128 --threads 2", 4).endswith(
+        "--tokens 8 --threads 2"
+    )
+
+
+def test_smoke_cap_caps_steps_intervals_and_eval_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from skillbook.run import recipe, runner
+
+    rec = recipe.load(ROOT / "skills" / "serving")
+    cfg = recipe.resolve(rec, overrides={"model": "m"})
+    assert runner.smoke_cap(cfg) == (cfg, {})  # unset: the config as it was
+    monkeypatch.setenv(runner.SMOKE_ENV, "4")
+    capped, caps = runner.smoke_cap(cfg)
+    assert capped.smoke is True and caps["smoke"] == [False, True]
+    rec = recipe.load(ROOT / "skills" / "pretraining")
+    capped, caps = runner.smoke_cap(recipe.resolve(rec))
+    assert capped.max_steps == 4 and caps["max_steps"][1] == 4
+    assert all(new <= 8 for name, (_, new) in caps.items() if not isinstance(new, bool)), caps
 
 
 def test_timeout_kills_the_block_and_says_so() -> None:

@@ -1,7 +1,9 @@
 """Code blocks in a skill's documents: which ones CI executes, which are marked, which fixtures they use.
 
-A block runs in CI when it is Python or shell and carries none of the markers (```python fragment,
-```bash slow, …). Lint counts them, `skills doctor` reports them, and `run.examples` executes them.
+A block runs in CI when it is Python or shell and carries none of the not-run markers (```python fragment,
+```bash gpu, ```bash hub, ```bash no-run). A ```bash slow block runs too, as a smoke run: the placeholders
+`runs/<skill>/latest/<output>` resolve to the fixture runs and the runner caps its steps (run.examples).
+Lint counts them, `skills doctor` reports them, and `run.examples` executes them.
 """
 
 from __future__ import annotations
@@ -14,11 +16,15 @@ from skillbook.catalog import markdown
 from skillbook.catalog.skills import Skill, read_text, repo_root
 
 EXECUTED_LANGS = {"python", "py", "bash", "sh", "shell"}
-MARKERS = {"fragment", "gpu", "hub", "slow", "no-run"}
+MARKERS = {"fragment", "gpu", "hub", "no-run"}  # not run: the block must still parse
+SMOKE = "slow"  # run, but as a smoke run (capped steps, placeholders -> fixture runs)
+ALL_MARKERS = MARKERS | {SMOKE}
+# `runs/<skill>/latest/<output>` or `runs/<skill>/<run>/<output>`: what users copy after their own run.
+RUNS_RE = re.compile(r"(?<![\w./$-])runs/([a-z0-9][a-z0-9-]*)/[^/\s'\"]+/")
 
 
 def is_executed(block: markdown.CodeBlock) -> bool:
-    """A block CI runs: Python, or a shell block, not marked fragment/gpu/hub/slow/no-run."""
+    """A block CI runs: Python, or a shell block, not marked fragment/gpu/hub/no-run (`slow` runs, capped)."""
     return block.lang in EXECUTED_LANGS and not (set(block.flags) & MARKERS)
 
 
@@ -59,9 +65,18 @@ class Example:
     def where(self, root: Path | None = None) -> str:
         return f"{display_path(self.path, root)}:{self.line}"
 
+    @property
+    def smoke(self) -> bool:
+        """A ```bash slow block: run under the smoke cap, against the fixture runs."""
+        return self.executed and SMOKE in self.block.flags
+
     def needs(self) -> set[str]:
         """The fixture variables this block mentions."""
         return set(_VAR_RE.findall(self.block.code)) & set(FIXTURE_VARS)
+
+    def run_skills(self) -> set[str]:
+        """Skills whose runs a smoke block reads through a `runs/<skill>/...` placeholder."""
+        return set(RUNS_RE.findall(self.block.code)) if self.smoke else set()
 
 
 def display_path(path: Path, root: Path | None = None) -> str:
@@ -99,16 +114,23 @@ def collect(skill: Skill) -> list[Example]:
 
 
 def counts(skill: Skill) -> dict:
-    """Executed vs marked blocks, and the markers used (for `skills doctor`)."""
+    """Executed (smoke runs of `slow` blocks included, also counted as `smoke`) vs not-run blocks, and the
+    not-run markers used (for `skills doctor`)."""
     examples = collect(skill)
     markers: dict[str, int] = {}
     for ex in examples:
         for flag in set(ex.block.flags) & MARKERS:
             markers[flag] = markers.get(flag, 0) + 1
     executed = sum(ex.executed for ex in examples)
-    return {"executed": executed, "marked": len(examples) - executed, "markers": markers}
+    smoke = sum(ex.smoke for ex in examples)
+    return {"executed": executed, "marked": len(examples) - executed, "markers": markers, "smoke": smoke}
 
 
 def needs(examples: list[Example]) -> set[str]:
     """Fixture variables any executed example mentions."""
     return set().union(*(ex.needs() for ex in examples if ex.executed)) if examples else set()
+
+
+def run_needs(examples: list[Example]) -> set[str]:
+    """Skills whose fixture runs any smoke block reads through a `runs/<skill>/...` placeholder."""
+    return set().union(*(ex.run_skills() for ex in examples)) if examples else set()

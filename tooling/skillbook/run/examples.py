@@ -4,6 +4,12 @@ Each executed block (```python or ```bash without a fragment/gpu/hub/slow/no-run
 runs in a fresh subprocess, in a fresh temporary directory, with a timeout, and with the
 fixture variables (SKILLBOOK_MODEL, SKILLBOOK_CORPUS, …) pointing at artifacts the real
 recipes made with their tiny defaults. A failure names the skill, the file and the line.
+
+A ```bash slow block runs as a smoke run: its working directory gets a `runs/` tree of symlinks
+(`runs/<skill>/latest` and `runs/<skill>/<run>` -> the fixture run of that skill) so the placeholders
+users copy resolve, `benchmarks/` points at the repository's, SKILLBOOK_SMOKE_STEPS caps every run it
+starts (skillbook.run.runner.smoke_cap, recorded in the run's summary and env.json), and the numeric
+flags of `python benchmarks/...` lines are capped the same way.
 """
 
 from __future__ import annotations
@@ -22,11 +28,27 @@ from pathlib import Path
 
 from skillbook import catalog
 from skillbook.catalog import Skill
-from skillbook.catalog.codeblocks import FIXTURE_VARS, Example, collect, display_path, needs
+from skillbook.catalog.codeblocks import FIXTURE_VARS, Example, collect, display_path, needs, run_needs
 
 DEFAULT_TIMEOUT = 120.0
+SMOKE_TIMEOUT = 300.0  # a smoke run of a `slow` block: a few capped recipe runs
+SMOKE_STEPS = 4  # SKILLBOOK_SMOKE_STEPS for `slow` blocks unless the environment sets another
+SMOKE_ENV = "SKILLBOOK_SMOKE_STEPS"  # = skillbook.run.runner.SMOKE_ENV (not imported: it pulls in the runner)
+BENCH_FLAGS = ("--steps", "--rounds", "--tokens", "--clients", "--requests", "--prompts", "--warmup")
+_BENCH_LINE = re.compile(r"^\s*python3? benchmarks/\S+\.py\b.*$", re.M)
 FIXTURE_SKILLS = ("data-preparation", "tokenization", "pretraining")  # the recipes that make them, in order
 TAIL_LINES = 25
+# `runs/<skill>/...` placeholders of `slow` blocks -> the conftest session fixture whose run they resolve to.
+RUN_FIXTURES = {
+    "data-preparation": "prepared",
+    "tokenization": "tokenizer_dir",
+    "pretraining": "pretrained",
+    "sft": "sft_run",
+    "reward-modeling": "reward_model_run",
+    "quantization": "quantized_run",
+    "guardrails": "guardrails_smoke_run",
+    "tool-use": "tool_use_smoke_run",
+}
 
 
 @dataclass
@@ -114,16 +136,46 @@ def base_env(fixtures: dict[str, str] | None = None, root: Path | None = None) -
     return env
 
 
-def _script(example: Example, scripts: Path) -> tuple[list[str], Path]:
+def smoke_code(code: str, steps: int) -> str:
+    """A `slow` block's text with its `python benchmarks/...` lines cut to a smoke run: numeric flags capped
+    at `steps` (`--tokens`, `--clients`: 2 x steps; `--rounds`: 1) and a `--configs` list cut to its first
+    entry (the smallest, by convention); line numbers stay as they are."""
+
+    def cap_line(m: re.Match) -> str:
+        def cap(f: re.Match) -> str:
+            limit = {"--tokens": 2 * steps, "--clients": 2 * steps, "--rounds": 1}.get(f.group(1), steps)
+            return f"{f.group(1)}{f.group(2)}{min(int(f.group(3)), limit)}"
+
+        flags = "|".join(re.escape(f) for f in BENCH_FLAGS)
+        line = re.sub(rf"({flags})([ =])(\d+)\b", cap, m.group(0))
+        return re.sub(r"(--configs[ =])([\w.-]+),[\w.,-]+", r"\1\2", line)
+
+    return _BENCH_LINE.sub(cap_line, code)
+
+
+def link_runs(work: Path, runs: dict[str, str], root: Path) -> None:
+    """The placeholders of a `slow` block: runs/<skill>/latest and runs/<skill>/<run> -> each fixture run,
+    and benchmarks/ -> the repository's (the block's own runs land next to them, in the same runs/)."""
+    for skill, run_dir in runs.items():
+        target = Path(run_dir).resolve()
+        (work / "runs" / skill).mkdir(parents=True, exist_ok=True)
+        for name in ("latest", target.name):
+            (work / "runs" / skill / name).symlink_to(target, target_is_directory=True)
+    if (root / "benchmarks").is_dir():
+        (work / "benchmarks").symlink_to(root / "benchmarks", target_is_directory=True)
+
+
+def _script(example: Example, scripts: Path, code: str | None = None) -> tuple[list[str], Path]:
     """Write the block to a file and return the command that runs it."""
+    code = example.block.code if code is None else code
     if example.kind == "python":
         path = scripts / "block.py"
-        path.write_text(example.block.code)
+        path.write_text(code)
         return [sys.executable, str(path)], path
     path = scripts / "block.sh"
     # The ERR trap reports the failing line (minus this one) since `set -e` exits silently.
     trap = "trap 'echo \"skillbook-example: block line $((LINENO-1)) exited with $?\" >&2' ERR\n"
-    path.write_text(trap + example.block.code)
+    path.write_text(trap + code)
     return ["bash", "-euo", "pipefail", str(path)], path
 
 
@@ -138,16 +190,35 @@ def _error_line(example: Example, stderr: str, script: Path) -> int | None:
     return example.line + int(hits[-1]) if hits else None
 
 
-def run_example(example: Example, env: dict[str, str] | None = None, timeout: float | None = None) -> Result:
-    """Run one block in a fresh subprocess and a fresh temp dir; kill its process group on timeout."""
-    timeout = timeout or float(os.environ.get("SKILLBOOK_EXAMPLE_TIMEOUT", DEFAULT_TIMEOUT))
+def run_example(
+    example: Example,
+    env: dict[str, str] | None = None,
+    timeout: float | None = None,
+    runs: dict[str, str] | None = None,
+) -> Result:
+    """Run one block in a fresh subprocess and a fresh temp dir; kill its process group on timeout.
+
+    A `slow` block runs as a smoke run: `runs` (skill -> fixture run dir) become its runs/ placeholders and
+    SKILLBOOK_SMOKE_STEPS caps what it starts."""
+    default = SMOKE_TIMEOUT if example.smoke else DEFAULT_TIMEOUT
+    timeout = timeout or float(os.environ.get("SKILLBOOK_EXAMPLE_TIMEOUT", default))
     env = dict(env if env is not None else base_env())
+    text = example.block.code
+    if example.smoke:
+        env[SMOKE_ENV] = env.get(SMOKE_ENV) or str(SMOKE_STEPS)
+        text = smoke_code(text, int(env[SMOKE_ENV]))
     with tempfile.TemporaryDirectory(prefix=f"skillbook-{example.skill}-") as tmp:
         work, scripts = Path(tmp) / "work", Path(tmp) / "script"
         work.mkdir()
         scripts.mkdir()
         env["SKILLBOOK_RUNS"] = str(work / "runs")
-        argv, script = _script(example, scripts)
+        if example.smoke:
+            link_runs(
+                work,
+                {s: d for s, d in (runs or {}).items() if s in example.run_skills()},
+                Path(env.get("SKILLBOOK_ROOT") or catalog.repo_root()),
+            )
+        argv, script = _script(example, scripts, text)
         started = time.perf_counter()
         proc = subprocess.Popen(
             argv,
@@ -192,11 +263,15 @@ def _translate(example: Example, stderr: str, script: Path) -> str:
 
 
 def run_skill(
-    skill: Skill, fixtures: dict[str, str] | None = None, timeout: float | None = None, root: Path | None = None
+    skill: Skill,
+    fixtures: dict[str, str] | None = None,
+    timeout: float | None = None,
+    root: Path | None = None,
+    runs: dict[str, str] | None = None,
 ) -> list[Result]:
-    """Run every executed block of one skill, in file order."""
+    """Run every executed block of one skill, in file order (`runs`: skill -> fixture run dir for `slow` ones)."""
     env = base_env(fixtures, root)
-    return [run_example(ex, env, timeout) for ex in collect(skill) if ex.executed]
+    return [run_example(ex, env, timeout, runs) for ex in collect(skill) if ex.executed]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +344,58 @@ class Fixtures:
             self._save()
         return {k: v for k, v in self.env.items() if k in FIXTURE_VARS}
 
+    def ensure_runs(self, skills: set[str], log=print) -> dict[str, str]:
+        """Fixture runs (skill -> run dir) for the `runs/<skill>/...` placeholders of `slow` blocks: the
+        chain's own runs, and smoke-capped runs of sft, reward-modeling, quantization, guardrails, tool-use."""
+        from skillbook.run import recipe, runner
+
+        unknown = sorted(skills - set(RUN_FIXTURES))
+        if unknown:
+            raise ValueError(f"no fixture run for runs/{unknown[0]}/...: add it to RUN_FIXTURES and tests/conftest.py")
+        env = self.ensure({"SKILLBOOK_MODEL"} if skills else set(), log=log)
+        runs = self.cache / "runs"
+        made = {s: self.env[f"run:{s}"] for s in skills if f"run:{s}" in self.env}  # _load dropped gone ones
+
+        def step(skill: str, sets: dict) -> str:
+            if skill not in made:
+                log(f"fixture layer: running {skill} (smoke-capped) into {runs}")
+                rec = recipe.load(catalog.repo_root() / "skills" / skill)
+                saved = os.environ.get(SMOKE_ENV)
+                os.environ[SMOKE_ENV] = saved or str(SMOKE_STEPS)
+                try:
+                    res = runner.run(rec, recipe.resolve(rec, overrides=sets), runs_dir=runs, quiet=True)
+                finally:
+                    if saved is None:
+                        del os.environ[SMOKE_ENV]
+                made[skill] = self.env[f"run:{skill}"] = res["run_dir"]
+                self._save()
+            return made[skill]
+
+        def model_of(skill: str) -> str:
+            return str(Path(step(skill, sets_for(skill))) / "model")
+
+        def sets_for(skill: str) -> dict:
+            data = {"data": env["SKILLBOOK_SFT_DATA"]}
+            if skill == "sft":
+                return {"model": env["SKILLBOOK_MODEL"], **data, "eval_data": env["SKILLBOOK_EVAL_DATA"]}
+            if skill == "reward-modeling":
+                return {"model": model_of("sft"), "data": env["SKILLBOOK_PREFERENCE_DATA"]}
+            if skill == "quantization":
+                return {"model": model_of("sft"), "corpus": env["SKILLBOOK_CORPUS"], "types": ["F32", "Q8_0"]}
+            if skill == "guardrails":
+                return {"model": model_of("sft"), **data}
+            return {"model": env["SKILLBOOK_MODEL"]}  # tool-use
+
+        chain = {"data-preparation": "SKILLBOOK_CORPUS", "tokenization": "SKILLBOOK_TOKENIZER"}
+        chain["pretraining"] = "SKILLBOOK_MODEL"
+        out = {}
+        for skill in sorted(skills):
+            if skill in chain:  # the fixture chain's own run: the parent of its output
+                out[skill] = str(Path(env[chain[skill]]).parent)
+            else:
+                out[skill] = step(skill, sets_for(skill))
+        return out
+
 
 def default_cache(root: Path | None = None) -> Path:
     return (root or catalog.repo_root()) / ".skillbook-cache" / "examples"
@@ -279,8 +406,11 @@ def run_skills(names: list[str], timeout: float | None = None, root: Path | None
     root = root or catalog.repo_root()
     skills = [catalog.find(n, root) for n in names] if names else catalog.load_all(root)
     wanted = set().union(*(needs(collect(s)) for s in skills)) if skills else set()
-    fixtures = Fixtures(default_cache(root)).ensure(wanted, log=log) if wanted else {}
+    wanted_runs = set().union(*(run_needs(collect(s)) for s in skills)) if skills else set()
+    cache = Fixtures(default_cache(root))
+    fixtures = cache.ensure(wanted, log=log) if wanted else {}
+    runs = cache.ensure_runs(wanted_runs, log=log) if wanted_runs else {}
     results = []
     for skill in skills:
-        results += run_skill(skill, fixtures, timeout, root)
+        results += run_skill(skill, fixtures, timeout, root, runs)
     return results

@@ -27,6 +27,39 @@ from skillbook.run import environment, threads
 from skillbook.run import recipe as recipe_mod
 from skillbook.run.rundirs import link_latest, new_run_dir, run_lock
 
+SMOKE_ENV = "SKILLBOOK_SMOKE_STEPS"  # set by the example runner for ```bash slow blocks (CONTRIBUTING)
+SMOKE_RECORD = "smoke.json"
+_EVAL_SIZES = ("eval_windows", "eval_docs", "eval_requests", "eval_limit", "limit", "max_questions", "kl_prompts")
+
+
+def smoke_cap(cfg: recipe_mod.RecipeConfig) -> tuple[recipe_mod.RecipeConfig, dict]:
+    """With SKILLBOOK_SMOKE_STEPS=N set, cap every `*steps`/`*_interval` field at N (warmup at N // 2) and the
+    eval sizes at 2N, and turn a `smoke` switch on: example runs of full-size commands then take seconds.
+    Returns the capped config and {field: [was, now]} (empty when the variable is unset or nothing changed)."""
+    raw = os.environ.get(SMOKE_ENV, "").strip()
+    if not raw:
+        return cfg, {}
+    n = max(1, int(raw))
+    data, caps = cfg.model_dump(), {}
+    for name, value in data.items():
+        new: int | bool
+        if isinstance(value, bool):
+            new = True if name == "smoke" else value
+        elif not isinstance(value, int):
+            continue
+        elif name.startswith("warmup") and name.endswith("steps"):
+            new = min(value, n // 2)
+        elif name.endswith("steps") or name.endswith("_interval"):
+            new = min(value, n)
+        elif name in _EVAL_SIZES:
+            new = min(value, 2 * n)
+        else:
+            continue
+        if new != value:
+            caps[name] = [value, new]
+            data[name] = new
+    return (type(cfg).model_validate(data), caps) if caps else (cfg, {})
+
 
 def hash_path(path: Path) -> str:
     """sha256 of a file, or of a directory's (relative path, content) pairs in sorted order."""
@@ -159,13 +192,13 @@ class RunContext:
         if self.skills_dir is None:
             raise SkillbookError(f"ctx.run_skill({name!r}): this context was made without skills_dir")
         rec = recipe_mod.load(self.skills_dir / name)
-        cfg = recipe_mod.resolve(rec, overrides=overrides)
+        cfg, caps = smoke_cap(recipe_mod.resolve(rec, overrides=overrides))
         sub = self.run_dir / name
         done = (sub / "outputs.json").is_file() and (sub / "config.yaml").read_text() == recipe_mod.dump(cfg)
         if self.is_main and not done:
             recipe_mod.check_inputs(rec, cfg)
             shutil.rmtree(sub, ignore_errors=True)  # an unfinished or differently configured earlier try
-            child = RunContext(name, prepare(rec, cfg, run_dir=sub), skills_dir=self.skills_dir, quiet=True)
+            child = RunContext(name, prepare(rec, cfg, run_dir=sub, smoke=caps), skills_dir=self.skills_dir, quiet=True)
             run_in(rec, cfg, child)
             self.info(f"ran skill '{name}' into {sub}")
         if self.distributed:
@@ -253,7 +286,7 @@ def finalize(recipe: recipe_mod.Recipe, ctx: RunContext, outputs: dict, started:
         if not path.exists():
             raise SkillbookError(f"recipe '{recipe.name}': output '{name}' points at {path}, which does not exist")
         arts[name] = {"path": str(path.resolve()), "kind": recipe.OUTPUTS.get(name, "file"), "sha256": hash_path(path)}
-    result = {
+    result: dict[str, Any] = {
         "skill": recipe.name,
         "run_dir": str(ctx.run_dir.resolve()),
         "status": "ok",
@@ -262,6 +295,8 @@ def finalize(recipe: recipe_mod.Recipe, ctx: RunContext, outputs: dict, started:
         "summary": ctx.summary,
     }
     env = environment.env_info(recipe.skill_dir.parent.parent, ctx.device, ctx.dtype)
+    if (ctx.run_dir / SMOKE_RECORD).is_file():  # a capped example run: say so wherever its numbers are read
+        env["smoke"] = result["summary"]["smoke"] = json.loads((ctx.run_dir / SMOKE_RECORD).read_text())
     (ctx.run_dir / "env.json").write_text(json.dumps(env, indent=2) + "\n")
     if not (ctx.run_dir / "report.md").exists():
         ctx.report(default_report(recipe, ctx, result))
@@ -320,12 +355,18 @@ def run_in(recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, ctx: RunCont
 
 
 def prepare(
-    recipe: recipe_mod.Recipe, cfg: recipe_mod.RecipeConfig, runs_dir: Path | None = None, run_dir: Path | None = None
+    recipe: recipe_mod.Recipe,
+    cfg: recipe_mod.RecipeConfig,
+    runs_dir: Path | None = None,
+    run_dir: Path | None = None,
+    smoke: dict | None = None,
 ) -> Path:
-    """Create the run directory and write the resolved config (only after validation)."""
+    """Create the run directory and write the resolved config (only after validation), and smoke.json if capped."""
     run_dir = run_dir or new_run_dir(recipe.name, cfg, runs_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(recipe_mod.dump(cfg))
+    if smoke:
+        (run_dir / SMOKE_RECORD).write_text(json.dumps({"env": SMOKE_ENV, "capped": smoke}, indent=2) + "\n")
     return run_dir
 
 
@@ -370,10 +411,11 @@ def run(
 ) -> dict:
     """Run a validated config end to end and return the result dict (also in outputs.json)."""
     launcher = launcher or Launcher()
+    cfg, caps = smoke_cap(cfg)
     recipe_mod.check_inputs(recipe, cfg)  # before anything is written
     run_dir = run_dir or new_run_dir(recipe.name, cfg, runs_dir)
     with run_lock(run_dir):
-        run_dir = prepare(recipe, cfg, runs_dir, run_dir)
+        run_dir = prepare(recipe, cfg, runs_dir, run_dir, smoke=caps)
         if launcher.kind == "local":
             return execute(recipe, cfg, run_dir, quiet=quiet)
         return launch(recipe, launcher, run_dir)
