@@ -53,7 +53,7 @@ def test_doctor_json_lists_versions_and_block_counts() -> None:
     res = doctor(FIXTURES, "stale-example", "--json")
     [row] = json.loads(res.output)
     assert row["state"] == "stale" and row["stale"]["click"] == {"tested": "0.1.0", "installed": version("click")}
-    assert row["blocks"] == {"executed": 1, "marked": 0, "markers": {}}
+    assert row["blocks"] == {"executed": 1, "marked": 0, "markers": {}, "smoke": 0}
 
 
 def test_update_runs_examples_then_rewrites_only_that_line(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from skillbook import catalog
 from skillbook.catalog import codeblocks, markdown
 from skillbook.cli import main
-from skillbook.run import examples
+from skillbook.run import examples, smoke
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -138,30 +138,30 @@ def test_slow_block_runs_as_a_smoke_run_against_the_fixture_runs(tmp_path: Path)
     assert ex.executed and ex.smoke and ex.run_skills() == {"sft"}
     res = examples.run_example(ex, examples.base_env(root=FIXTURES), runs={"sft": str(fixture_run), "dpo": "/nowhere"})
     assert res.ok, res.message(FIXTURES)
-    assert res.stdout.split("\n")[:2] == ["the fixture sft model", f"steps={examples.SMOKE_STEPS}"]
+    assert res.stdout.split("\n")[:2] == ["the fixture sft model", f"steps={smoke.SMOKE_STEPS}"]
 
 
 def test_smoke_code_cuts_benchmark_lines_only() -> None:
     code = "python benchmarks/pretrain_throughput.py --steps 8 --rounds 3 --configs tiny,small-25m\necho --steps 8\n"
-    assert examples.smoke_code(code, 4) == (
+    assert smoke.smoke_code(code, 4) == (
         "python benchmarks/pretrain_throughput.py --steps 4 --rounds 1 --configs tiny\necho --steps 8\n"
     )
-    assert examples.smoke_code("python benchmarks/decode_speed.py --tokens 128 --threads 2", 4).endswith(
+    assert smoke.smoke_code("python benchmarks/decode_speed.py --tokens 128 --threads 2", 4).endswith(
         "--tokens 8 --threads 2"
     )
 
 
 def test_smoke_cap_caps_steps_intervals_and_eval_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
-    from skillbook.run import recipe, runner
+    from skillbook.run import recipe
 
     rec = recipe.load(ROOT / "skills" / "serving")
     cfg = recipe.resolve(rec, overrides={"model": "m"})
-    assert runner.smoke_cap(cfg) == (cfg, {})  # unset: the config as it was
-    monkeypatch.setenv(runner.SMOKE_ENV, "4")
-    capped, caps = runner.smoke_cap(cfg)
+    assert smoke.smoke_cap(cfg) == (cfg, {})  # unset: the config as it was
+    monkeypatch.setenv(smoke.SMOKE_ENV, "4")
+    capped, caps = smoke.smoke_cap(cfg)
     assert capped.smoke is True and caps["smoke"] == [False, True]
     rec = recipe.load(ROOT / "skills" / "pretraining")
-    capped, caps = runner.smoke_cap(recipe.resolve(rec))
+    capped, caps = smoke.smoke_cap(recipe.resolve(rec))
     assert capped.max_steps == 4 and caps["max_steps"][1] == 4
     assert all(new <= 8 for name, (_, new) in caps.items() if not isinstance(new, bool)), caps
 

@@ -8,7 +8,7 @@ recipes made with their tiny defaults. A failure names the skill, the file and t
 A ```bash slow block runs as a smoke run: its working directory gets a `runs/` tree of symlinks
 (`runs/<skill>/latest` and `runs/<skill>/<run>` -> the fixture run of that skill) so the placeholders
 users copy resolve, `benchmarks/` points at the repository's, SKILLBOOK_SMOKE_STEPS caps every run it
-starts (skillbook.run.runner.smoke_cap, recorded in the run's summary and env.json), and the numeric
+starts (skillbook.run.smoke.smoke_cap, recorded in the run's summary and env.json), and the numeric
 flags of `python benchmarks/...` lines are capped the same way.
 """
 
@@ -29,13 +29,9 @@ from pathlib import Path
 from skillbook import catalog
 from skillbook.catalog import Skill
 from skillbook.catalog.codeblocks import FIXTURE_VARS, Example, collect, display_path, needs, run_needs
+from skillbook.run.smoke import SMOKE_ENV, SMOKE_STEPS, SMOKE_TIMEOUT, link_runs, smoke_code
 
 DEFAULT_TIMEOUT = 120.0
-SMOKE_TIMEOUT = 300.0  # a smoke run of a `slow` block: a few capped recipe runs
-SMOKE_STEPS = 4  # SKILLBOOK_SMOKE_STEPS for `slow` blocks unless the environment sets another
-SMOKE_ENV = "SKILLBOOK_SMOKE_STEPS"  # = skillbook.run.runner.SMOKE_ENV (not imported: it pulls in the runner)
-BENCH_FLAGS = ("--steps", "--rounds", "--tokens", "--clients", "--requests", "--prompts", "--warmup")
-_BENCH_LINE = re.compile(r"^\s*python3? benchmarks/\S+\.py\b.*$", re.M)
 FIXTURE_SKILLS = ("data-preparation", "tokenization", "pretraining")  # the recipes that make them, in order
 TAIL_LINES = 25
 # `runs/<skill>/...` placeholders of `slow` blocks -> the conftest session fixture whose run they resolve to.
@@ -134,35 +130,6 @@ def base_env(fixtures: dict[str, str] | None = None, root: Path | None = None) -
     )
     env.update(fixtures or {})
     return env
-
-
-def smoke_code(code: str, steps: int) -> str:
-    """A `slow` block's text with its `python benchmarks/...` lines cut to a smoke run: numeric flags capped
-    at `steps` (`--tokens`, `--clients`: 2 x steps; `--rounds`: 1) and a `--configs` list cut to its first
-    entry (the smallest, by convention); line numbers stay as they are."""
-
-    def cap_line(m: re.Match) -> str:
-        def cap(f: re.Match) -> str:
-            limit = {"--tokens": 2 * steps, "--clients": 2 * steps, "--rounds": 1}.get(f.group(1), steps)
-            return f"{f.group(1)}{f.group(2)}{min(int(f.group(3)), limit)}"
-
-        flags = "|".join(re.escape(f) for f in BENCH_FLAGS)
-        line = re.sub(rf"({flags})([ =])(\d+)\b", cap, m.group(0))
-        return re.sub(r"(--configs[ =])([\w.-]+),[\w.,-]+", r"\1\2", line)
-
-    return _BENCH_LINE.sub(cap_line, code)
-
-
-def link_runs(work: Path, runs: dict[str, str], root: Path) -> None:
-    """The placeholders of a `slow` block: runs/<skill>/latest and runs/<skill>/<run> -> each fixture run,
-    and benchmarks/ -> the repository's (the block's own runs land next to them, in the same runs/)."""
-    for skill, run_dir in runs.items():
-        target = Path(run_dir).resolve()
-        (work / "runs" / skill).mkdir(parents=True, exist_ok=True)
-        for name in ("latest", target.name):
-            (work / "runs" / skill / name).symlink_to(target, target_is_directory=True)
-    if (root / "benchmarks").is_dir():
-        (work / "benchmarks").symlink_to(root / "benchmarks", target_is_directory=True)
 
 
 def _script(example: Example, scripts: Path, code: str | None = None) -> tuple[list[str], Path]:

@@ -26,39 +26,7 @@ from skillbook.errors import SkillbookError
 from skillbook.run import environment, threads
 from skillbook.run import recipe as recipe_mod
 from skillbook.run.rundirs import link_latest, new_run_dir, run_lock
-
-SMOKE_ENV = "SKILLBOOK_SMOKE_STEPS"  # set by the example runner for ```bash slow blocks (CONTRIBUTING)
-SMOKE_RECORD = "smoke.json"
-_EVAL_SIZES = ("eval_windows", "eval_docs", "eval_requests", "eval_limit", "limit", "max_questions", "kl_prompts")
-
-
-def smoke_cap(cfg: recipe_mod.RecipeConfig) -> tuple[recipe_mod.RecipeConfig, dict]:
-    """With SKILLBOOK_SMOKE_STEPS=N set, cap every `*steps`/`*_interval` field at N (warmup at N // 2) and the
-    eval sizes at 2N, and turn a `smoke` switch on: example runs of full-size commands then take seconds.
-    Returns the capped config and {field: [was, now]} (empty when the variable is unset or nothing changed)."""
-    raw = os.environ.get(SMOKE_ENV, "").strip()
-    if not raw:
-        return cfg, {}
-    n = max(1, int(raw))
-    data, caps = cfg.model_dump(), {}
-    for name, value in data.items():
-        new: int | bool
-        if isinstance(value, bool):
-            new = True if name == "smoke" else value
-        elif not isinstance(value, int):
-            continue
-        elif name.startswith("warmup") and name.endswith("steps"):
-            new = min(value, n // 2)
-        elif name.endswith("steps") or name.endswith("_interval"):
-            new = min(value, n)
-        elif name in _EVAL_SIZES:
-            new = min(value, 2 * n)
-        else:
-            continue
-        if new != value:
-            caps[name] = [value, new]
-            data[name] = new
-    return (type(cfg).model_validate(data), caps) if caps else (cfg, {})
+from skillbook.run.smoke import SMOKE_ENV, SMOKE_RECORD, smoke_cap
 
 
 def hash_path(path: Path) -> str:
