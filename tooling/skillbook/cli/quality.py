@@ -1,5 +1,5 @@
-"""`skills doctor`, `skills examples` and `skills support`: tested-with versions, the code blocks CI executes,
-and the skill x model-family support table."""
+"""`skills doctor`, `skills examples`, `skills support` and `skills measured`: tested-with versions, the code
+blocks CI executes, the skill x model-family support table and the measured tables' recorded runs."""
 
 from __future__ import annotations
 
@@ -140,4 +140,84 @@ def support_cmd(write: bool, fresh: Path | None) -> None:
         click.echo(table, nl=False)
 
 
-COMMANDS: list[click.Command] = [doctor, examples_cmd, support_cmd]
+@click.command("measured")
+@click.argument("names", nargs=-1)
+@click.option("--record", "do_record", is_flag=True, help="Copy a run's numbers into NAME's record and SKILL.md.")
+@click.option(
+    "--run",
+    "run_dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="With --record: the run to copy (default runs/NAME/latest).",
+)
+@click.option("--keys", default=None, help="With --record, for a skill with no record yet: summary keys, one row each.")
+@click.option("--write", is_flag=True, help="Regenerate the measured blocks of NAMES (default all) from their records.")
+def measured_cmd(names, do_record, run_dir, keys, write) -> None:
+    """Measured tables with provenance: each comes from one recorded run (skills/NAME/measured.json)."""
+    from skillbook import catalog
+    from skillbook.catalog import measured, versions
+    from skillbook.errors import SkillbookError
+    from skillbook.run import rundirs
+
+    skills = [catalog.find(n) for n in names] if names else catalog.load_all()
+    if do_record:
+        if len(skills) != 1 or not names:
+            raise click.UsageError("--record takes exactly one skill NAME")
+        skill = skills[0]
+        layout = measured.load(skill.path) or (measured.layout_from_keys(keys.split(",")) if keys else None)
+        if layout is None:
+            raise SkillbookError(f"{skill.name} has no {measured.RECORD} yet: pass --keys KEY,KEY from its summary")
+        run = run_dir or rundirs.runs_root() / skill.name / rundirs.LATEST
+        fresh = measured.from_run(layout, run.resolve(), skill.name, _command(skill, run), skill.path / "recipe.py")
+        text = measured.with_block(skill.skill_md.read_text(encoding="utf-8"), fresh)  # fails before any write
+        (skill.path / measured.RECORD).write_text(json.dumps(fresh, indent=2) + "\n", encoding="utf-8")
+        skill.skill_md.write_text(text, encoding="utf-8")
+        click.echo(f"{skill.name}: recorded {run.resolve().name} into {measured.RECORD} and SKILL.md", err=True)
+        return
+    bad = 0
+    for skill in skills:
+        record = measured.load(skill.path)
+        if record is None:
+            continue
+        if write:
+            skill.skill_md.write_text(measured.with_block(skill.skill_md.read_text(encoding="utf-8"), record))
+            skill = catalog.load_skill(skill.path)
+        found = measured.problems(skill.path, skill.skill_md.read_text(encoding="utf-8"), versions.recorded(skill))
+        bad += sum(severity == "error" for _, severity, _ in found)
+        prov = record["provenance"]
+        state = "; ".join(f"{code} {message}" for code, _, message in found) or "ok"
+        click.echo(f"{skill.name:<24} {prov['run']:<28} {prov['dtype']:<9} {state}")
+    sys.exit(1 if bad else 0)
+
+
+def _command(skill, run_dir: Path) -> str:
+    """`skills run NAME --set k=v ...` for the fields where the run's config.yaml differs from the defaults."""
+    from skillbook.run import recipe
+
+    if not skill.has_recipe:
+        return f"skills run {skill.name}"
+    rec = recipe.load(skill.path)
+    used = recipe.read_yaml(run_dir / "config.yaml", "the run's config.yaml")
+    required = {n: used[n] for n, f in rec.Config.model_fields.items() if f.is_required() and n in used}
+    defaults = rec.Config.model_validate(required).model_dump(mode="json")
+    sets = []
+    for key, value in _flat(used).items():
+        if key != "resume" and _flat(defaults).get(key, object()) != value:
+            shown = str(value)
+            if "/runs/" in shown:  # a path to an earlier run: from runs/ on, as the docs write it
+                shown = "runs/" + shown.split("/runs/", 1)[1]
+            sets.append(f"--set {key}={shown}")
+    return " ".join([f"skills run {skill.name}", *sets])
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+COMMANDS: list[click.Command] = [doctor, examples_cmd, support_cmd, measured_cmd]

@@ -25,6 +25,7 @@ SKILL_RULES: list[Callable[[Skill], Iterable[Finding]]] = [
     recipes.rule_overrides_only,
     docs.rule_tested_with,
     docs.rule_links_stay_in_skills,
+    docs.rule_measured,
 ]
 REPO_RULES: list[Callable[[Path], Iterable[Finding]]] = [repo.rule_pipelines, repo.rule_schemas, repo.rule_marketplace]
 

@@ -1,4 +1,5 @@
-"""Document rules (SB202-SB208): links resolve and stay in skills/, references layout, code blocks, tested-with."""
+"""Document rules (SB202-SB210): links resolve and stay in skills/, references layout, code blocks, tested-with,
+measured tables that match their recorded run."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-from skillbook.catalog import Skill, markdown, versions
+from skillbook.catalog import Skill, markdown, measured, versions
 from skillbook.catalog.codeblocks import documents, is_executed
 from skillbook.errors import SkillbookError
 from skillbook.lint.findings import Finding, err
@@ -121,3 +122,22 @@ def rule_links_stay_in_skills(skill: Skill) -> Iterator[Finding]:
                     "link the docs site or name the file in text instead",
                     "warning",
                 )
+
+
+def rule_measured(skill: Skill) -> Iterator[Finding]:
+    """SB209 a measured block equals what its measured.json renders; SB210 the record is not stale."""
+    text = skill.text  # None when SKILL.md is missing or unreadable (SB1xx says so)
+    if not text:
+        return
+    try:
+        found = measured.problems(skill.path, text, versions.recorded(skill))
+    except SkillbookError as exc:
+        yield err("SB209", skill.path / measured.RECORD, 0, str(exc))
+        return
+    for code, severity, message in found:
+        yield err(code, skill.skill_md, _line_of(text, measured.START), message, severity)
+
+
+def _line_of(text: str, needle: str) -> int:
+    at = text.find(needle)
+    return text.count("\n", 0, at) + 1 if at >= 0 else 0

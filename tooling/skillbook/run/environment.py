@@ -1,4 +1,4 @@
-"""What env.json records about a run: python, platform, library versions, git sha, threads, device.
+"""What env.json records about a run: python, platform, CPU, library versions, git sha, threads, device.
 
 The versions are the ones a skill's tested-with stamps are compared against; the device and dtype the
 recipe actually used (ctx.device, ctx.dtype) are added by the runner.
@@ -51,11 +51,33 @@ def git_sha(root: Path) -> str | None:
         return None
 
 
+def cpu_info() -> str:
+    """'AMD EPYC, family 25 model 17 (avx512_bf16)': the CPU kind and its native-bf16 flags, which decide
+    `dtype: auto` and which fp32 kernels run (numbers differ between CPU kinds). Linux; elsewhere the arch."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.machine()
+    if "cpu family" in fields and "model" in fields:
+        name += f", family {fields['cpu family']} model {fields['model']}"
+    flags = fields.get("flags", "").split()
+    native: list[str] = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    if not native and "avx2" in flags:
+        native = ["avx2, no native bf16"]
+    return f"{name} ({', '.join(native)})" if native else name
+
+
 def env_info(root: Path, device: str | None = None, dtype: str | None = None) -> dict:
     """env.json's content; `device` and `dtype` are what the recipe used (ctx.device, ctx.dtype), if it said."""
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "cpu": cpu_info(),
         "cpu_count": os.cpu_count(),
         "packages": package_versions(),
         "git_sha": git_sha(root),
@@ -70,4 +92,6 @@ def env_info(root: Path, device: str | None = None, dtype: str | None = None) ->
     if dtype:
         info["dtype"] = dtype
     info["omp_num_threads"] = os.environ.get("OMP_NUM_THREADS")
+    if os.environ.get("SKILLBOOK_AUTO_DTYPE"):  # the suite's forced-bf16 pass: dtype auto did not choose
+        info["auto_dtype_forced"] = os.environ["SKILLBOOK_AUTO_DTYPE"]
     return info

@@ -1,0 +1,99 @@
+"""Measured tables with provenance: `skills measured --record` copies a run in, lint catches hand edits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from skillbook import catalog, lint
+from skillbook.catalog import measured
+from skillbook.cli import main
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+@pytest.fixture
+def demo_root(tmp_path: Path) -> Path:
+    """A throwaway root holding a copy of the example-demo skill with a measured block, and one run of it."""
+    skill = tmp_path / "skills" / "example-demo"
+    shutil.copytree(FIXTURES / "skills" / "example-demo", skill)
+    md = skill / "SKILL.md"
+    md.write_text(md.read_text() + f"\n## What you get (measured)\n\n{measured.START}\n{measured.END}\n")
+    res = CliRunner().invoke(main, ["run", "example-demo", "--set", "steps=4"], env=_env(tmp_path))
+    assert res.exit_code == 0, res.output
+    return tmp_path
+
+
+def _env(root: Path) -> dict[str, str]:
+    return {"SKILLBOOK_ROOT": str(root), "SKILLBOOK_RUNS": str(root / "runs")}
+
+
+def _measured(root: Path, *args: str):
+    return CliRunner().invoke(main, ["measured", *args], env=_env(root))
+
+
+def test_record_writes_the_table_and_its_provenance(demo_root: Path) -> None:
+    res = _measured(demo_root, "--record", "example-demo", "--keys", "total,@seconds")
+    assert res.exit_code == 0, res.output
+    skill = demo_root / "skills" / "example-demo"
+    record = json.loads((skill / measured.RECORD).read_text())
+    assert record["values"]["total"] == 10
+    prov = record["provenance"]
+    assert prov["command"] == "skills run example-demo --set steps=4"  # only what differs from the defaults
+    assert prov["run"] == (demo_root / "runs" / "example-demo" / "latest").resolve().name
+    assert prov["cpu"] and prov["dtype"] == "float32"
+    text = (skill / "SKILL.md").read_text()
+    assert "| total | 10 |" in text and f"Recorded run `{prov['run']}`" in text
+    assert not [f for f in lint.lint_skill(skill) if f.code in ("SB209", "SB210")]
+
+
+def test_lint_flags_a_hand_edited_block_and_a_changed_recipe(demo_root: Path) -> None:
+    assert _measured(demo_root, "--record", "example-demo", "--keys", "total").exit_code == 0
+    skill = demo_root / "skills" / "example-demo"
+    md = skill / "SKILL.md"
+    md.write_text(md.read_text().replace("| total | 10 |", "| total | 11 |"))
+    (skill / "recipe.py").write_text((skill / "recipe.py").read_text() + "\n# changed\n")
+    codes = {(f.code, f.severity) for f in lint.lint_skill(skill)}
+    assert ("SB209", "error") in codes and ("SB210", "warning") in codes
+    assert _measured(demo_root).exit_code == 1  # the check exits 1 on a hand edit
+    assert _measured(demo_root, "--write").exit_code == 0  # --write puts the recorded numbers back
+    assert "| total | 10 |" in md.read_text()
+
+
+def test_record_refuses_smoke_runs_missing_keys_and_a_skill_without_markers(demo_root: Path) -> None:
+    skill = demo_root / "skills" / "example-demo"
+    before = (skill / "SKILL.md").read_text()
+    res = _measured(demo_root, "--record", "example-demo", "--keys", "nope")
+    assert res.exit_code != 0 and "the summary has no nope" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(main, ["run", "example-demo"], env={**_env(demo_root), "SKILLBOOK_SMOKE_STEPS": "2"})
+    assert res.exit_code == 0, res.output
+    res = _measured(demo_root, "--record", "example-demo", "--keys", "total")
+    assert res.exit_code != 0 and "smoke run" in res.output
+    (skill / "SKILL.md").write_text(before.replace(measured.START, "").replace(measured.END, ""))
+    run = sorted(p for p in (demo_root / "runs" / "example-demo").iterdir() if not p.is_symlink())[0]
+    res = _measured(demo_root, "--record", "example-demo", "--keys", "total", "--run", str(run))
+    assert res.exit_code != 0 and "no measured block" in res.output
+    assert not (skill / measured.RECORD).exists()  # nothing half-written
+
+
+def test_every_record_in_the_repo_matches_its_block() -> None:
+    for skill in catalog.load_all():
+        found = [f for f in lint.lint_skill(skill.path) if f.code == "SB209"]
+        assert not found, found
+
+
+def test_format_value_keeps_small_and_large_numbers_readable() -> None:
+    assert [measured.format_value(v) for v in (0.44286, 1.4e-6, 2765.4, 123.45, 7, True, None)] == [
+        "0.443",
+        "1.4e-06",
+        "2,765",
+        "123.5",
+        "7",
+        "yes",
+        "n/a",
+    ]
+    assert measured.format_value(0.4428, ".1%") == "44.3%"
