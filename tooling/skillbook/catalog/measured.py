@@ -8,10 +8,11 @@ A skill keeps `measured.json` beside its SKILL.md:
      "provenance": {"run": ..., "command": ..., "cpu": ..., "dtype": ..., "seconds": ..., "versions": ...}}
 
 A row is a label, then one summary key per column: `""` leaves the cell blank, `key|.2f` formats it,
-`**key**` bolds it, `@seconds` is the run's wall time. SKILL.md holds the rendering between START and
-END. `skills measured --record NAME` copies a finished run's numbers and provenance in and rewrites the
-block; lint SB209 fails on a block that differs from its record (hand-edited), SB210 warns on a record
-older than the recipe or the tested-with versions (stale). Only the standard library is imported here.
+`**key**` bolds it, `a.b` reads summary['a']['b'], `@seconds` is the run's wall time. SKILL.md holds
+the rendering between START and END. `skills measured --record NAME` copies a finished run's numbers and
+provenance in and rewrites the block; lint SB209 fails on a block that differs from its record
+(hand-edited), SB210 warns on a record older than the recipe or the tested-with versions (stale).
+Only the standard library is imported here.
 """
 
 from __future__ import annotations
@@ -142,9 +143,10 @@ def from_run(layout: dict, run_dir: Path, skill: str, command: str, recipe_file:
     for key in keys(layout):
         if key == "@seconds":
             continue
-        if key not in summary:
+        found, value = _lookup(summary, key)
+        if not found:
             missing.append(key)
-        values[key] = summary.get(key)
+        values[key] = value
     if missing:
         raise SkillbookError(
             f"{run_dir}: the summary has no {', '.join(missing)}; it has: {', '.join(sorted(summary)) or 'nothing'}"
@@ -165,6 +167,18 @@ def from_run(layout: dict, run_dir: Path, skill: str, command: str, recipe_file:
     if provenance["device"] != "cpu" and env.get("gpu"):
         provenance["cpu"] = f"{env['gpu']} (host {provenance['cpu']})"
     return {"columns": layout["columns"], "rows": layout["rows"], "values": values, "provenance": provenance}
+
+
+def _lookup(summary: dict, key: str) -> tuple[bool, Any]:
+    """summary[key], or for 'a.b' summary['a']['b'] (a summary value that is a dict per variant)."""
+    if key in summary:
+        return True, summary[key]
+    value: Any = summary
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False, None
+        value = value[part]
+    return True, value
 
 
 def layout_from_keys(names: list[str]) -> dict:

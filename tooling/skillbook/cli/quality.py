@@ -191,7 +191,7 @@ def measured_cmd(names, do_record, run_dir, keys, write) -> None:
 
 
 def _command(skill, run_dir: Path) -> str:
-    """`skills run NAME --set k=v ...` for the fields where the run's config.yaml differs from the defaults."""
+    """`skills run NAME --set k=v ...`: the required fields and those where config.yaml differs from the defaults."""
     from skillbook.run import recipe
 
     if not skill.has_recipe:
@@ -199,10 +199,11 @@ def _command(skill, run_dir: Path) -> str:
     rec = recipe.load(skill.path)
     used = recipe.read_yaml(run_dir / "config.yaml", "the run's config.yaml")
     required = {n: used[n] for n, f in rec.Config.model_fields.items() if f.is_required() and n in used}
-    defaults = rec.Config.model_validate(required).model_dump(mode="json")
+    defaults = recipe.resolve(rec, overrides=required).model_dump(mode="json")  # the skill's own layers too
     sets = []
     for key, value in _flat(used).items():
-        if key != "resume" and _flat(defaults).get(key, object()) != value:
+        required_field = key.split(".", 1)[0] in required  # no default: always part of the command
+        if key != "resume" and (required_field or _flat(defaults).get(key, object()) != value):
             shown = str(value)
             if "/runs/" in shown:  # a path to an earlier run: from runs/ on, as the docs write it
                 shown = "runs/" + shown.split("/runs/", 1)[1]
