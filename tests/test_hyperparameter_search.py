@@ -102,7 +102,9 @@ def test_search_resumes_after_sigkill_and_keeps_finished_trials(prepared, tokeni
 def test_median_pruner_stops_bad_trials(prepared, tokenizer_dir, tmp_path):
     """Trials with a learning rate far too small report a high val loss at every step and are pruned."""
     space = {"lr": {"type": "categorical", "choices": [6e-3, 1e-6]}}
-    sets = {"base": _base(prepared, tokenizer_dir), "space": space, "n_trials": 4, "n_jobs": 2}
+    # One trial at a time: the default (6e-3) finishes first, so the median pruner always has its curve to
+    # compare against (two at a time, a 1e-6 trial could finish before any other reported, and pass).
+    sets = {"base": _base(prepared, tokenizer_dir), "space": space, "n_trials": 4, "n_jobs": 1}
     sets.update(startup_trials=1, warmup_steps=4, sampler="random", include_default=True)
     res = run_skill("hyperparameter-search", tmp_path, sets)
     trials = json.loads((output(res, "trials").parent / "trials.json").read_text())
