@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -52,6 +54,19 @@ def _study(runs):
     return optuna.load_study(study_name="pretraining", storage=f"sqlite:///{db}")
 
 
+def _count_finished(runs) -> int:
+    """Finished trials of a search still running, read-only: Optuna's loader would create the schema too,
+    racing the search's own create_all ("table trial_params already exists")."""
+    dbs = {p.resolve() for p in runs.glob("hyperparameter-search/*/study.db")}
+    if len(dbs) != 1:
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{dbs.pop()}?mode=ro", uri=True)) as db:
+            return db.execute("SELECT count(*) FROM trials WHERE state IN ('COMPLETE', 'PRUNED')").fetchone()[0]
+    except sqlite3.Error:  # no tables yet, or the search holds a write lock this moment
+        return 0
+
+
 def _finished(study) -> dict[int, tuple]:
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return {t.number: (t.state.name, t.params, t.value) for t in study.get_trials() if t.state in states}
@@ -68,11 +83,8 @@ def test_search_resumes_after_sigkill_and_keeps_finished_trials(prepared, tokeni
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and first.poll() is None:
         time.sleep(1)
-        try:
-            if len(_finished(_study(runs))) >= 2:
-                break
-        except (ValueError, KeyError):  # no study.db yet, or its tables but not the study yet
-            continue
+        if _count_finished(runs) >= 2:
+            break
     assert first.poll() is None, first.stderr.read().decode()[-2000:]  # still searching: kill it mid-study
     first.send_signal(signal.SIGKILL)
     first.wait()
