@@ -84,6 +84,11 @@ def test_every_record_in_the_repo_matches_its_block() -> None:
     for skill in catalog.load_all():
         found = [f for f in lint.lint_skill(skill.path) if f.code == "SB209"]
         assert not found, found
+    root = catalog.repo_root()
+    assert measured.pipeline_records(root)  # the README's speedrun table
+    for path in measured.pipeline_records(root):
+        found = [p for p in measured.pipeline_problems(root, path) if p[0] == "SB209"]
+        assert not found, found
 
 
 def test_format_value_keeps_small_and_large_numbers_readable() -> None:
@@ -97,3 +102,39 @@ def test_format_value_keeps_small_and_large_numbers_readable() -> None:
         "n/a",
     ]
     assert measured.format_value(0.4428, ".1%") == "44.3%"
+
+
+def test_a_pipeline_record_renders_into_its_doc_and_refuses_reused_steps(demo_root: Path) -> None:
+    """recipes/NAME.measured.json: cells read `step.key` from each step's summary; the block lives in `doc`."""
+    recipes = demo_root / "recipes"
+    recipes.mkdir()
+    steps = "  - id: a\n    skill: example-demo\n  - id: b\n    skill: example-demo\n    config:\n      steps: 3\n"
+    (recipes / "twice.yaml").write_text(f"name: twice\ndescription: Two sums.\nreport: false\nsteps:\n{steps}")
+    layout = {"doc": "README.md", "columns": ["step", "total", "s"], "values": {}, "provenance": {}}
+    layout["rows"] = [["a", "a.total", "a.@seconds|.0f"], ["b", "**b.total**", ""]]
+    (recipes / "twice.measured.json").write_text(json.dumps(layout))
+    readme = demo_root / "README.md"
+    readme.write_text(f"# Demo\n\n{measured.START}\n{measured.END}\n")
+    assert _pipeline_findings(demo_root) == ["SB209"]  # no run recorded yet
+    res = CliRunner().invoke(main, ["run", "twice"], env=_env(demo_root))
+    assert res.exit_code == 0, res.output
+    res = _measured(demo_root, "--record", "twice")
+    assert res.exit_code == 0, res.output
+    record = json.loads((recipes / "twice.measured.json").read_text())
+    assert record["values"]["a.total"] == 55 and record["values"]["b.total"] == 6
+    assert record["provenance"]["command"] == "skills run twice" and record["provenance"]["recipe_sha256"]
+    text = readme.read_text()
+    assert "| a | 55 | 0 |" in text and "| b | **6** |  |" in text and "`skills run twice`" in text
+    assert _pipeline_findings(demo_root) == []
+    readme.write_text(text.replace("**6**", "**7**"))
+    assert _pipeline_findings(demo_root) == ["SB209"]  # hand edit caught
+    assert _measured(demo_root, "--write", "twice").exit_code == 0 and "**6**" in readme.read_text()
+    assert CliRunner().invoke(main, ["run", "twice"], env=_env(demo_root)).exit_code == 0  # every step cached
+    before = (recipes / "twice.measured.json").read_text()
+    res = _measured(demo_root, "--record", "twice")
+    assert res.exit_code != 0 and "reused from earlier runs" in res.output and "Traceback" not in res.output
+    assert (recipes / "twice.measured.json").read_text() == before
+
+
+def _pipeline_findings(root: Path) -> list[str]:
+    return [f.code for f in lint.lint_repo(root) if "twice.measured.json" in str(f.path)]

@@ -142,52 +142,90 @@ def support_cmd(write: bool, fresh: Path | None) -> None:
 
 @click.command("measured")
 @click.argument("names", nargs=-1)
-@click.option("--record", "do_record", is_flag=True, help="Copy a run's numbers into NAME's record and SKILL.md.")
+@click.option("--record", "do_record", is_flag=True, help="Copy a run's numbers into NAME's record and its doc.")
 @click.option(
     "--run",
     "run_dir",
     type=click.Path(exists=True, file_okay=False, path_type=Path),
     default=None,
-    help="With --record: the run to copy (default runs/NAME/latest).",
+    help="With --record: the run to copy (default runs/NAME/latest; for a pipeline its newest run).",
 )
 @click.option("--keys", default=None, help="With --record, for a skill with no record yet: summary keys, one row each.")
 @click.option("--write", is_flag=True, help="Regenerate the measured blocks of NAMES (default all) from their records.")
 def measured_cmd(names, do_record, run_dir, keys, write) -> None:
-    """Measured tables with provenance: each comes from one recorded run (skills/NAME/measured.json)."""
+    """Measured tables with provenance: each comes from one recorded run (skills/NAME/measured.json, or
+    recipes/NAME.measured.json for a pipeline such as the README's speedrun)."""
     from skillbook import catalog
     from skillbook.catalog import measured, versions
-    from skillbook.errors import SkillbookError
-    from skillbook.run import rundirs
 
-    skills = [catalog.find(n) for n in names] if names else catalog.load_all()
+    root = catalog.repo_root()
+    pipelines = {p.name.removesuffix(measured.PIPELINE_SUFFIX): p for p in measured.pipeline_records(root)}
+    wanted = [n for n in names if n not in pipelines]
+    skills = [catalog.find(n) for n in wanted] if names else catalog.load_all()
     if do_record:
-        if len(skills) != 1 or not names:
-            raise click.UsageError("--record takes exactly one skill NAME")
-        skill = skills[0]
-        layout = measured.load(skill.path) or (measured.layout_from_keys(keys.split(",")) if keys else None)
-        if layout is None:
-            raise SkillbookError(f"{skill.name} has no {measured.RECORD} yet: pass --keys KEY,KEY from its summary")
-        run = run_dir or rundirs.runs_root() / skill.name / rundirs.LATEST
-        fresh = measured.from_run(layout, run.resolve(), skill.name, _command(skill, run), skill.path / "recipe.py")
-        text = measured.with_block(skill.skill_md.read_text(encoding="utf-8"), fresh)  # fails before any write
-        (skill.path / measured.RECORD).write_text(json.dumps(fresh, indent=2) + "\n", encoding="utf-8")
-        skill.skill_md.write_text(text, encoding="utf-8")
-        click.echo(f"{skill.name}: recorded {run.resolve().name} into {measured.RECORD} and SKILL.md", err=True)
+        if len(names) != 1:
+            raise click.UsageError("--record takes exactly one skill or pipeline NAME")
+        if names[0] in pipelines:
+            _record_pipeline(root, names[0], pipelines[names[0]], run_dir)
+        else:
+            _record_skill(skills[0], run_dir, keys)
         return
     bad = 0
-    for skill in skills:
-        record = measured.load(skill.path)
-        if record is None:
-            continue
-        if write:
-            skill.skill_md.write_text(measured.with_block(skill.skill_md.read_text(encoding="utf-8"), record))
-            skill = catalog.load_skill(skill.path)
-        found = measured.problems(skill.path, skill.skill_md.read_text(encoding="utf-8"), versions.recorded(skill))
+    rows = [(s.name, s.path / measured.RECORD, s.skill_md) for s in skills if (s.path / measured.RECORD).is_file()]
+    for name, path in pipelines.items():
+        if not names or name in names:
+            rows.append((name, path, measured.pipeline_doc(root, measured.load_file(path))))
+    for name, path, doc in rows:
+        record = measured.load_file(path)
+        if write and record["provenance"]:
+            doc.write_text(measured.with_block(doc.read_text(encoding="utf-8"), record), encoding="utf-8")
+        if name in pipelines:
+            found = measured.pipeline_problems(root, path)
+        else:
+            skill = catalog.load_skill(path.parent)
+            found = measured.problems(skill.path, doc.read_text(encoding="utf-8"), versions.recorded(skill))
         bad += sum(severity == "error" for _, severity, _ in found)
         prov = record["provenance"]
         state = "; ".join(f"{code} {message}" for code, _, message in found) or "ok"
-        click.echo(f"{skill.name:<24} {prov['run']:<28} {prov['dtype']:<9} {state}")
+        click.echo(f"{name:<24} {prov.get('run', '-'):<28} {prov.get('dtype', '-'):<9} {state}")
     sys.exit(1 if bad else 0)
+
+
+def _record_skill(skill, run_dir: Path | None, keys: str | None) -> None:
+    """A skill's run -> skills/NAME/measured.json and the block in its SKILL.md (both or neither written)."""
+    from skillbook.catalog import measured
+    from skillbook.errors import SkillbookError
+    from skillbook.run import rundirs
+
+    layout = measured.load(skill.path) or (measured.layout_from_keys(keys.split(",")) if keys else None)
+    if layout is None:
+        raise SkillbookError(f"{skill.name} has no {measured.RECORD} yet: pass --keys KEY,KEY from its summary")
+    run = run_dir or rundirs.runs_root() / skill.name / rundirs.LATEST
+    fresh = measured.from_run(layout, run.resolve(), skill.name, _command(skill, run), skill.path / "recipe.py")
+    text = measured.with_block(skill.skill_md.read_text(encoding="utf-8"), fresh)  # fails before any write
+    (skill.path / measured.RECORD).write_text(json.dumps(fresh, indent=2) + "\n", encoding="utf-8")
+    skill.skill_md.write_text(text, encoding="utf-8")
+    click.echo(f"{skill.name}: recorded {run.resolve().name} into {measured.RECORD} and SKILL.md", err=True)
+
+
+def _record_pipeline(root: Path, name: str, path: Path, run_dir: Path | None) -> None:
+    """A pipeline's run (every step run fresh) -> recipes/NAME.measured.json and the block in its doc."""
+    from skillbook.catalog import measured
+    from skillbook.errors import SkillbookError
+    from skillbook.run import rundirs
+
+    if run_dir is None:
+        done = sorted((rundirs.runs_root() / "pipelines" / name).glob("*/pipeline.json"))
+        if not done:
+            raise SkillbookError(f"no run of pipeline {name} under {rundirs.runs_root()}: `skills run {name}` first")
+        run_dir = done[-1].parent
+    layout = measured.load_file(path)
+    fresh = measured.from_pipeline(layout, run_dir.resolve(), name, root / "recipes" / f"{name}.yaml")
+    doc = measured.pipeline_doc(root, fresh)
+    text = measured.with_block(doc.read_text(encoding="utf-8"), fresh)
+    path.write_text(json.dumps(fresh, indent=2) + "\n", encoding="utf-8")
+    doc.write_text(text, encoding="utf-8")
+    click.echo(f"{name}: recorded {run_dir.resolve().name} into {path.name} and {doc.name}", err=True)
 
 
 def _command(skill, run_dir: Path) -> str:

@@ -27,7 +27,12 @@ SKILL_RULES: list[Callable[[Skill], Iterable[Finding]]] = [
     docs.rule_links_stay_in_skills,
     docs.rule_measured,
 ]
-REPO_RULES: list[Callable[[Path], Iterable[Finding]]] = [repo.rule_pipelines, repo.rule_schemas, repo.rule_marketplace]
+REPO_RULES: list[Callable[[Path], Iterable[Finding]]] = [
+    repo.rule_pipelines,
+    repo.rule_schemas,
+    repo.rule_marketplace,
+    repo.rule_pipeline_measured,
+]
 
 __all__ = ["Finding", "err", "lint_paths", "lint_repo", "lint_skill", "REPO_RULES", "SKILL_RULES"]
 

@@ -1,4 +1,5 @@
-"""Repository rules (SB401, SB501, SB601): pipelines validate, schemas and the marketplace match their sources."""
+"""Repository rules (SB401, SB501, SB601, SB209/SB210 for pipelines): pipelines validate, schemas, the
+marketplace and pipelines' measured blocks match their sources."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from skillbook import agent, catalog
+from skillbook.catalog import measured
+from skillbook.errors import SkillbookError
 from skillbook.lint.findings import Finding, err
 from skillbook.run import pipeline, schemas
 
@@ -34,3 +37,15 @@ def rule_marketplace(root: Path) -> Iterator[Finding]:
     """SB601: .claude-plugin/marketplace.json equals the one generated from the catalog."""
     for line in agent.marketplace_drift(root):
         yield err("SB601", root / agent.MARKETPLACE, 0, line)
+
+
+def rule_pipeline_measured(root: Path) -> Iterator[Finding]:
+    """SB209/SB210: a pipeline's measured block (README's speedrun table) equals its recipes/NAME.measured.json."""
+    for path in measured.pipeline_records(root):
+        try:
+            found = measured.pipeline_problems(root, path)
+        except SkillbookError as exc:
+            yield err("SB209", path, 0, str(exc))
+            continue
+        for code, severity, message in found:
+            yield err(code, path, 0, message, severity)
