@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from skillbook import catalog, lint
 from skillbook.catalog import measured
 from skillbook.cli import main
+from skillbook.errors import SkillbookError
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -114,7 +115,7 @@ def test_a_pipeline_record_renders_into_its_doc_and_refuses_reused_steps(demo_ro
     layout["rows"] = [["a", "a.total", "a.@seconds|.0f"], ["b", "**b.total**", ""]]
     (recipes / "twice.measured.json").write_text(json.dumps(layout))
     readme = demo_root / "README.md"
-    readme.write_text(f"# Demo\n\n{measured.START}\n{measured.END}\n")
+    readme.write_text(f"# Demo\n\n{measured.marker({'pipeline': 'twice'})}\n{measured.END}\n")
     assert _pipeline_findings(demo_root) == ["SB209"]  # no run recorded yet
     res = CliRunner().invoke(main, ["run", "twice"], env=_env(demo_root))
     assert res.exit_code == 0, res.output
@@ -138,3 +139,26 @@ def test_a_pipeline_record_renders_into_its_doc_and_refuses_reused_steps(demo_ro
 
 def _pipeline_findings(root: Path) -> list[str]:
     return [f.code for f in lint.lint_repo(root) if "twice.measured.json" in str(f.path)]
+
+
+def test_rerun_runs_each_recorded_command_inputs_first_and_records_it(demo_root: Path) -> None:
+    assert _measured(demo_root, "--record", "example-demo", "--keys", "total").exit_code == 0
+    path = demo_root / "skills" / "example-demo" / measured.RECORD
+    old = json.loads(path.read_text())
+    old["values"]["total"], old["provenance"]["run"] = 0, "an-older-run"
+    path.write_text(json.dumps(old))
+    work = demo_root / "rerun"
+    res = _measured(demo_root, "--rerun", "--workdir", str(work))
+    assert res.exit_code == 0, res.output
+    record = json.loads(path.read_text())
+    assert record["values"]["total"] == 10
+    assert record["provenance"]["run"] == (work / "runs" / "example-demo" / "latest").resolve().name
+    assert record["provenance"]["command"] == "skills run example-demo --set steps=4"
+    assert (work / "runs" / "example-demo" / "latest" / "outputs.json").is_file()
+    res = _measured(demo_root, "--rerun", "--workdir", str(work))  # not empty: refused
+    assert res.exit_code != 0 and "not empty" in res.output and "Traceback" not in res.output
+    chain = {"sft": "skills run sft --set model=runs/pretraining/latest/model", "pretraining": "skills run pretraining"}
+    assert measured.rerun_order(chain) == ["pretraining", "sft"]
+    assert measured.with_inputs(["sft"], chain) == ["pretraining", "sft"]
+    with pytest.raises(SkillbookError, match="no record makes these inputs: sft reads runs/pretraining/latest"):
+        measured.rerun_order({"sft": chain["sft"]})

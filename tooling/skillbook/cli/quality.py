@@ -152,7 +152,19 @@ def support_cmd(write: bool, fresh: Path | None) -> None:
 )
 @click.option("--keys", default=None, help="With --record, for a skill with no record yet: summary keys, one row each.")
 @click.option("--write", is_flag=True, help="Regenerate the measured blocks of NAMES (default all) from their records.")
-def measured_cmd(names, do_record, run_dir, keys, write) -> None:
+@click.option(
+    "--rerun",
+    is_flag=True,
+    help="Run the recorded command of NAMES (default all; the records they read runs of come too) again, "
+    "inputs first, in --workdir, and record each.",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="With --rerun: an empty directory for the runs (default ./measured-runs-<time>).",
+)
+def measured_cmd(names, do_record, run_dir, keys, write, rerun, workdir) -> None:
     """Measured tables with provenance: each comes from one recorded run (skills/NAME/measured.json, or
     recipes/NAME.measured.json for a pipeline such as the README's speedrun)."""
     from skillbook import catalog
@@ -162,6 +174,9 @@ def measured_cmd(names, do_record, run_dir, keys, write) -> None:
     pipelines = {p.name.removesuffix(measured.PIPELINE_SUFFIX): p for p in measured.pipeline_records(root)}
     wanted = [n for n in names if n not in pipelines]
     skills = [catalog.find(n) for n in wanted] if names else catalog.load_all()
+    if rerun:
+        _rerun(root, list(names), pipelines, workdir)
+        return
     if do_record:
         if len(names) != 1:
             raise click.UsageError("--record takes exactly one skill or pipeline NAME")
@@ -176,7 +191,7 @@ def measured_cmd(names, do_record, run_dir, keys, write) -> None:
         if not names or name in names:
             rows.append((name, path, measured.pipeline_doc(root, measured.load_file(path))))
     for name, path, doc in rows:
-        record = measured.load_file(path)
+        record = {**measured.load_file(path), **({"pipeline": name} if name in pipelines else {})}
         if write and record["provenance"]:
             doc.write_text(measured.with_block(doc.read_text(encoding="utf-8"), record), encoding="utf-8")
         if name in pipelines:
@@ -209,23 +224,78 @@ def _record_skill(skill, run_dir: Path | None, keys: str | None) -> None:
 
 
 def _record_pipeline(root: Path, name: str, path: Path, run_dir: Path | None) -> None:
-    """A pipeline's run (every step run fresh) -> recipes/NAME.measured.json and the block in its doc."""
+    """A pipeline's run (every step run fresh) -> its record and the block in the doc the record names."""
     from skillbook.catalog import measured
     from skillbook.errors import SkillbookError
-    from skillbook.run import rundirs
+    from skillbook.run import pipeline, rundirs
 
-    if run_dir is None:
-        done = sorted((rundirs.runs_root() / "pipelines" / name).glob("*/pipeline.json"))
-        if not done:
-            raise SkillbookError(f"no run of pipeline {name} under {rundirs.runs_root()}: `skills run {name}` first")
-        run_dir = done[-1].parent
     layout = measured.load_file(path)
-    fresh = measured.from_pipeline(layout, run_dir.resolve(), name, root / "recipes" / f"{name}.yaml")
+    spec = measured.pipeline_spec(root, path, layout)
+    spec_name = pipeline.load_spec(spec).name
+    if run_dir is None:
+        done = sorted((rundirs.runs_root() / "pipelines" / spec_name).glob("*/pipeline.json"))
+        if not done:
+            raise SkillbookError(f"no run of pipeline {spec_name} under {rundirs.runs_root()}: run it first")
+        run_dir = done[-1].parent
+    command = f"skills run {spec_name if spec.parent == root / 'recipes' else spec.relative_to(root)}"
+    fresh = measured.from_pipeline(layout, run_dir.resolve(), name, spec, command)
     doc = measured.pipeline_doc(root, fresh)
     text = measured.with_block(doc.read_text(encoding="utf-8"), fresh)
     path.write_text(json.dumps(fresh, indent=2) + "\n", encoding="utf-8")
     doc.write_text(text, encoding="utf-8")
     click.echo(f"{name}: recorded {run_dir.resolve().name} into {path.name} and {doc.name}", err=True)
+
+
+def _rerun(root: Path, names: list[str], pipelines: dict[str, Path], workdir: Path | None) -> None:
+    """Every chosen record's command, run again in an order where the runs it reads come first, then recorded:
+    one command regenerates every measured table (each record is written whole or not at all)."""
+    import os
+    import shlex
+    import subprocess
+    import time
+
+    from skillbook import catalog
+    from skillbook.catalog import measured
+    from skillbook.errors import SkillbookError
+
+    commands, specs = {}, {}
+    for skill in catalog.load_all():
+        record = measured.load(skill.path)
+        if record and record["provenance"]:
+            commands[skill.name] = record["provenance"]["command"]
+    for name, path in pipelines.items():
+        record = measured.load_file(path)
+        specs[name] = measured.pipeline_spec(root, path, record)
+        commands[name] = record["provenance"].get("command") or f"skills run {specs[name]}"
+    unknown = sorted(set(names) - set(commands))
+    if unknown:
+        raise SkillbookError(f"no measured record for {', '.join(unknown)}; records: {', '.join(sorted(commands))}")
+    order = measured.rerun_order(
+        {n: commands[n] for n in (measured.with_inputs(names, commands) if names else commands)}
+    )
+    workdir = (workdir or Path.cwd() / time.strftime("measured-runs-%Y%m%d-%H%M%S")).resolve()
+    if workdir.exists() and any(workdir.iterdir()):
+        raise SkillbookError(f"--workdir {workdir} is not empty: reruns start from nothing, so give an empty one")
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("SKILLBOOK_RUNS", "SKILLBOOK_SMOKE_STEPS")}
+    ran: dict[Path, Path] = {}  # a pipeline file -> its runs dir (the sweeps share one pipeline run)
+    for i, name in enumerate(order, 1):
+        if name in specs:
+            runs = ran.get(specs[name]) or workdir / "pipelines" / specs[name].stem
+            argv = ["run", str(specs[name]), "--runs-dir", str(runs)]
+        else:
+            runs, argv = workdir / "runs" / name, shlex.split(commands[name])[1:]
+        click.echo(f"[{i}/{len(order)}] {name}: {commands[name]}", err=True)
+        if not (name in specs and specs[name] in ran):
+            done = subprocess.run([sys.executable, "-m", "skillbook.cli", *argv], cwd=workdir, env=env, text=True,
+                                  capture_output=True)  # fmt: skip
+            if done.returncode != 0:
+                raise SkillbookError(f"{name}: `{commands[name]}` failed in {workdir}:\n{done.stderr[-1500:]}")
+        if name in specs:
+            ran[specs[name]] = runs
+            _record_pipeline(root, name, pipelines[name], sorted(runs.glob("pipelines/*/*/pipeline.json"))[-1].parent)
+        else:
+            _record_skill(catalog.find(name), runs / "latest", None)
 
 
 def _command(skill, run_dir: Path) -> str:

@@ -14,8 +14,9 @@ from skillbook.run import pipeline, schemas
 
 
 def rule_pipelines(root: Path) -> Iterator[Finding]:
-    """SB401: every pipeline validates (configs, references, artifact kinds)."""
-    for path in catalog.pipeline_files(root):
+    """SB401: every pipeline validates (configs, references, artifact kinds), the sweeps under recipes/sweeps/ too."""
+    sweeps = sorted((root / "recipes" / "sweeps").glob("*.yaml"))
+    for path in [*catalog.pipeline_files(root), *sweeps]:
         validate = getattr(pipeline, "validate_file", None)
         if validate is None:
             return
