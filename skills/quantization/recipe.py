@@ -268,6 +268,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         r["speedup_vs_fp32"] = (r["decode_tokens_per_s"] or 0) / rows[0]["decode_tokens_per_s"]
     (ctx.out_dir / "quantization.json").write_text(json.dumps(rows, indent=2) + "\n")
     main = next(r for r in rows if r["name"] == f"GGUF {cfg.type}")
+    row_keys = ("size_bytes", "bits_per_weight", "perplexity", "ppl_delta", "decode_tokens_per_s", "speedup_vs_fp32")
     ctx.summary.update(
         type=cfg.type,
         architecture=plan["architecture"],
@@ -280,6 +281,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         ppl_delta=round(main["ppl_delta"], 4),
         decode_tokens_per_s=round(main["decode_tokens_per_s"], 1),
         speedup_vs_fp32=round(main["speedup_vs_fp32"], 2),
+        formats={r["name"]: {k: r[k] for k in row_keys} for r in rows},  # SKILL.md's measured table reads these
     )
     lines = [
         f"# quantization: {model_dir.name}",
