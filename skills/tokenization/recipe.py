@@ -86,7 +86,7 @@ class Config(RecipeConfig):
         ge=300,
         le=1_048_576,
         description=(
-            "Target vocabulary size including specials. The tiny world saturates near 950 (every word is a token); "
+            "Target vocabulary size including specials. The tiny world saturates below 1,024 (every word is a token); "
             "real models use 32000-262144."
         ),
     )
