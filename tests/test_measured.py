@@ -135,6 +135,11 @@ def test_a_pipeline_record_renders_into_its_doc_and_refuses_reused_steps(demo_ro
     res = _measured(demo_root, "--record", "twice")
     assert res.exit_code != 0 and "reused from earlier runs" in res.output and "Traceback" not in res.output
     assert (recipes / "twice.measured.json").read_text() == before
+    res = _measured(demo_root, "--rerun", "twice", "--workdir", str(demo_root / "rerun"))  # a fresh pipeline run
+    assert res.exit_code == 0, res.output
+    again = json.loads((recipes / "twice.measured.json").read_text())
+    assert again["values"]["b.total"] == 6 and again["provenance"]["run"] != json.loads(before)["provenance"]["run"]
+    assert not _pipeline_findings(demo_root)
 
 
 def _pipeline_findings(root: Path) -> list[str]:

@@ -281,10 +281,15 @@ def pipeline_doc(root: Path, record: dict) -> Path:
     return Path(root) / record.get("doc", "README.md")
 
 
+def load_pipeline_record(record_path: Path) -> dict:
+    """A pipeline record, named by its file (the name picks its block's marker, even before a first run)."""
+    return {**load_file(record_path), "pipeline": record_path.name.removesuffix(PIPELINE_SUFFIX)}
+
+
 def pipeline_problems(root: Path, record_path: Path) -> list[tuple[str, str, str]]:
     """SB209/SB210 for a pipeline's record and the block in its document."""
-    name = record_path.name.removesuffix(PIPELINE_SUFFIX)
-    record = {**load_file(record_path), "pipeline": name}
+    record = load_pipeline_record(record_path)
+    name = record["pipeline"]
     doc = pipeline_doc(root, record)
     if not doc.is_file():
         return [("SB209", "error", f"{record_path.name} names doc {doc.name}, which does not exist")]

@@ -189,9 +189,9 @@ def measured_cmd(names, do_record, run_dir, keys, write, rerun, workdir) -> None
     rows = [(s.name, s.path / measured.RECORD, s.skill_md) for s in skills if (s.path / measured.RECORD).is_file()]
     for name, path in pipelines.items():
         if not names or name in names:
-            rows.append((name, path, measured.pipeline_doc(root, measured.load_file(path))))
+            rows.append((name, path, measured.pipeline_doc(root, measured.load_pipeline_record(path))))
     for name, path, doc in rows:
-        record = {**measured.load_file(path), **({"pipeline": name} if name in pipelines else {})}
+        record = measured.load_pipeline_record(path) if name in pipelines else measured.load_file(path)
         if write and record["provenance"]:
             doc.write_text(measured.with_block(doc.read_text(encoding="utf-8"), record), encoding="utf-8")
         if name in pipelines:
@@ -229,7 +229,7 @@ def _record_pipeline(root: Path, name: str, path: Path, run_dir: Path | None) ->
     from skillbook.errors import SkillbookError
     from skillbook.run import pipeline, rundirs
 
-    layout = measured.load_file(path)
+    layout = measured.load_pipeline_record(path)
     spec = measured.pipeline_spec(root, path, layout)
     spec_name = pipeline.load_spec(spec).name
     if run_dir is None:
