@@ -11,6 +11,11 @@ LOCK    := requirements.lock
 # CPU; LLAVA_BUILD=OFF skips the multimodal library (51 of 178 objects), which nothing here loads.
 export CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAVA_BUILD=OFF
 WHEELS  ?= $(HOME)/.cache/skillbook/wheels
+# pytest-xdist workers for `make test`: each gets cores / workers threads and its own test files; one builds
+# each shared session fixture (tests/conftest.py). Tiny-model tests are mostly one-core Python, so 2 workers
+# on 2 cores nearly halve the suite. TEST_JOBS=0 runs it in one process.
+TEST_JOBS ?= 2
+XDIST   := $(if $(filter 0,$(TEST_JOBS)),,-n $(TEST_JOBS) --dist loadfile)
 STAMP   := $(VENV)/.installed-$(shell echo '$(EXTRAS)' | tr ',' '-')
 LLAMA_V := $(shell sed -n 's/^llama[-_]cpp[-_]python==//p' $(LOCK))
 BUILD   := $(VENV)/llama-build
@@ -85,9 +90,9 @@ browser:
 test: setup browser code
 	$(SKILLS) lint
 	rm -f build/family-matrix.json
-	SKILLBOOK_SUPPORT_OUT=build/family-matrix.json $(PY) -m pytest -q --durations=30
+	SKILLBOOK_SUPPORT_OUT=build/family-matrix.json $(PY) -m pytest -q --durations=30 $(XDIST)
 	$(SKILLS) support --check build/family-matrix.json
-	SKILLBOOK_AUTO_DTYPE=bfloat16 $(PY) -m pytest -q -m autocast
+	SKILLBOOK_AUTO_DTYPE=bfloat16 $(PY) -m pytest -q -m autocast $(XDIST)
 
 # Re-measure the skill x model-family table and write it into README.md (commit both).
 support: setup

@@ -2,7 +2,8 @@
 
 Session-scoped so the whole suite prepares data, trains a tokenizer and pretrains the tiny
 model once; tests that need them ask for the fixture, and tests that only need the
-catalog never pay for them.
+catalog never pay for them. Under pytest-xdist (`make test` runs 2 workers) the first worker to ask builds
+each of these runs and the others reuse it (`shared`), so nothing trains twice.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from skillbook import catalog
 from skillbook.run import recipe, runner
@@ -23,7 +25,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # One thread count for the whole suite (and the `skills run` subprocesses it starts): tests that compare
 # two runs (resume, DDP parity, the pipeline cache) need both to add floats in the same order, and the
 # runner would otherwise pick threads from the load of the moment. test_threads covers that choice.
-os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
+# Under pytest-xdist each worker gets its share of the cores, so N workers never oversubscribe them. A value the
+# user set is kept; the one this file set in the xdist controller (inherited by its workers) is not.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if os.environ.get("OMP_NUM_THREADS") in (None, os.environ.get("SKILLBOOK_SUITE_THREADS")):
+    os.environ["OMP_NUM_THREADS"] = os.environ["SKILLBOOK_SUITE_THREADS"] = str(
+        max(1, len(os.sched_getaffinity(0)) // _WORKERS)
+    )
 
 
 def run_skill(name: str, runs_dir: Path, sets: dict | None = None, preset: str | None = None) -> dict:
@@ -53,30 +61,47 @@ def output(result: dict, name: str) -> Path:
     return Path(result["outputs"][name]["path"])
 
 
+def shared(tmp_path_factory: pytest.TempPathFactory, name: str, build):
+    """build() once per test session: alone, that is this process; under pytest-xdist, the first worker to get
+    the lock builds it and leaves its JSON result (paths into its own temp dir, which lives as long as the
+    session) for the other workers."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build()
+    root = tmp_path_factory.getbasetemp().parent  # the session's temp dir, shared by its workers
+    done = root / f"shared-{name}.json"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if done.is_file():
+            return json.loads(done.read_text())
+        value = build()
+        done.write_text(json.dumps(value))
+        return value
+
+
 @pytest.fixture(scope="session")
 def session_runs(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
 @pytest.fixture(scope="session")
-def prepared(session_runs) -> dict:
+def prepared(session_runs, tmp_path_factory) -> dict:
     """data-preparation on the embedded synthetic world (seed 0)."""
-    return run_skill("data-preparation", session_runs)
+    return shared(tmp_path_factory, "prepared", lambda: run_skill("data-preparation", session_runs))
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(prepared, session_runs) -> Path:
+def tokenizer_dir(prepared, session_runs, tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer trained on the prepared corpus."""
-    res = run_skill("tokenization", session_runs, {"corpus": str(output(prepared, "corpus"))})
-    return output(res, "tokenizer")
+    sets = {"corpus": str(output(prepared, "corpus"))}
+    return output(
+        shared(tmp_path_factory, "tokenizer", lambda: run_skill("tokenization", session_runs, sets)), "tokenizer"
+    )
 
 
 @pytest.fixture(scope="session")
-def pretrained(prepared, tokenizer_dir, session_runs) -> dict:
+def pretrained(prepared, tokenizer_dir, session_runs, tmp_path_factory) -> dict:
     """The tiny pretraining run (default config) on the prepared corpus."""
-    return run_skill(
-        "pretraining", session_runs, {"corpus": str(output(prepared, "corpus")), "tokenizer": str(tokenizer_dir)}
-    )
+    sets = {"corpus": str(output(prepared, "corpus")), "tokenizer": str(tokenizer_dir)}
+    return shared(tmp_path_factory, "pretrained", lambda: run_skill("pretraining", session_runs, sets))
 
 
 @pytest.fixture(scope="session")
@@ -85,7 +110,7 @@ def pretrained_model(pretrained) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sft_run(prepared, pretrained_model, session_runs) -> dict:
+def sft_run(prepared, pretrained_model, session_runs, tmp_path_factory) -> dict:
     """The default sft run on the session's pretrained model: test_sft checks it, and dpo, grpo and
     reward-modeling start from its merged model. Session-scoped, so it trains once per session."""
     sets = {
@@ -93,7 +118,7 @@ def sft_run(prepared, pretrained_model, session_runs) -> dict:
         "data": str(output(prepared, "sft_data")),
         "eval_data": str(output(prepared, "eval_data")),
     }
-    return run_skill("sft", session_runs, sets)
+    return shared(tmp_path_factory, "sft", lambda: run_skill("sft", session_runs, sets))
 
 
 @pytest.fixture(scope="session")
@@ -102,35 +127,38 @@ def sft_model(sft_run) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reward_model_run(prepared, sft_model, session_runs) -> dict:
+def reward_model_run(prepared, sft_model, session_runs, tmp_path_factory) -> dict:
     """The default reward-modeling run on the session's sft model: test_reward_modeling checks it, and rlhf
     scores its policy with it. Session-scoped, so it trains once per session."""
     sets = {"model": str(sft_model), "data": str(output(prepared, "preference_data"))}
-    return run_skill("reward-modeling", session_runs, sets)
+    return shared(tmp_path_factory, "reward-model", lambda: run_skill("reward-modeling", session_runs, sets))
 
 
 @pytest.fixture(scope="session")
-def guardrails_smoke_run(prepared, sft_model, session_runs) -> dict:
+def guardrails_smoke_run(prepared, sft_model, session_runs, tmp_path_factory) -> dict:
     """A few-step guardrails run on the sft model: the `runs/guardrails/latest/...` of the docs' smoke-run
     `slow` blocks (serve the model behind the guard). Its numbers mean nothing; test_guardrails has its own."""
     sets = {"model": str(sft_model), "data": str(output(prepared, "sft_data")), "guard_steps": 4, "steps": 4}
-    return run_skill("guardrails", session_runs, {**sets, "eval_limit": 8})
+    return shared(
+        tmp_path_factory, "guardrails-smoke", lambda: run_skill("guardrails", session_runs, {**sets, "eval_limit": 8})
+    )
 
 
 @pytest.fixture(scope="session")
-def tool_use_smoke_run(pretrained_model, session_runs) -> dict:
+def tool_use_smoke_run(pretrained_model, session_runs, tmp_path_factory) -> dict:
     """A few-step tool-use run on the pretrained model: the `runs/tool-use/latest/model` of the docs' smoke-run
     `slow` blocks. Its numbers mean nothing; test_tool_use trains its own."""
     sets = {"model": str(pretrained_model), "steps": 4, "arithmetic": 16, "lookups": 8, "eval_requests": 4}
-    return run_skill("tool-use", session_runs, sets)
+    return shared(tmp_path_factory, "tool-use-smoke", lambda: run_skill("tool-use", session_runs, sets))
 
 
 @pytest.fixture(scope="session")
-def quantized_run(prepared, sft_model, session_runs) -> dict:
+def quantized_run(prepared, sft_model, session_runs, tmp_path_factory) -> dict:
     """F32 + Q8_0 GGUFs of the sft model, small checks: the `runs/quantization/latest/gguf/model-Q8_0.gguf` of the
     docs' smoke-run `slow` blocks (the file stem is the model dir's name, `model`)."""
     sets = {"model": str(sft_model), "corpus": str(output(prepared, "corpus")), "types": ["F32", "Q8_0"]}
-    return run_skill("quantization", session_runs, {**sets, "eval_docs": 4, "decode_tokens": 8, "torch_int8": False})
+    sets = {**sets, "eval_docs": 4, "decode_tokens": 8, "torch_int8": False}
+    return shared(tmp_path_factory, "quantized", lambda: run_skill("quantization", session_runs, sets))
 
 
 @pytest.fixture
@@ -149,7 +177,12 @@ def family_model(tokenizer_dir, tmp_path_factory):
 
     def get(family: str) -> Path:
         if family not in built:
-            built[family] = build_family_model(family, tokenizer_dir, root / family)
+            made = shared(
+                tmp_path_factory,
+                f"family-{family}",
+                lambda: str(build_family_model(family, tokenizer_dir, root / family)),
+            )
+            built[family] = Path(made)
         return built[family]
 
     return get
@@ -173,7 +206,10 @@ def family_quantized(family_model, prepared, tmp_path_factory):
                 "decode_tokens": 8,
                 "torch_int8": False,
             }
-            done[family] = model_dir, run_skill("quantization", runs, sets)
+            done[family] = (
+                model_dir,
+                shared(tmp_path_factory, f"gguf-{family}", lambda: run_skill("quantization", runs, sets)),
+            )
         return done[family]
 
     return get
@@ -232,11 +268,12 @@ def pytest_sessionfinish(session, exitstatus):
     from skillbook.catalog import support
 
     path = Path(out)
-    old = support.load(path) if path.is_file() else {}
-    dtype = os.environ.get("SKILLBOOK_AUTO_DTYPE", "fp32 (tiny models: `dtype: auto` picks fp32)")
-    merged = support.merge(old, _support_cells, list(FAMILIES), f"{_cpu_name()}, {dtype}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
+    with FileLock(str(path) + ".lock"):  # each xdist worker merges its own cells into the one file
+        old = support.load(path) if path.is_file() else {}
+        dtype = os.environ.get("SKILLBOOK_AUTO_DTYPE", "fp32 (tiny models: `dtype: auto` picks fp32)")
+        merged = support.merge(old, _support_cells, list(FAMILIES), f"{_cpu_name()}, {dtype}")
+        path.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
 
 
 def _cpu_name() -> str:
