@@ -93,6 +93,21 @@ CASES += [
     ("bad-yaml-config-file", ["pretraining", "--config", "{bad}/broken.yaml"], r"broken\.yaml"),
     ("config-file-not-a-mapping", ["pretraining", "--config", "{bad}/list.yaml"], r"list\.yaml"),
     ("nproc-zero", ["pretraining", "--launcher", "torchrun", "--nproc-per-node", "0"], r"nproc-per-node"),
+    (
+        "accelerate-config-missing",
+        ["sft", "--launcher", "accelerate", "--accelerate-config", "{bad}/nope.yaml"],
+        r"--accelerate-config .*nope\.yaml does not exist",
+    ),
+    (
+        "accelerate-config-without-launcher",
+        ["sft", "--accelerate-config", "{bad}/accelerate.yaml"],
+        r"--accelerate-config .*add --launcher accelerate",
+    ),
+    (
+        "accelerate-config-not-a-config",
+        ["sft", "--launcher", "accelerate", "--accelerate-config", "{bad}/list.yaml"],
+        r"list\.yaml is not an accelerate config",
+    ),
     ("missing-pipeline-file", ["{bad}/nope.yaml"], r"nope\.yaml"),
     ("bad-pipeline-set", ["speedrun", "--dry-run", "--set", "nostep.x=1"], r"nostep"),
     ("quantization-bad-type", ["quantization", "--set", "types=[Q9_9]"], r"types"),
@@ -123,6 +138,7 @@ def bad(tmp_path_factory) -> Path:
     AutoModelForCausalLM.from_config(tiny).save_pretrained(d / "good-model")  # loads; carries no tokenizer
     (d / "broken.yaml").write_text("lr: [unclosed\n")
     (d / "list.yaml").write_text("- 1\n- 2\n")
+    (d / "accelerate.yaml").write_text("distributed_type: MULTI_GPU\nnum_processes: 2\n")
     return d
 
 

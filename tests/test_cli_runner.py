@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from skillbook.catalog import scaffold
 from skillbook.cli import main
+from skillbook.errors import SkillbookError
 from skillbook.run import recipe, runner
 
 
@@ -184,6 +185,32 @@ def test_torchrun_launcher_argv():
     assert "--nnodes=2" in multi and "--rdzv-endpoint=host:29500" in multi and "--standalone" not in multi
     assert "--max-restarts=3" in runner.Launcher("torchrun", 2, max_restarts=3).torchrun_argv(Path("/r"), Path("/s"))
     assert not any(a.startswith("--max-restarts") for a in argv)  # 0: torchrun's default, not written
+
+
+def test_accelerate_launcher_argv(tmp_path):
+    argv = runner.Launcher("accelerate", 2).argv(Path("/r"), Path("/s"))
+    assert argv[1:3] == ["-m", "accelerate.commands.launch"]
+    flags = " ".join(argv)
+    # no config file: N > 1 needs --multi_gpu (on a CPU too, else accelerate starts one process); the recipe's
+    # precision block decides mixed precision; one node takes a free port (two runs on one machine)
+    assert "--num_processes 2" in flags and "--multi_gpu" in argv and "--mixed_precision no" in flags
+    assert "--num_machines 1" in flags and "--main_process_port 0" in flags and "--config_file" not in argv
+    assert argv[-4:] == ["--module", "skillbook.run.worker", "/r", "/s"]
+    assert "--multi_gpu" not in runner.Launcher("accelerate").argv(Path("/r"), Path("/s"))  # 1 process
+    multi = runner.Launcher("accelerate", 8, nnodes="2", rdzv_endpoint="host:29500", max_restarts=3)
+    flags = " ".join(multi.argv(Path("/r"), Path("/s")))
+    assert "--num_processes 16 " in flags and "--num_machines 2 " in flags and "--rdzv_backend c10d" in flags
+    assert "--main_process_ip host --main_process_port 29500" in flags and "--max_restarts 3" in flags
+    # a config file decides the strategy and, unless --nproc-per-node is given, the process count
+    cfg = tmp_path / "fsdp.yaml"
+    cfg.write_text("distributed_type: FSDP\nnum_processes: 8\nnum_machines: 1\nmixed_precision: bf16\n")
+    argv = runner.Launcher("accelerate", accelerate_config=cfg).argv(Path("/r"), Path("/s"))
+    assert argv[3:5] == ["--config_file", str(cfg)] and "--num_processes" not in argv
+    assert "--multi_gpu" not in argv and "--mixed_precision" not in argv  # the file's FSDP and bf16 hold
+    argv = runner.Launcher("accelerate", 4, accelerate_config=cfg).argv(Path("/r"), Path("/s"))
+    assert "--num_processes 4" in " ".join(argv) and "--multi_gpu" not in argv
+    with pytest.raises(SkillbookError, match="accelerate takes a whole number"):
+        runner.Launcher("accelerate", 2, nnodes="1:4")
 
 
 def test_cli_startup_imports_no_torch():

@@ -25,7 +25,16 @@ from skillbook.ml.hf_models import (
     reload_adapter_bf16,
     resolve_model,
 )
-from skillbook.ml.posttrain import log_callback, metric_history, precision_name, quiet_trainer, report_md, trl_args
+from skillbook.ml.posttrain import (
+    finish_training,
+    log_callback,
+    metric_history,
+    precision_name,
+    quiet_trainer,
+    report_md,
+    sharded,
+    trl_args,
+)
 from skillbook.run.blocks import BlockConfig, Logging, LoRA, Optim, Precision
 from skillbook.run.runner import RunContext
 
@@ -168,14 +177,12 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     margins = metric_history(trainer, "rewards/margins")
     accuracies = metric_history(trainer, "rewards/accuracies")
 
-    # ---- save: adapter, merged model (verified), tokenizer ----------------------------------
-    if not ctx.is_main:
-        return {}
+    # ---- save: adapter + tokenizer (every rank: gathers FSDP/ZeRO-3 shards), merged model (verified)
     adapter_dir, model_dir = ctx.out_dir / "adapter", ctx.out_dir / "model"
+    if not finish_training(trainer, ctx, adapter_dir):
+        return {"adapter": adapter_dir, "model": model_dir}  # the other ranks: rank 0 writes these
     tuned = trainer.model
-    tuned.save_pretrained(adapter_dir)
-    tok.save_pretrained(adapter_dir)
-    if cfg.method == "qlora":  # merge into a bf16 copy of the base, never into 4-bit weights
+    if cfg.method == "qlora" or sharded(trainer):  # merge into a bf16 copy of the base: never 4-bit or a shard
         tuned = reload_adapter_bf16(model_ref, adapter_dir)
     merge_diff = merge_and_save(tuned, tok, model_dir, [r["prompt"] + r["chosen"] for r in test_rows[:4]])
     ctx.info(f"merged model reloaded; max |logit difference| vs adapter model = {merge_diff:.2e}")

@@ -22,9 +22,19 @@ from skillbook.ml.hf_models import (
     lora_config,
     lora_targets,
     merge_and_save,
+    reload_adapter_bf16,
     resolve_model,
 )
-from skillbook.ml.posttrain import log_callback, metric_history, precision_name, quiet_trainer, report_md, trl_args
+from skillbook.ml.posttrain import (
+    finish_training,
+    log_callback,
+    metric_history,
+    precision_name,
+    quiet_trainer,
+    report_md,
+    sharded,
+    trl_args,
+)
 from skillbook.ml.rewards import answer_reward, mean_sampled_reward
 from skillbook.run.blocks import BlockConfig, Logging, LoRA, Optim, Precision
 from skillbook.run.runner import RunContext
@@ -199,14 +209,13 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     trainer.train()
     train_rewards = metric_history(trainer, "reward")
 
-    # ---- save: adapter, merged model (verified), tokenizer ----------------------------------
-    if not ctx.is_main:
-        return {}
+    # ---- save: adapter + tokenizer (every rank: gathers FSDP/ZeRO-3 shards), merged model (verified)
     adapter_dir, model_dir = ctx.out_dir / "adapter", ctx.out_dir / "model"
-    trainer.model.save_pretrained(adapter_dir)
-    tok.padding_side = "right"
-    tok.save_pretrained(adapter_dir)
-    merge_diff = merge_and_save(trainer.model, tok, model_dir, [r["prompt"] + r["completion"] for r in eval_rows[:4]])
+    tok.padding_side = "right"  # the saved tokenizer pads as the other skills expect
+    if not finish_training(trainer, ctx, adapter_dir):
+        return {"adapter": adapter_dir, "model": model_dir}  # the other ranks: rank 0 writes these
+    tuned = reload_adapter_bf16(model_ref, adapter_dir) if sharded(trainer) else trainer.model  # never a shard
+    merge_diff = merge_and_save(tuned, tok, model_dir, [r["prompt"] + r["completion"] for r in eval_rows[:4]])
 
     # ---- measure again on the merged model --------------------------------------------------
     merged = load_causal_lm(str(model_dir), weights=cfg.precision.weights)

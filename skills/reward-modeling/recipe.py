@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from skillbook.errors import ConfigError
 from skillbook.ml.data_files import DataPath
 from skillbook.ml.finetune_data import pair_rows, to_dataset
 from skillbook.ml.hf_models import (
@@ -23,7 +24,16 @@ from skillbook.ml.hf_models import (
     resolve_model,
     weights_dtype,
 )
-from skillbook.ml.posttrain import log_callback, metric_history, precision_name, quiet_trainer, report_md, trl_args
+from skillbook.ml.posttrain import (
+    finish_training,
+    log_callback,
+    metric_history,
+    precision_name,
+    quiet_trainer,
+    report_md,
+    sharded,
+    trl_args,
+)
 from skillbook.ml.rewards import pairwise_accuracy
 from skillbook.run.blocks import BlockConfig, Logging, LoRA, Optim, Precision
 from skillbook.run.runner import RunContext
@@ -127,18 +137,21 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         callbacks=[log_callback(ctx, cfg.steps)],
     )
     quiet_trainer(trainer)
+    if cfg.method == "lora" and sharded(trainer):  # the merge below needs the whole model on rank 0
+        raise ConfigError("method=lora under FSDP/DeepSpeed: the adapter merge needs a full replica; use DDP or full")
     trainable, total = count_params(trainer.model)
     ctx.info(f"method={cfg.method}: training {trainable:,} of {total:,} parameters, {precision_name(args)}")
     trainer.train()
     losses = metric_history(trainer, "loss")
 
     # ---- save: one hf-model directory (adapters merged) with its tokenizer -------------------
-    if not ctx.is_main:
-        return {}
+    # full: every rank saves (gathers FSDP/ZeRO-3 shards); lora: rank 0 merges its replica, then saves
     model_dir = ctx.out_dir / "model"
-    tuned = trainer.model.merge_and_unload() if cfg.method == "lora" else trainer.model
-    tuned.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    if not finish_training(trainer, ctx, model_dir if cfg.method == "full" else None):
+        return {"model": model_dir}  # the other ranks: rank 0 writes it
+    if cfg.method == "lora":
+        trainer.model.merge_and_unload().save_pretrained(model_dir)
+        tok.save_pretrained(model_dir)
 
     # ---- reload the way users will, and measure on held-out pairs ---------------------------
     reloaded = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()

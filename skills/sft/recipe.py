@@ -25,7 +25,16 @@ from skillbook.ml.hf_models import (
     reload_adapter_bf16,
     resolve_model,
 )
-from skillbook.ml.posttrain import log_callback, metric_history, precision_name, quiet_trainer, report_md, trl_args
+from skillbook.ml.posttrain import (
+    finish_training,
+    log_callback,
+    metric_history,
+    precision_name,
+    quiet_trainer,
+    report_md,
+    sharded,
+    trl_args,
+)
 from skillbook.run.blocks import BlockConfig, Logging, LoRA, Optim, Precision
 from skillbook.run.runner import RunContext
 
@@ -148,20 +157,17 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     trainer.train()
     losses = metric_history(trainer, "loss")
 
-    # ---- save: adapter, then the merged model (verified) with its tokenizer -----------------
-    adapter_dir, model_dir = ctx.out_dir / "adapter", ctx.out_dir / "model"
-    tuned = trainer.model
-    if not ctx.is_main:
-        return {}
+    # ---- save (every rank: gathers FSDP/ZeRO-3 shards) the adapter, or the full model ---------
+    model_dir = ctx.out_dir / "model"
+    # full fine-tuning has no adapter: the output points at the full model
+    adapter_dir = model_dir if cfg.method == "full" else ctx.out_dir / "adapter"
+    if not finish_training(trainer, ctx, adapter_dir):
+        return {"adapter": adapter_dir, "model": model_dir}  # the other ranks: rank 0 writes these
     if cfg.method == "full":
-        tuned.save_pretrained(model_dir)
-        tok.save_pretrained(model_dir)
-        adapter_dir = model_dir  # full fine-tuning has no adapter: the output points at the full model
         merge_diff = 0.0
-    else:
-        tuned.save_pretrained(adapter_dir)
-        tok.save_pretrained(adapter_dir)
-        if cfg.method == "qlora":  # merge into a bf16 copy of the base, never into 4-bit weights
+    else:  # then rank 0 alone: merge (verified) and save the merged model with its tokenizer
+        tuned = trainer.model
+        if cfg.method == "qlora" or sharded(trainer):  # into a bf16 copy of the base: never 4-bit or a shard
             tuned = reload_adapter_bf16(model_ref, adapter_dir)
         merge_diff = merge_and_save(tuned, tok, model_dir, [r["prompt"] + r["completion"] for r in eval_rows[:4]])
         ctx.info(f"merged model reloaded; max |logit difference| vs adapter model = {merge_diff:.2e}")

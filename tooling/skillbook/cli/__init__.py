@@ -121,11 +121,22 @@ def _pipeline_target(name: str, root: Path) -> Path | None:
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override one field (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.option("--dry-run", is_flag=True, help="Print the resolved config and planned outputs; run nothing.")
-@click.option("--launcher", type=click.Choice(["local", "torchrun"]), default="local")
-@click.option("--nproc-per-node", type=int, default=1)
+@click.option(
+    "--launcher",
+    type=click.Choice(["local", "torchrun", "accelerate"]),
+    default="local",
+    help="local: this process; torchrun or accelerate: N processes (accelerate for the Trainer-based recipes).",
+)
+@click.option("--nproc-per-node", type=int, default=None, help="Processes per node (default 1).")
 @click.option("--nnodes", default=None)
-@click.option("--rdzv-endpoint", default=None)
-@click.option("--max-restarts", type=int, default=0, help="torchrun: restart failed workers this often (elastic).")
+@click.option("--rdzv-endpoint", default=None, help="HOST:PORT of node 0 (multi-node).")
+@click.option("--max-restarts", type=int, default=0, help="Restart failed workers this often (elastic).")
+@click.option(
+    "--accelerate-config",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="An accelerate YAML (DDP, FSDP, DeepSpeed, mixed precision); with --launcher accelerate.",
+)
 @click.option(
     "--runs-dir", type=click.Path(path_type=Path), default=None, help="Where run directories go (default ./runs)."
 )
@@ -142,6 +153,7 @@ def run(
     nnodes,
     rdzv_endpoint,
     max_restarts,
+    accelerate_config,
     runs_dir,
     force,
 ):
@@ -164,6 +176,7 @@ def run(
     except SkillNotFound as exc:
         pipelines = ", ".join(p.stem for p in catalog.pipeline_files(root)) or "none"
         raise SkillNotFound(f"{exc}; known pipelines: {pipelines} (or a pipeline file path ending in .yaml)") from exc
+    launch = runner.Launcher(launcher, nproc_per_node, nnodes, rdzv_endpoint, max_restarts, accelerate_config)
     rec = recipe_mod.load(skill.path)
     cfg = recipe_mod.resolve(rec, preset=preset, config_file=config_file, sets=list(sets))
     if dry_run:
@@ -175,7 +188,6 @@ def run(
             nl=False,
         )
         return
-    launch = runner.Launcher(launcher, nproc_per_node, nnodes, rdzv_endpoint, max_restarts)
     result = runner.run(rec, cfg, launch, runs_dir=runs_dir)
     if as_json:
         click.echo(json.dumps(result, indent=2))

@@ -120,6 +120,36 @@ def quiet_trainer(trainer: Any) -> Any:
     return trainer
 
 
+def sharded(trainer: Any) -> bool:
+    """True when FSDP or DeepSpeed (from `--launcher accelerate --accelerate-config`) shards the trained model:
+    rank 0 then holds only a shard, so merging or evaluating starts from what finish_training saved."""
+    return bool(trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+
+
+def finish_training(trainer: Any, ctx: Any, save_to: Path | None) -> bool:
+    """After trainer.train(), on every rank: save the trained model (a PeftModel saves its adapter) and the
+    trainer's tokenizer to `save_to`, record the process layout; True on rank 0, which goes on alone.
+
+    Every rank must call it: under FSDP or DeepSpeed ZeRO-3 the save gathers the shards (a collective),
+    and Trainer.save_model writes on the main process only. After it no rank runs a collective again, so
+    the other ranks return their output paths while rank 0 merges, measures and writes the report.
+    """
+    args = trainer.args
+    if save_to is not None:
+        if trainer.is_fsdp_enabled:  # a sharded state dict would leave no loadable model in save_to
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(save_to))
+        if ctx.is_main:  # the run's config.yaml records the run; keep the artifact what save_pretrained writes
+            (Path(save_to) / "training_args.bin").unlink(missing_ok=True)
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    ctx.summary.update(world_size=args.world_size, global_batch=global_batch)
+    ctx.info(
+        f"trained on {args.world_size} process(es) ({trainer.accelerator.distributed_type.value}), "
+        f"{global_batch} sequences per optimizer step"
+    )
+    return bool(ctx.is_main)
+
+
 def metric_history(trainer: Any, key: str) -> list[float]:
     """Values of `key` in the trainer's log history, in order."""
     return [float(h[key]) for h in trainer.state.log_history if key in h]

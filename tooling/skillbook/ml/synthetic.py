@@ -22,6 +22,7 @@ assembles the `Dataset` and writes it as JSONL artifacts.
 from __future__ import annotations
 
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +74,16 @@ def generate(
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """One JSON object per line, UTF-8, keys in insertion order (byte-stable)."""
+    """One JSON object per line, UTF-8, keys in insertion order (byte-stable).
+
+    Written to a temporary name, then renamed into place: every rank of a multi-process run writes the same
+    embedded data to the same path, and a reader must never see another rank's half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as fh:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def split_corpus(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

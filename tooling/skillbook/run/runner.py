@@ -2,9 +2,9 @@
 
 A run directory `runs/<skill>/<time>-<confighash>/` holds config.yaml, metrics.jsonl,
 log.txt, outputs.json, env.json (skillbook.run.environment) and report.md. Nothing is created
-before the config validates. `--launcher torchrun` hands the same run directory to
-`torch.distributed.run`, whose workers re-enter through `skillbook.run.worker`; every rank
-returns the same outputs, rank 0 alone writes. A skill run by another (`ctx.run_skill`) runs
+before the config validates. `--launcher torchrun` (or `accelerate`, skillbook.run.launchers) hands the
+same run directory to `torch.distributed.run`, whose workers re-enter through `skillbook.run.worker`;
+every rank returns the same outputs, rank 0 alone writes. A skill run by another (`ctx.run_skill`) runs
 in-process into a sub-directory of the caller's run.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 from skillbook.errors import SkillbookError
 from skillbook.run import environment, threads
 from skillbook.run import recipe as recipe_mod
+from skillbook.run.launchers import Launcher
 from skillbook.run.rundirs import link_latest, new_run_dir, run_lock
 from skillbook.run.smoke import SMOKE_ENV, SMOKE_RECORD, smoke_cap
 
@@ -338,37 +339,6 @@ def prepare(
     return run_dir
 
 
-@dataclass
-class Launcher:
-    """How to start the run: in-process, or torchrun with N processes per node (restarted up to
-    `max_restarts` times when one fails: elastic; a recipe with `resume=auto` continues from its checkpoint)."""
-
-    kind: str = "local"
-    nproc_per_node: int = 1
-    nnodes: str | None = None
-    rdzv_endpoint: str | None = None
-    max_restarts: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("local", "torchrun"):
-            raise SkillbookError(f"--launcher {self.kind!r}: use 'local' or 'torchrun'")
-        if self.nproc_per_node < 1:
-            raise SkillbookError("--nproc-per-node must be at least 1")
-        if self.max_restarts < 0:
-            raise SkillbookError("--max-restarts must be 0 or more")
-
-    def torchrun_argv(self, run_dir: Path, skill_dir: Path) -> list[str]:
-        argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={self.nproc_per_node}"]
-        argv += [f"--max-restarts={self.max_restarts}"] if self.max_restarts else []
-        if self.nnodes:
-            argv.append(f"--nnodes={self.nnodes}")
-        if self.rdzv_endpoint:
-            argv += ["--rdzv-backend=c10d", f"--rdzv-endpoint={self.rdzv_endpoint}"]
-        else:
-            argv.append("--standalone")
-        return argv + ["-m", "skillbook.run.worker", str(run_dir), str(skill_dir)]
-
-
 def run(
     recipe: recipe_mod.Recipe,
     cfg: recipe_mod.RecipeConfig,
@@ -390,10 +360,11 @@ def run(
 
 
 def launch(recipe: recipe_mod.Recipe, launcher: Launcher, run_dir: Path) -> dict:
-    """torchrun over skillbook.run.worker in run_dir; the result rank 0 wrote."""
-    proc = subprocess.run(launcher.torchrun_argv(run_dir, recipe.skill_dir), stdout=sys.stderr)
+    """torchrun or accelerate over skillbook.run.worker in run_dir; the result rank 0 wrote."""
+    proc = subprocess.run(launcher.argv(run_dir, recipe.skill_dir), stdout=sys.stderr)
     if proc.returncode != 0:
+        name = "accelerate launch" if launcher.kind == "accelerate" else "torchrun"
         raise SkillbookError(
-            f"torchrun exited with {proc.returncode}; see {run_dir / 'error.txt'} and {run_dir / 'log.txt'}"
+            f"{name} exited with {proc.returncode}; see {run_dir / 'error.txt'} and {run_dir / 'log.txt'}"
         )
     return json.loads((run_dir / "outputs.json").read_text())
