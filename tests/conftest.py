@@ -256,6 +256,9 @@ def pytest_runtest_makereport(item, call):
         cell = {"status": "fail"}
     else:
         cell = {"status": "refused", "reason": reason} if reason else {"status": "pass"}
+        values = next((v for k, v in item.user_properties if k == "support_values"), None)
+        if values and not reason:  # what the cell measured, rendered by `skills support --write`
+            cell.update(values=values, machine=_machine())
     if _support_cells.get(skill, {}).get(family, {}).get("status") != "fail":  # a failed setup/teardown sticks
         _support_cells.setdefault(skill, {})[family] = cell
 
@@ -271,16 +274,18 @@ def pytest_sessionfinish(session, exitstatus):
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):  # each xdist worker merges its own cells into the one file
         old = support.load(path) if path.is_file() else {}
-        dtype = os.environ.get("SKILLBOOK_AUTO_DTYPE", "fp32 (tiny models: `dtype: auto` picks fp32)")
-        merged = support.merge(old, _support_cells, list(FAMILIES), f"{_cpu_name()}, {dtype}")
+        merged = support.merge(old, _support_cells, list(FAMILIES), _machine())
         path.write_text(json.dumps(merged, indent=2) + "\n", encoding="utf-8")
 
 
+def _machine() -> str:
+    """The CPU and autocast dtype a support cell was measured with."""
+    return f"{_cpu_name()}, {os.environ.get('SKILLBOOK_AUTO_DTYPE', 'fp32 (tiny models: `dtype: auto` picks fp32)')}"
+
+
 def _cpu_name() -> str:
-    """'AMD EPYC 7B13 (2 cores)': the machine a support table was measured on."""
-    try:
-        with open("/proc/cpuinfo") as fh:
-            name = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), "unknown CPU")
-    except OSError:
-        name = "unknown CPU"
-    return f"{name} ({len(os.sched_getaffinity(0))} cores)"
+    """'AMD EPYC, family 25 model 1 (avx2, no native bf16) (2 cores)': the CPU kind a support cell was measured
+    on (fp32 kernels, and so the tiny models' digits, differ between CPU kinds)."""
+    from skillbook.run import environment
+
+    return f"{environment.cpu_info()} ({len(os.sched_getaffinity(0))} cores)"

@@ -65,10 +65,19 @@ def ids_of(tok, text: str) -> list[int]:
 
 @pytest.mark.family_matrix("quantization")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_quantization_on_family(family_quantized, family):
-    """The skill's own run: converted, checked (token ids, F32 parity) and measured."""
+def test_quantization_on_family(family_quantized, family, record_property):
+    """The skill's own run: converted, checked (token ids, F32 parity) and measured; the values go to the
+    support table's record, which renders quantization's SKILL.md family table."""
     _, res = family_quantized(family)
     s = res["summary"]
+    values = {
+        "converter class": s["architecture"],
+        "pre-tokenizer": f"`{s['pre_tokenizer']}`",
+        "F32 max abs logit diff / max abs logit": s["f32_logit_rel_diff"],
+        "token ids equal (docs)": f"{s['tokenization_equal_docs']} of 4",
+        "Q8_0 bits per weight": s["bits_per_weight"],
+    }
+    record_property("support_values", values)
     assert s["f32_logit_rel_diff"] < PARITY and s["tokenization_equal_docs"] == 4
     assert s["pre_tokenizer"] == ("qwen2" if family == "qwen2" else "gpt-2")  # transformers 5's Qwen2Tokenizer
     assert output(res, "gguf").name.endswith("-Q8_0.gguf") and 8.0 < s["bits_per_weight"] < 12.0  # biases, norms: F32

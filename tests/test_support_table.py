@@ -58,3 +58,28 @@ def test_readme_shows_the_published_table():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     expected = support.with_table(readme, support.markdown_table(support.load(published)))
     assert readme == expected, "README.md's support table is stale: run `skills support --write`"
+
+
+def test_values_table_renders_recorded_values_with_their_machine():
+    cells = {
+        "llama": {"status": "pass", "values": {"rel diff": 4.7e-07, "ids": "4 of 4"}, "machine": "CPU X, fp32"},
+        "gpt2": {"status": "pass"},  # no values recorded: no row
+    }
+    results = {"families": ["llama", "gpt2"], "cells": {"quantization": cells}}
+    table = support.values_table(results, "quantization")
+    assert table is not None and "| llama | 4.7e-07 | 4 of 4 |" in table and "gpt2" not in table
+    assert "on CPU X, fp32." in table
+    start = support.values_start("quantization")
+    doc = f"a\n{start}\nold\n{support.VALUES_END}\nb\n"
+    assert support.with_values(doc, results) == f"a\n{start}\n{table}{support.VALUES_END}\nb\n"
+    with pytest.raises(ValueError, match="no values for 'sft'"):
+        support.with_values(doc.replace("quantization", "sft"), results)
+
+
+def test_skill_docs_show_the_published_family_values():
+    published = support.load(ROOT / support.RESULTS)
+    docs = [d for d in sorted((ROOT / "skills").glob("*/SKILL.md")) if "<!-- support-values:start " in d.read_text()]
+    assert docs, "quantization's family table is generated from the support record"
+    for doc in docs:
+        text = doc.read_text()
+        assert text == support.with_values(text, published), f"{doc} is stale: run `skills support --write`"

@@ -136,6 +136,18 @@ def support_cmd(write: bool, fresh: Path | None) -> None:
             raise SkillbookError(str(exc)) from None
         readme.write_text(text, encoding="utf-8")
         click.echo(f"wrote the support table into {readme}", err=True)
+        for skill_dir in catalog.skill_dirs(root):  # per-family values blocks (e.g. quantization's families)
+            doc = skill_dir / "SKILL.md"
+            before = doc.read_text(encoding="utf-8") if doc.is_file() else ""
+            if "<!-- support-values:start " not in before:
+                continue
+            try:
+                after = support.with_values(before, published)
+            except ValueError as exc:
+                raise SkillbookError(f"{doc.relative_to(root)}: {exc}") from None
+            if after != before:
+                doc.write_text(after, encoding="utf-8")
+                click.echo(f"wrote the family values into {doc.relative_to(root)}", err=True)
     else:
         click.echo(table, nl=False)
 
