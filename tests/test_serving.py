@@ -55,6 +55,8 @@ def test_openai_clients_concurrently_on_family(backend, family, family_model, fa
     assert "skillbook.ml.gateway" in report["gateway_command"] and "k3y" not in json.dumps(report)
     smoke = report["smoke"]
     assert smoke["ok"], smoke  # greedy: streamed chat == non-streamed chat
+    hop = report["hop"]  # the gateway's cost: medians of the same completion direct and through it
+    assert hop["requests"] == 20 and 0 < hop["direct_ms"] and 0 < hop["gateway_ms"], hop
     assert smoke["model"] == (model.stem if backend == "llama-cpp" else model.name)
     # llama_cpp.server counts usage by re-tokenizing the text, which can give max_tokens + 1
     assert 0 < smoke["completion"]["completion_tokens"] <= 5 and smoke["stream"]["chunks"] >= 1

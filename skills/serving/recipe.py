@@ -237,6 +237,9 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
                 report["guard"]["probe"] = probe(url, cfg.api_key)
             s = report["smoke"]
             ctx.info(f"smoke: completion {s['completion']['text']!r}, chat {s['chat']['text']!r}")
+            # what the gateway hop costs: medians of direct vs fronted completions, interleaved
+            report["hop"] = serve_clients.hop_cost(server.url, url, server.model_id, cfg.api_key)
+            ctx.info("gateway hop: " + json.dumps({k: round(v, 2) for k, v in report["hop"].items()}))
             if cfg.load_clients:
                 report["load"] = serve_clients.load_test(
                     url, cfg.load_clients, cfg.load_requests, cfg.max_tokens, cfg.prompt, cfg.api_key
@@ -276,6 +279,14 @@ def summarize(report: dict, ctx: RunContext) -> None:
             completion_latency_s=round(s["completion"]["latency_s"], 3),
             chat_latency_s=round(s["chat"]["latency_s"], 3),
             stream_ttft_s=round(s["stream"]["ttft_s"] or 0, 3),
+        )
+    if "hop" in report:
+        hop = report["hop"]
+        ctx.summary.update(
+            gateway_startup_s=round(report["gateway_startup_s"], 2),
+            direct_median_ms=round(hop["direct_ms"], 1),
+            gateway_median_ms=round(hop["gateway_ms"], 1),
+            gateway_overhead_ms=round(hop["overhead_ms"], 1),
         )
     if "load" in report:
         ld = report["load"]

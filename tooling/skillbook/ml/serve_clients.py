@@ -169,3 +169,17 @@ def warm_up(url: str, model: str, api_key: str | None = None) -> float:
     t = time.perf_counter()
     _client(url, api_key).completions.create(model=model, prompt="Hello", max_tokens=1, temperature=0)
     return time.perf_counter() - t
+
+
+def hop_cost(direct_url: str, gateway_url: str, model: str, api_key: str | None = None, n: int = 20) -> dict:
+    """What the gateway adds to a request: the median of `n` greedy 4-token completions sent straight to the
+    backend and the same through the gateway, alternating so both see the same machine load (ms)."""
+    clients = {"direct": _client(direct_url, api_key), "gateway": _client(gateway_url, api_key)}
+    times: dict[str, list[float]] = {"direct": [], "gateway": []}
+    for _ in range(n):
+        for name, client in clients.items():
+            t = time.perf_counter()
+            client.completions.create(model=model, prompt="Mira", max_tokens=4, temperature=0)
+            times[name].append(time.perf_counter() - t)
+    direct, gateway = (1000 * statistics.median(times[k]) for k in ("direct", "gateway"))
+    return {"requests": n, "direct_ms": direct, "gateway_ms": gateway, "overhead_ms": gateway - direct}
