@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -41,6 +40,7 @@ def main() -> int:
 
     from skillbook.ml import gguf_convert as gc
     from skillbook.ml import gguf_export as gx
+    from skillbook.run import environment
 
     torch.set_num_threads(args.threads)
     model_dir = Path(args.model)
@@ -75,7 +75,7 @@ def main() -> int:
                 "new_tokens": new,
                 "prompts": len(prompts),
                 "threads": args.threads,
-                "cpu": platform.processor() or platform.machine(),
+                "cpu": environment.cpu_info(),
                 "tokens_per_s": {k: round(v, 1) for k, v in results.items()},
                 "ratio_vs_transformers_fp32": {k: round(v / base, 2) for k, v in results.items()},
                 "llama_cpp_median_tokens_per_s": spread,

@@ -53,6 +53,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from skillbook.ml import serve_clients
+    from skillbook.run import environment
 
     if args.url:
         result = serve_clients.load_test(args.url, args.clients, args.requests, args.max_tokens, api_key=args.api_key)
@@ -73,6 +74,7 @@ def main() -> int:
         result["single_client_latency_p50_s"] = single["latency_p50_s"]
         result["p50_latency_ratio_vs_single_client"] = result["latency_p50_s"] / single["latency_p50_s"]
     result["benchmark"] = "serve_load"
+    result["cpu"], result["server_threads"] = environment.cpu_info(), args.threads
     print(json.dumps(result, indent=2))
     return 0 if result["failed"] == 0 else 1
 
