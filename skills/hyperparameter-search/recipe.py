@@ -128,8 +128,10 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # Optuna's label, not ours
     storage = optuna.storages.RDBStorage(
         f"sqlite:///{ctx.out_dir / 'study.db'}",
-        heartbeat_interval=1,
-        grace_period=3,
+        # a live trial whose heartbeat thread is starved past the grace period (a loaded 2-core machine) is
+        # failed and retried while it runs, and its own result can then no longer be told: keep a margin
+        heartbeat_interval=2,
+        grace_period=12,
         heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
     )
     sampler = (
