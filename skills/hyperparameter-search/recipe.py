@@ -187,12 +187,16 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
         ctx.info(f"trial {trial.number}: {cfg.metric}={value:.4f} {trial.params}")
         return float(value)
 
-    if not finished and cfg.include_default:  # alone first: parallel workers could both pop the queued trial
-        study.optimize(objective, n_trials=1, n_jobs=1, catch=(RuntimeError,))
+    # Queued trials (the default, a killed search's retries) run one at a time first: on SQLite two worker
+    # threads can both pop the same WAITING trial and run it twice into one trial dir.
+    waiting = sum(t.state == states.WAITING for t in study.get_trials(deepcopy=False))
+    queued = min(waiting, cfg.n_trials - len(finished))
+    if queued > 0:
+        study.optimize(objective, n_trials=queued, n_jobs=1, catch=(RuntimeError,))
     remaining = cfg.n_trials - sum(
         t.state in (states.COMPLETE, states.PRUNED) for t in study.get_trials(deepcopy=False)
     )
-    if remaining > 0:  # a stale trial re-enqueued by the heartbeat callback is popped first
+    if remaining > 0:
         study.optimize(objective, n_trials=remaining, n_jobs=cfg.n_jobs, catch=(RuntimeError,))
     return write_results(cfg, ctx, study)
 
