@@ -1,5 +1,5 @@
 """long-context: at 4x the trained context, YaRN plus a short fine-tune beats the unscaled model on
-perplexity; the unscaled model loses passkey retrieval past its context, and the fine-tune at 4x restores it.
+perplexity and on passkey retrieval, which the unscaled model loses past its context.
 
 The recipe saves the base and the fine-tuned models; the test reloads them with AutoModelForCausalLM and
 computes perplexity and passkey accuracy itself (skillbook.ml.long_context on the corpus's val split, on
@@ -35,31 +35,39 @@ def _measure(model_dir, corpus, length: int) -> tuple[float, float]:
 @pytest.fixture(scope="module")
 def extended(pretrained_model, prepared, tmp_path_factory):
     sets = {"model": str(pretrained_model), "corpus": str(output(prepared, "corpus")), "methods": ["none", "yarn"]}
-    return run_skill("long-context", tmp_path_factory.mktemp("long-context"), {**sets, **TINY, "save_all": True})
+    return run_skill("long-context", tmp_path_factory.mktemp("long-context"), {**sets, **TINY})
 
 
 def test_scaling_and_finetuning_at_4x(extended, prepared):
-    """At 4x the trained context: YaRN + the fine-tune beats the unscaled model's perplexity, and a fine-tune
-    at 4x restores the passkey retrieval the model loses past its own context."""
+    """At 4x the trained context, YaRN + the fine-tune beats no scaling on both numbers: lower perplexity and
+    passkey retrieval the unscaled model loses past its own context (which it still has at 1x)."""
     from transformers import AutoConfig
 
     corpus = output(prepared, "corpus")
     scaled, base = output(extended, "model"), output(extended, "base_model")
-    unscaled_tuned = scaled.parent / "none"
-    assert AutoConfig.from_pretrained(scaled).rope_parameters["rope_type"] == "yarn"
+    rope = AutoConfig.from_pretrained(scaled).rope_parameters
+    assert rope["rope_type"] == "yarn" and rope["beta_fast"] == 8.0  # context 128 / 16: the fast pairs stay
     short, n = extended["summary"]["lengths"][0], extended["summary"]["lengths"][-1]
     assert n == 4 * short
     ppl_base, key_base = _measure(base, corpus, n)
     ppl_scaled, key_scaled = _measure(scaled, corpus, n)
     _, key_short = _measure(base, corpus, short)
-    _, key_tuned = _measure(unscaled_tuned, corpus, n)
-    # Zen 4 (AVX-512), fp32: perplexity 2.48 vs 3.69, passkey YaRN 1.00 vs unscaled 0.84. Zen 3 (AVX2), fp32:
-    # the base differs in its last digits and YaRN's fine-tune keeps the perplexity gain but loses retrieval
-    # (recipe: 0.00 at 4x) while the unscaled fine-tune keeps it (0.92). So the perplexity gain is asserted for
-    # YaRN, retrieval for the better of the two fine-tunes at 4x; each CPU kind is deterministic.
+    assert key_short > 0.8, key_short  # the base has the task at its own context
     assert ppl_scaled < ppl_base - 0.2, (ppl_scaled, ppl_base)
-    assert max(key_scaled, key_tuned) > max(key_base, 0.8), (key_scaled, key_tuned, key_base)
-    assert key_short > 0.8 and key_tuned >= key_base, (key_short, key_tuned, key_base)
+    assert key_scaled > max(key_base + 0.3, 0.8), (key_scaled, key_base)
+
+
+def test_yarn_beta_fast_follows_the_context():
+    """YaRN's beta_fast is the paper's 32 from 512 tokens up, context/16 below (the pairs under 16 tokens of
+    wavelength keep their frequency), and an explicit value wins."""
+    from transformers import LlamaConfig
+
+    from skillbook.ml import long_context as lc
+
+    for context, want in ((128, 8.0), (512, 32.0), (4096, 32.0)):
+        config = LlamaConfig(max_position_embeddings=context, hidden_size=64, num_attention_heads=2)
+        assert lc.scaled_config(config, "yarn", 4.0).rope_parameters["beta_fast"] == want
+    assert lc.scaled_config(config, "yarn", 4.0, beta_fast=16.0).rope_parameters["beta_fast"] == 16.0
 
 
 def test_refuses_learned_positions(family_model, tmp_path):

@@ -45,6 +45,12 @@ class Config(RecipeConfig):
     methods: list[Method] = Field(
         ["none", "linear", "dynamic", "yarn"], min_length=1, description="Methods to compare (none = RoPE as trained)."
     )
+    yarn_beta_fast: float | None = Field(
+        None,
+        gt=1,
+        description="YaRN's beta_fast (turns over the trained context above which a rotary pair is not "
+        "interpolated); None = 32, or context/16 below 512 tokens so pairs under 16 tokens stay as trained.",
+    )
     keep: Method = Field("yarn", description="Whose fine-tuned model is the `model` output (one of methods).")
     save_all: bool = Field(False, description="Also save every other method's fine-tuned model (finetuned/<method>/).")
     task_steps: int = Field(
@@ -183,7 +189,7 @@ def run(cfg: Config, ctx: RunContext) -> dict[str, Path]:
     # ---- every method: as is, then fine-tuned at the longest length -----------------------------------
     results: dict[str, dict] = {}
     for method in cfg.methods:
-        config = lc.scaled_config(base_config, method, cfg.factor)
+        config = lc.scaled_config(base_config, method, cfg.factor, cfg.yarn_beta_fast)
         t0 = time.time()
         model = AutoModelForCausalLM.from_pretrained(base_dir, config=config, dtype=torch.float32).to(device)
         results[method] = {"as_is": measure(model)}

@@ -4,8 +4,9 @@ token level, and the two numbers that compare methods (perplexity and passkey ac
 - `rope_family` refuses a model whose positions are not rotary (GPT-2's learned absolute positions cannot be
   rescaled: beyond `n_positions` there is no embedding to look up).
 - `scaled_config`: one of transformers' RoPE types (`linear` = position interpolation, `dynamic` = dynamic
-  NTK, `yarn`) written into the config; the attention layers read it when the model is built, so a scaled
-  model saves and reloads with AutoModelForCausalLM like any other.
+  NTK, `yarn`, with `beta_fast` suited to the trained context) written into the config; the attention
+  layers read it when the model is built, so a scaled model saves and reloads with AutoModelForCausalLM
+  like any other.
 - `PasskeyMaker`: documents "filler ... The secret name = Mira. Remember it. ... filler What is the secret
   name? The secret name = Mira." of exactly n tokens, the key at a random depth. Built from token ids so the
   training and the evaluation prompts tokenise identically whatever the tokenizer merges.
@@ -47,11 +48,24 @@ def context_of(config: Any) -> int:
     return int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
 
 
-def scaled_config(config: Any, method: str, factor: float) -> Any:
+YARN_KEEP_WAVELENGTH = 16  # tokens: rotary pairs faster than this resolve neighbours and are never interpolated
+
+
+def yarn_beta_fast(context: int) -> float:
+    """YaRN's beta_fast for a model trained at `context` tokens: the paper's 32 (pairs with more than 32
+    turns over the context keep their frequency), lowered for short contexts so that the pairs with a
+    wavelength under 16 tokens still count as fast. At 128 tokens 32 turns would mean a wavelength of 4,
+    faster than any pair (the fastest is 2 pi), so every pair gets interpolated, the neighbour-resolving
+    ones too, and passkey retrieval is lost for good. From 512 tokens up it is 32."""
+    return min(32.0, context / YARN_KEEP_WAVELENGTH)
+
+
+def scaled_config(config: Any, method: str, factor: float, beta_fast: float | None = None) -> Any:
     """A copy of `config` with RoPE scaled by `factor` (method "none" leaves positions as trained).
 
     linear and yarn declare the longer context as max_position_embeddings; dynamic NTK keeps the trained
-    length there, because transformers rescales the base only once a sequence grows past it."""
+    length there, because transformers rescales the base only once a sequence grows past it. For yarn,
+    `beta_fast` None = `yarn_beta_fast` of the trained context."""
     import copy
 
     rope_family(config)
@@ -64,6 +78,7 @@ def scaled_config(config: Any, method: str, factor: float) -> Any:
     params: dict[str, Any] = {"rope_type": method, "rope_theta": theta, "factor": float(factor)}
     if method == "yarn":
         params["original_max_position_embeddings"] = base
+        params["beta_fast"] = float(beta_fast or yarn_beta_fast(base))
     if rope.get("partial_rotary_factor") is not None:
         params["partial_rotary_factor"] = rope["partial_rotary_factor"]
     out.rope_parameters = params
