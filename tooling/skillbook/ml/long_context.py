@@ -56,8 +56,9 @@ def yarn_beta_fast(context: int) -> float:
     turns over the context keep their frequency), lowered for short contexts so that the pairs with a
     wavelength under 16 tokens still count as fast. At 128 tokens 32 turns would mean a wavelength of 4,
     faster than any pair (the fastest is 2 pi), so every pair gets interpolated, the neighbour-resolving
-    ones too, and passkey retrieval is lost for good. From 512 tokens up it is 32."""
-    return min(32.0, context / YARN_KEEP_WAVELENGTH)
+    ones too, and a tiny model's passkey retrieval did not come back with the fine-tune. From 512 tokens
+    up it is 32; never below 2, since it must stay above beta_slow (1)."""
+    return max(2.0, min(32.0, context / YARN_KEEP_WAVELENGTH))
 
 
 def scaled_config(config: Any, method: str, factor: float, beta_fast: float | None = None) -> Any:
